@@ -210,6 +210,13 @@ class Moments:
         self._device = device
         return self
 
+    def all_reduce(self, group=None) -> "Moments":
+        """Exact merge of this state across the ranks of ``group`` (torch.distributed), in place:
+        every rank ends with the state over all ranks' rows. See :mod:`crh_kernels.distributed`."""
+        from .distributed import all_reduce_moments
+        all_reduce_moments([self], group=group)
+        return self
+
     # ------------------------------------------------------------------ views
     def _need_rows(self, what: str) -> None:
         if self.n == 0:
