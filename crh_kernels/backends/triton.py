@@ -1,0 +1,233 @@
+"""Launchers for the Triton kernels: argument checks, grids, configs, and the backend.
+
+Runs on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET=1`` was set before import
+(then a single small config is used, and 16-bit operands are rounded then multiplied in fp32
+because the interpreter's 16-bit ``tl.dot`` is wrong).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import _env
+from ..kernels.cross import _cross_fwd_kernel
+from ..kernels.row_stats import _row_stats_kernel
+from ..kernels.syrk import _moments_fwd_kernel
+from .base import Backend, BatchStats, CrossStats, mirror_upper
+
+INTERPRET = _env.triton_interpret()
+
+_DOT_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+# Interpreter: one config (autotuning needs a GPU). GPU: a few tile shapes, tuned per D and dtype.
+_INTERP_MM = dict(BLOCK_M=64, BLOCK_K=32)
+_INTERP_ROWS = dict(BLOCK_N=32, BLOCK_D=64)
+_GPU_ROWS = dict(BLOCK_N=32, BLOCK_D=128, num_warps=4)
+_GPU_MM_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_K": 32}, num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_K": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+]
+# the block of the split heuristic (the tuned BLOCK_M is unknown before the launch)
+_SPLIT_BLOCK_M = 64 if INTERPRET else 128
+_MAX_SPLIT_BYTES = 256 << 20
+
+
+def _compiled(kernel, key):
+    if INTERPRET:
+        return kernel
+    return triton.autotune(configs=_GPU_MM_CONFIGS, key=key, reset_to_zero=["out_ptr"])(kernel)
+
+
+_syrk = _compiled(_moments_fwd_kernel, ["D", "DOT_DTYPE", "INPUT_PRECISION"])
+_cross = _compiled(_cross_fwd_kernel, ["DG", "DH", "DOT_DTYPE", "INPUT_PRECISION"])
+
+
+def _check_matrix(x: torch.Tensor, name: str) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (N, D), got shape {tuple(x.shape)}")
+    if x.dtype not in _DOT_DTYPE:
+        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
+    if not (x.is_cuda or (INTERPRET and x.device.type == "cpu")):
+        raise ValueError(f"{name} must be a CUDA tensor (or a CPU tensor under TRITON_INTERPRET=1), "
+                         f"got device {x.device}")
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 2
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _num_splits(n: int, tiles: int, d_out: int, device: torch.device) -> int:
+    """Enough (tile, split) programs to fill the machine twice, whole chunks per split,
+    and a bounded partial buffer."""
+    want = math.ceil(2 * _sm_count(device) / max(tiles, 1))
+    by_rows = max(1, n // 256)
+    by_mem = max(1, _MAX_SPLIT_BYTES // max(1, 4 * d_out))
+    return max(1, min(want, by_rows, by_mem))
+
+
+def row_stats(x: torch.Tensor, mask: Optional[torch.Tensor], normalize: bool,
+              gate: Optional[torch.Tensor] = None, with_sum: bool = True):
+    """Per-row scale and flag, and partial column sums of the scaled valid rows.
+
+    x: (N, D) fp32/bf16/fp16, any strides; mask: (N,) bool or None; gate: (N,) fp32 or None
+    (rows with gate == 0 do not count). Returns ``scale`` (N,) fp32 (0 for rows that do not
+    count), ``flag`` (N,) int8 (0 valid, 1 masked, 2 left out), ``psum`` (P, D) fp32.
+    """
+    _check_matrix(x, "x")
+    n, d = x.shape
+    if mask is not None and (mask.shape != (n,) or mask.dtype != torch.bool):
+        raise ValueError(f"mask must be a bool tensor of shape ({n},), got {mask.dtype} {tuple(mask.shape)}")
+    if gate is not None and (gate.shape != (n,) or gate.dtype != torch.float32):
+        raise ValueError(f"gate must be a float32 tensor of shape ({n},), got {gate.dtype} {tuple(gate.shape)}")
+    cfg = _INTERP_ROWS if INTERPRET else _GPU_ROWS
+    programs = triton.cdiv(n, cfg["BLOCK_N"])
+    scale = torch.empty(n, dtype=torch.float32, device=x.device)
+    flag = torch.empty(n, dtype=torch.int8, device=x.device)
+    psum = torch.empty(programs if with_sum else 1, d, dtype=torch.float32, device=x.device)
+    # the interpreter cannot read a bool tensor through a pointer: pass uint8
+    mask_arg = scale if mask is None else mask.view(torch.uint8)
+    _row_stats_kernel[(programs,)](
+        x, mask_arg, scale if gate is None else gate, scale, flag, psum,
+        n, d, x.stride(0), x.stride(1),
+        HAS_MASK=mask is not None, HAS_GATE=gate is not None, NORMALIZE=bool(normalize),
+        WITH_SUM=with_sum, **cfg,
+    )
+    return scale, flag, psum
+
+
+def _dot_args(dtype: torch.dtype, fp32_precision: str):
+    if fp32_precision not in ("ieee", "tf32"):
+        raise ValueError(f"fp32_precision must be 'ieee' or 'tf32', got {fp32_precision!r}")
+    return dict(DOT_DTYPE=_DOT_DTYPE[dtype],
+                INPUT_PRECISION="ieee" if INTERPRET else fp32_precision,
+                ROUND_ONLY=INTERPRET and dtype != torch.float32)
+
+
+def syrk_update(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                fp32_precision: str = "ieee", atomic: Optional[bool] = None) -> torch.Tensor:
+    """Upper triangle of ``Σ_i y_i y_iᵀ``, ``y_i = scale_i·x_i − shift`` on rows with scale ≠ 0.
+
+    x: (N, D) fp32/bf16/fp16, any strides; scale: (N,) fp32; shift: (D,) fp32.
+    Returns (D, D) fp32, exactly symmetric (upper triangle mirrored). fp32 accumulation;
+    operands enter ``tl.dot`` in x's dtype (fp32: IEEE or TF32 per ``fp32_precision``).
+    ``atomic`` (default ``CRH_TRITON_ATOMICS``) sums the row splits with atomics instead of a
+    deterministic reduction.
+    """
+    _check_matrix(x, "x")
+    n, d = x.shape
+    if scale.shape != (n,) or scale.dtype != torch.float32:
+        raise ValueError(f"scale must be float32 of shape ({n},), got {scale.dtype} {tuple(scale.shape)}")
+    if shift.shape != (d,) or shift.dtype != torch.float32:
+        raise ValueError(f"shift must be float32 of shape ({d},), got {shift.dtype} {tuple(shift.shape)}")
+    atomic = _env.triton_atomics() if atomic is None else atomic
+    nb = triton.cdiv(d, _SPLIT_BLOCK_M)
+    splits = _num_splits(n, nb * (nb + 1) // 2, d * d, x.device)
+    if atomic:
+        out = torch.zeros(1, d, d, dtype=torch.float32, device=x.device)
+    else:
+        out = torch.empty(splits, d, d, dtype=torch.float32, device=x.device)
+
+    def grid(meta):
+        t = triton.cdiv(d, meta["BLOCK_M"])
+        return (t * (t + 1) // 2, splits)
+
+    extra = dict(_INTERP_MM) if INTERPRET else {}
+    _syrk[grid](x, scale, shift, out, n, d, x.stride(0), x.stride(1),
+                USE_ATOMIC=bool(atomic), **_dot_args(x.dtype, fp32_precision), **extra)
+    total = out[0] if out.shape[0] == 1 else out.sum(dim=0)
+    return mirror_upper(total)
+
+
+def cross_update(g, h, scale_g, scale_h, shift_g, shift_h, fp32_precision: str = "ieee") -> torch.Tensor:
+    """``Σ_i (s_g,i g_i − K_g)(s_h,i h_i − K_h)ᵀ`` over rows where both scales are nonzero.
+
+    g: (N, Dg), h: (N, Dh), same dtype; scales (N,) fp32; shifts fp32. Returns (Dg, Dh) fp32.
+    """
+    _check_matrix(g, "g")
+    _check_matrix(h, "h")
+    if g.shape[0] != h.shape[0] or g.dtype != h.dtype:
+        raise ValueError(f"g and h must share N and dtype, got {tuple(g.shape)} {g.dtype} and "
+                         f"{tuple(h.shape)} {h.dtype}")
+    n, dg = g.shape
+    dh = h.shape[1]
+    tiles = triton.cdiv(dg, _SPLIT_BLOCK_M) * triton.cdiv(dh, _SPLIT_BLOCK_M)
+    splits = _num_splits(n, tiles, dg * dh, g.device)
+    out = torch.empty(splits, dg, dh, dtype=torch.float32, device=g.device)
+
+    def grid(meta):
+        return (triton.cdiv(dg, meta["BLOCK_M"]) * triton.cdiv(dh, meta["BLOCK_M"]), splits)
+
+    extra = dict(_INTERP_MM) if INTERPRET else {}
+    _cross[grid](g, h, scale_g, scale_h, shift_g, shift_h, out, n, dg, dh,
+                 g.stride(0), g.stride(1), h.stride(0), h.stride(1),
+                 **_dot_args(g.dtype, fp32_precision), **extra)
+    return out[0] if splits == 1 else out.sum(dim=0)
+
+
+def _mean_from(psum: torch.Tensor, n: int) -> torch.Tensor:
+    if n == 0:
+        return torch.zeros(psum.shape[1], dtype=torch.float64, device=psum.device)
+    return psum.sum(dim=0, dtype=torch.float64) / n
+
+
+def _counts(flag: torch.Tensor):
+    counts = torch.bincount(flag.to(torch.int64), minlength=3).tolist()  # one sync for both
+    return counts[0], counts[2]
+
+
+class TritonBackend(Backend):
+    name = "triton"
+
+    def availability(self):
+        if INTERPRET:
+            return True, f"triton {triton.__version__} interpreter (TRITON_INTERPRET=1): CPU tensors, slow"
+        if torch.cuda.is_available():
+            return True, f"triton {triton.__version__} on {torch.cuda.get_device_name()}"
+        return False, "no CUDA device (set TRITON_INTERPRET=1 before import to run on CPU tensors)"
+
+    def supports(self, device):
+        if device.type == "cuda" and not INTERPRET:
+            return True, ""
+        if device.type == "cpu" and INTERPRET:
+            return True, ""
+        return False, ("CPU tensors need TRITON_INTERPRET=1 set before import" if device.type == "cpu"
+                       else f"{device.type} tensors are not supported")
+
+    def batch_stats(self, x, mask, normalize, fp32_precision="ieee"):
+        scale, flag, psum = row_stats(x, mask, normalize)
+        n, n_skipped = _counts(flag)
+        mean = _mean_from(psum, n)
+        if n == 0:
+            d = x.shape[1]
+            return BatchStats(0, n_skipped, mean, torch.zeros(d, d, dtype=torch.float32, device=x.device))
+        shift = mean.to(torch.float32)
+        scatter = syrk_update(x, scale, shift, fp32_precision)
+        # Σ(y−K)(y−K)ᵀ = C + n·(μ−K)(μ−K)ᵀ: remove the (rounding-sized) shift error exactly
+        d_k = (mean - shift.double()).to(torch.float32)
+        scatter.sub_(torch.outer(d_k, d_k), alpha=float(n))
+        return BatchStats(n, n_skipped, mean, scatter)
+
+    def cross_stats(self, g, h, mask, normalize, fp32_precision="ieee"):
+        scale_h0, _, _ = row_stats(h, mask, normalize, with_sum=False)
+        scale_g, flag_g, psum_g = row_stats(g, mask, normalize, gate=scale_h0)
+        scale_h, _, psum_h = row_stats(h, mask, normalize, gate=scale_g)
+        n, n_skipped = _counts(flag_g)
+        mean_g = _mean_from(psum_g, n)
+        mean_h = _mean_from(psum_h, n)
+        if n == 0:
+            return CrossStats(0, n_skipped, mean_g, mean_h,
+                              torch.zeros(g.shape[1], h.shape[1], dtype=torch.float32, device=g.device))
+        kg, kh = mean_g.to(torch.float32), mean_h.to(torch.float32)
+        c = cross_update(g, h, scale_g, scale_h, kg, kh, fp32_precision)
+        dg = (mean_g - kg.double()).to(torch.float32)
+        dh = (mean_h - kh.double()).to(torch.float32)
+        c.sub_(torch.outer(dg, dh), alpha=float(n))
+        return CrossStats(n, n_skipped, mean_g, mean_h, c)
