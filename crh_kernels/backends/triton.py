@@ -27,25 +27,40 @@ _DOT_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.floa
 _INTERP_MM = dict(BLOCK_M=64, BLOCK_K=32)
 _INTERP_ROWS = dict(BLOCK_N=32, BLOCK_D=64)
 _GPU_ROWS = dict(BLOCK_N=32, BLOCK_D=128, num_warps=4)
-_GPU_MM_CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_K": 32}, num_warps=8, num_stages=4),
-    triton.Config({"BLOCK_M": 128, "BLOCK_K": 32}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
-]
+# 16-bit operands: up to 64 KB of shared memory per stage set. fp32 operands are twice as
+# wide, so shorter K chunks keep them under sm_80's 163 KB (checked by tests/test_aot.py).
+_GPU_MM_CONFIGS = {
+    16: [
+        triton.Config({"BLOCK_M": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_K": 32}, num_warps=8, num_stages=4),
+        triton.Config({"BLOCK_M": 128, "BLOCK_K": 32}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+    ],
+    32: [
+        triton.Config({"BLOCK_M": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_K": 16}, num_warps=8, num_stages=4),
+        triton.Config({"BLOCK_M": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
+    ],
+}
 # the block of the split heuristic (the tuned BLOCK_M is unknown before the launch)
 _SPLIT_BLOCK_M = 64 if INTERPRET else 128
 _MAX_SPLIT_BYTES = 256 << 20
 
 
 def _compiled(kernel, key):
+    """The kernel per operand width: itself under the interpreter, autotuned on a GPU."""
     if INTERPRET:
-        return kernel
-    return triton.autotune(configs=_GPU_MM_CONFIGS, key=key, reset_to_zero=["out_ptr"])(kernel)
+        return {16: kernel, 32: kernel}
+    return {bits: triton.autotune(configs=cfgs, key=key, reset_to_zero=["out_ptr"])(kernel)
+            for bits, cfgs in _GPU_MM_CONFIGS.items()}
 
 
-_syrk = _compiled(_moments_fwd_kernel, ["D", "DOT_DTYPE", "INPUT_PRECISION"])
-_cross = _compiled(_cross_fwd_kernel, ["DG", "DH", "DOT_DTYPE", "INPUT_PRECISION"])
+_syrk = _compiled(_moments_fwd_kernel, ["D", "INPUT_PRECISION", "USE_ATOMIC"])
+_cross = _compiled(_cross_fwd_kernel, ["DG", "DH", "INPUT_PRECISION"])
+
+
+def _bits(dtype: torch.dtype) -> int:
+    return 32 if dtype == torch.float32 else 16
 
 
 def _check_matrix(x: torch.Tensor, name: str) -> None:
@@ -140,7 +155,7 @@ def syrk_update(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
         return (t * (t + 1) // 2, splits)
 
     extra = dict(_INTERP_MM) if INTERPRET else {}
-    _syrk[grid](x, scale, shift, out, n, d, x.stride(0), x.stride(1),
+    _syrk[_bits(x.dtype)][grid](x, scale, shift, out, n, d, x.stride(0), x.stride(1),
                 USE_ATOMIC=bool(atomic), **_dot_args(x.dtype, fp32_precision), **extra)
     total = out[0] if out.shape[0] == 1 else out.sum(dim=0)
     return mirror_upper(total)
@@ -166,7 +181,7 @@ def cross_update(g, h, scale_g, scale_h, shift_g, shift_h, fp32_precision: str =
         return (triton.cdiv(dg, meta["BLOCK_M"]) * triton.cdiv(dh, meta["BLOCK_M"]), splits)
 
     extra = dict(_INTERP_MM) if INTERPRET else {}
-    _cross[grid](g, h, scale_g, scale_h, shift_g, shift_h, out, n, dg, dh,
+    _cross[_bits(g.dtype)][grid](g, h, scale_g, scale_h, shift_g, shift_h, out, n, dg, dh,
                  g.stride(0), g.stride(1), h.stride(0), h.stride(1),
                  **_dot_args(g.dtype, fp32_precision), **extra)
     return out[0] if splits == 1 else out.sum(dim=0)
