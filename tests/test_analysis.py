@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 
 import numpy as np
 import pytest
@@ -27,6 +26,8 @@ from crh_kernels.analysis import spectra as spectra_mod
 SEEDS = st.integers(0, 2**32 - 1)
 FAST = settings(max_examples=10, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])
+# The per-phase tests run once per row of the table: fewer draws each keeps the file fast.
+PER_PHASE = settings(FAST, max_examples=5)
 F64 = torch.float64
 POINT_PHASES = [ph for ph, v in PHASES.items() if v.point is not None]
 FLAT_PHASES = ["1", "2", "3", "CRH"]
@@ -142,7 +143,7 @@ def build_flat_phase(phase, d, k, seed, jitter=0.0):
 
 def np_fit(W, H, G):
     """Reference exponents: numpy SVD, quadratic forms, np.polyfit over all modes."""
-    _, s, vh = np.linalg.svd(W.numpy())
+    _, s, vh = np.linalg.svd(W.numpy(), full_matrices=False)
     z = s**2
     h = np.einsum("ri,ij,rj->r", vh, H.numpy(), vh)
     gg = np.einsum("ri,ij,rj->r", vh, G.numpy(), vh)
@@ -303,7 +304,7 @@ def test_six_alignments_shape_mismatch_names_the_relation():
 
 
 # ---------------------------------------------------------------------------- baseline
-@settings(max_examples=3, deadline=None)
+@settings(max_examples=2, deadline=None)
 @given(seed=SEEDS)
 def test_random_baseline_reproduces_paper_value(seed):
     # The paper: ≈ 0.14 for rank 40 of 200. Per trial α has std ≈ 0.006, so the 20-trial
@@ -412,7 +413,7 @@ def _check_table_row(phase, W, H_a, G_a, H_b, G_b):
 
 
 @pytest.mark.parametrize("phase", POINT_PHASES)
-@FAST
+@PER_PHASE
 @given(seed=SEEDS, shape=st.sampled_from([(16, 16), (24, 24), (12, 20), (20, 12)]))
 def test_point_phases_recovered_exactly(phase, seed, shape):
     p, q = phase_point(phase)
@@ -443,7 +444,7 @@ def test_point_phases_recovered_exactly(phase, seed, shape):
 
 
 @pytest.mark.parametrize("phase", POINT_PHASES)
-@FAST
+@PER_PHASE
 @given(seed=SEEDS)
 def test_point_phases_robust_to_noise(phase, seed):
     p, q = phase_point(phase)
@@ -459,7 +460,7 @@ def test_point_phases_robust_to_noise(phase, seed):
 
 
 @pytest.mark.parametrize("phase", FLAT_PHASES)
-@FAST
+@PER_PHASE
 @given(seed=SEEDS, jitter=st.sampled_from([0.0, 0.02]))
 def test_flat_phases_from_alignments(phase, seed, jitter):
     W, H_a, G_a, H_b, G_b = build_flat_phase(phase, 20, 8, seed, jitter)
@@ -520,8 +521,9 @@ def test_classify_phase_edges():
     r = classify_phase(0.5, 0.5)
     assert r.phase == "none" and r.holds == ["backward_RGA"]
     assert classify_phase(5.0, -3.0).phase == "none"
-    # a tolerance large enough for two candidates picks the nearest point
-    assert classify_phase(0.9, 1.9, tol=0.6).phase == "8"
+    # a tolerance large enough for several candidates picks the nearest phase point
+    r = classify_phase(0.45, 1.4, tol=0.6)
+    assert r.phase == "9" and "Other candidates" in r.explanation and "backward CRH" in r.explanation
     # NaN exponents without z_flat
     r = classify_phase(float("nan"), 1.0)
     assert r.phase == "none" and "z_flat=True" in r.explanation

@@ -34,20 +34,22 @@ def row_scale(x: torch.Tensor, mask: Optional[torch.Tensor], normalize: bool
     return scale, valid, n_skipped
 
 
-def _centered(x, scale, valid, mean):
+def _scaled(x, scale, valid):
+    """Rows scaled in the accumulation dtype, exactly zero where they do not count.
+    Selected before scaling: inf · 0 would be NaN."""
     acc = scale.dtype
-    y = x.to(acc) * scale[:, None]
-    y = y - mean.to(acc)
-    return torch.where(valid[:, None], y, torch.zeros((), dtype=acc, device=x.device))
+    y = torch.where(valid[:, None], x.to(acc), torch.zeros((), dtype=acc, device=x.device))
+    return y.mul_(scale[:, None])
 
 
-def _mean(x, scale, valid, n):
+def _center_(y, valid, n):
+    """Batch mean (float64), and y centered in place on the valid rows only."""
     if n == 0:
-        return torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
-    acc = scale.dtype
-    y = torch.where(valid[:, None], x.to(acc) * scale[:, None],
-                    torch.zeros((), dtype=acc, device=x.device))
-    return y.sum(dim=0, dtype=torch.float64) / n
+        return torch.zeros(y.shape[1], dtype=torch.float64, device=y.device)
+    mean = y.sum(dim=0, dtype=torch.float64) / n
+    # rank-1 update in place: y_i −= valid_i · μ, keeping excluded rows at zero
+    y.addr_(valid.to(y.dtype), mean.to(y.dtype), alpha=-1)
+    return mean
 
 
 def _mm(a, b, fp32_precision):
@@ -74,8 +76,8 @@ class TorchBackend(Backend):
     def batch_stats(self, x, mask, normalize, fp32_precision="ieee"):
         scale, valid, n_skipped = row_scale(x, mask, normalize)
         n = int(valid.sum())
-        mean = _mean(x, scale, valid, n)
-        y = _centered(x, scale, valid, mean)
+        y = _scaled(x, scale, valid)
+        mean = _center_(y, valid, n)
         scatter = mirror_upper(_mm(y.transpose(0, 1), y, fp32_precision))
         return BatchStats(n, n_skipped, mean, scatter)
 
@@ -86,8 +88,8 @@ class TorchBackend(Backend):
         valid = vg & vh
         n_skipped = int((live & ~valid).sum())
         n = int(valid.sum())
-        mg = _mean(g, sg, valid, n)
-        mh = _mean(h, sh, valid, n)
-        yg = _centered(g, sg, valid, mg)
-        yh = _centered(h, sh, valid, mh)
+        yg = _scaled(g, sg, valid)
+        yh = _scaled(h, sh, valid)
+        mg = _center_(yg, valid, n)
+        mh = _center_(yh, valid, n)
         return CrossStats(n, n_skipped, mg, mh, _mm(yg.transpose(0, 1), yh, fp32_precision))
