@@ -122,3 +122,15 @@ def test_launcher_argument_checks():
         tb.row_stats(x, torch.ones(3, dtype=torch.bool, device=x.device), True)
     with pytest.raises(ValueError, match="fp32_precision"):
         tb.syrk_update(x, torch.ones(10, device=x.device), torch.zeros(5, device=x.device), fp32_precision="fast")
+
+
+def test_ops_registered_with_torch_library():
+    gen = torch.Generator().manual_seed(8)
+    x = make_rows(gen, 70, 40, mean_ratio=2.0, device=device_under_test())
+    h = make_rows(gen, 70, 20, device=device_under_test())
+    mask = (torch.rand(70, generator=gen) > 0.3).to(x.device)
+    assert torch.ops.crh_triton.moments.default is not None
+    for op, args in ((tb.moments_op, (x, mask, True, "ieee")),
+                     (tb.cross_moments_op, (x, h, None, True, "ieee"))):
+        result = torch.library.opcheck(op, args)
+        assert all(v == "SUCCESS" for v in result.values()), result

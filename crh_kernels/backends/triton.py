@@ -7,7 +7,7 @@ because the interpreter's 16-bit ``tl.dot`` is wrong).
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -187,15 +187,63 @@ def cross_update(g, h, scale_g, scale_h, shift_g, shift_h, fp32_precision: str =
     return out[0] if splits == 1 else out.sum(dim=0)
 
 
-def _mean_from(psum: torch.Tensor, n: int) -> torch.Tensor:
-    if n == 0:
-        return torch.zeros(psum.shape[1], dtype=torch.float64, device=psum.device)
-    return psum.sum(dim=0, dtype=torch.float64) / n
+def _counts(flag: torch.Tensor) -> torch.Tensor:
+    """(2,) int64 on the device: rows counted, rows left out. No host sync."""
+    return torch.bincount(flag.to(torch.int64), minlength=3)[0::2].contiguous()
 
 
-def _counts(flag: torch.Tensor):
-    counts = torch.bincount(flag.to(torch.int64), minlength=3).tolist()  # one sync for both
-    return counts[0], counts[2]
+def _mean_from(psum: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    # zero rows give a zero mean (and then a zero scatter: every scale is 0), without a sync
+    return psum.sum(dim=0, dtype=torch.float64) / n.clamp_min(1)
+
+
+def _unshift_(c: torch.Tensor, n: torch.Tensor, mean_a, k_a, mean_b, k_b) -> torch.Tensor:
+    """Σ(a−K_a)(b−K_b)ᵀ = C + n·(μ_a−K_a)(μ_b−K_b)ᵀ: remove the rounding-sized shift error."""
+    d_a = (mean_a - k_a.double()).to(torch.float32)
+    d_b = (mean_b - k_b.double()).to(torch.float32)
+    return c.sub_(torch.outer(d_a, d_b) * n.to(torch.float32))
+
+
+@torch.library.custom_op("crh_triton::moments", mutates_args=())
+def moments_op(x: torch.Tensor, mask: Optional[torch.Tensor], normalize: bool,
+               fp32_precision: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Batch statistics of the fused update: ``counts`` (2,) int64 = (n, n_skipped),
+    ``mean`` (D,) float64, ``scatter`` (D, D) float32 = Σ_valid (x̂ − μ)(x̂ − μ)ᵀ."""
+    scale, flag, psum = row_stats(x, mask, normalize)
+    counts = _counts(flag)
+    mean = _mean_from(psum, counts[0])
+    shift = mean.to(torch.float32)
+    scatter = syrk_update(x, scale, shift, fp32_precision)
+    return counts, mean, _unshift_(scatter, counts[0], mean, shift, mean, shift)
+
+
+@moments_op.register_fake
+def _(x, mask, normalize, fp32_precision):
+    d = x.shape[1]
+    return (x.new_empty(2, dtype=torch.int64), x.new_empty(d, dtype=torch.float64),
+            x.new_empty(d, d, dtype=torch.float32))
+
+
+@torch.library.custom_op("crh_triton::cross_moments", mutates_args=())
+def cross_moments_op(g: torch.Tensor, h: torch.Tensor, mask: Optional[torch.Tensor], normalize: bool,
+                     fp32_precision: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``counts`` (2,), ``mean_g`` (Dg,), ``mean_h`` (Dh,) float64 and ``C_gh`` (Dg, Dh) float32;
+    a row counts only when both its g and h rows are valid."""
+    scale_h0, _, _ = row_stats(h, mask, normalize, with_sum=False)
+    scale_g, flag_g, psum_g = row_stats(g, mask, normalize, gate=scale_h0)
+    scale_h, _, psum_h = row_stats(h, mask, normalize, gate=scale_g)
+    counts = _counts(flag_g)
+    mean_g = _mean_from(psum_g, counts[0])
+    mean_h = _mean_from(psum_h, counts[0])
+    kg, kh = mean_g.to(torch.float32), mean_h.to(torch.float32)
+    c = cross_update(g, h, scale_g, scale_h, kg, kh, fp32_precision)
+    return counts, mean_g, mean_h, _unshift_(c, counts[0], mean_g, kg, mean_h, kh)
+
+
+@cross_moments_op.register_fake
+def _(g, h, mask, normalize, fp32_precision):
+    return (g.new_empty(2, dtype=torch.int64), g.new_empty(g.shape[1], dtype=torch.float64),
+            h.new_empty(h.shape[1], dtype=torch.float64), g.new_empty(g.shape[1], h.shape[1], dtype=torch.float32))
 
 
 class TritonBackend(Backend):
@@ -217,32 +265,11 @@ class TritonBackend(Backend):
                        else f"{device.type} tensors are not supported")
 
     def batch_stats(self, x, mask, normalize, fp32_precision="ieee"):
-        scale, flag, psum = row_stats(x, mask, normalize)
-        n, n_skipped = _counts(flag)
-        mean = _mean_from(psum, n)
-        if n == 0:
-            d = x.shape[1]
-            return BatchStats(0, n_skipped, mean, torch.zeros(d, d, dtype=torch.float32, device=x.device))
-        shift = mean.to(torch.float32)
-        scatter = syrk_update(x, scale, shift, fp32_precision)
-        # Σ(y−K)(y−K)ᵀ = C + n·(μ−K)(μ−K)ᵀ: remove the (rounding-sized) shift error exactly
-        d_k = (mean - shift.double()).to(torch.float32)
-        scatter.sub_(torch.outer(d_k, d_k), alpha=float(n))
+        counts, mean, scatter = moments_op(x, mask, bool(normalize), fp32_precision)
+        n, n_skipped = counts.tolist()  # the one host sync of an update
         return BatchStats(n, n_skipped, mean, scatter)
 
     def cross_stats(self, g, h, mask, normalize, fp32_precision="ieee"):
-        scale_h0, _, _ = row_stats(h, mask, normalize, with_sum=False)
-        scale_g, flag_g, psum_g = row_stats(g, mask, normalize, gate=scale_h0)
-        scale_h, _, psum_h = row_stats(h, mask, normalize, gate=scale_g)
-        n, n_skipped = _counts(flag_g)
-        mean_g = _mean_from(psum_g, n)
-        mean_h = _mean_from(psum_h, n)
-        if n == 0:
-            return CrossStats(0, n_skipped, mean_g, mean_h,
-                              torch.zeros(g.shape[1], h.shape[1], dtype=torch.float32, device=g.device))
-        kg, kh = mean_g.to(torch.float32), mean_h.to(torch.float32)
-        c = cross_update(g, h, scale_g, scale_h, kg, kh, fp32_precision)
-        dg = (mean_g - kg.double()).to(torch.float32)
-        dh = (mean_h - kh.double()).to(torch.float32)
-        c.sub_(torch.outer(dg, dh), alpha=float(n))
+        counts, mean_g, mean_h, c = cross_moments_op(g, h, mask, bool(normalize), fp32_precision)
+        n, n_skipped = counts.tolist()
         return CrossStats(n, n_skipped, mean_g, mean_h, c)
