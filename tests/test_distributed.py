@@ -13,6 +13,7 @@ fixture) and runs every scenario; the tests then only read what the ranks wrote.
 from __future__ import annotations
 
 import math
+import traceback
 import warnings
 from contextlib import nullcontext
 from datetime import timedelta
@@ -25,6 +26,8 @@ import torch.multiprocessing as mp
 import crh_kernels
 from crh_kernels import Moments
 from crh_kernels.distributed import DEFAULT_BUCKET_BYTES, all_reduce_moments, full_weight, sync_moments
+
+pytestmark = pytest.mark.slow  # spawns processes (a few seconds each); still runs in CI
 
 # ------------------------------------------------------------------------ shared data
 # (name, dim, normalize, kind); all rows are float64 so that the local states are exact to
@@ -150,11 +153,8 @@ def _expect(exc, fn):
     return None
 
 
-def _main_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    _init(rank, world, init_file)
-    count = _Counter()
+def _scenario_main(rank: int, world: int, count: "_Counter") -> dict:
     res = {}
-
     ms = _build(world, rank)
     res["before"] = [_snap(m) for m in ms]
     all_reduce_moments(ms, bucket_bytes=SMALL_BUCKET)
@@ -192,41 +192,87 @@ def _main_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     all_reduce_moments([a])
     res["mismatch"]["after"] = _snap(a)
     count.take()
+    res["other_collectives"] = list(count.other)
+    return res
 
-    if world == 3:
-        # group=: a subgroup of ranks {0, 2}; rank 1 is not a member and is told so.
-        sub = dist.new_group([0, 2])
-        singles = [dist.new_group([r]) for r in range(world)]
-        m = _build(world, rank)[0]
-        if rank in (0, 2):
-            all_reduce_moments([m], group=sub)
-            res["subgroup"] = {"state": _snap(m)}
-        else:
-            res["subgroup"] = {"error": _expect(ValueError, lambda: all_reduce_moments([m], group=sub))}
-        m = _build(world, rank)[1]
-        before = _snap(m)
-        all_reduce_moments([m], group=singles[rank])  # a group of one: nothing to do
-        res["single"] = {"before": before, "after": _snap(m)}
-        res["subgroup"]["calls"] = count.take()
 
-    res["other_collectives"] = count.other
+def _scenario_subgroup(rank: int, world: int, count: "_Counter") -> dict:
+    """group=: a subgroup of ranks {0, 2} (rank 1 is not a member and is told so), and groups
+    of one rank (nothing to do)."""
+    res = {}
+    count.take()
+    sub = dist.new_group([0, 2])
+    singles = [dist.new_group([r]) for r in range(world)]
+    m = _build(world, rank)[0]
+    if rank in (0, 2):
+        all_reduce_moments([m], group=sub)
+        res["state"] = _snap(m)
+    else:
+        res["outsider"] = _expect(ValueError, lambda: all_reduce_moments([m], group=sub))
+    m = _build(world, rank)[1]
+    res["single_before"] = _snap(m)
+    all_reduce_moments([m], group=singles[rank])
+    res["single_after"] = _snap(m)
+    res["calls"] = count.take()
+    return res
+
+
+def _worker(rank: int, world: int, init_file: str, out_dir: str, scenarios) -> None:
+    _init(rank, world, init_file)
+    count = _Counter()
+    res = {}
+    for name in scenarios:
+        try:
+            res[name] = _SCENARIOS[name](rank, world, count)
+        except Exception:  # reported by the test that reads this scenario; later ones may
+            res[name] = {"error": traceback.format_exc()}  # be out of step, so stop here
+            break
     torch.save(res, f"{out_dir}/rank{rank}.pt")
     dist.destroy_process_group()
 
 
-def _spawn(fn, world: int, tmp, *args):
+def _spawn(world: int, tmp, scenarios):
     out = tmp / "out"
     out.mkdir()
-    mp.start_processes(fn, args=(world, str(tmp / "init"), str(out), *args), nprocs=world,
-                       join=True, start_method="spawn")
+    mp.start_processes(_worker, args=(world, str(tmp / "init"), str(out), list(scenarios)),
+                       nprocs=world, join=True, start_method="spawn")
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
 # ------------------------------------------------------------------------ parent side
-@pytest.fixture(scope="module", params=[2, 3], ids=["world2", "world3"])
-def run(request, tmp_path_factory):
-    world = request.param
-    return world, _spawn(_main_worker, world, tmp_path_factory.mktemp(f"dist{world}"))
+def _has_collector() -> bool:
+    return getattr(crh_kernels, "Collector", None) is not None
+
+
+def _run(world, tmp_path_factory):
+    """One spawn per world size runs every scenario; returns (world, {scenario: [per rank]})."""
+    scenarios = ["main"] + (["subgroup"] if world == 3 else ["fsdp"] + (["ddp"] if _has_collector() else []))
+    per_rank = _spawn(world, tmp_path_factory.mktemp(f"dist{world}"), scenarios)
+    return world, {name: [r.get(name, {"error": "not run: an earlier scenario failed"}) for r in per_rank]
+                   for name in scenarios}
+
+
+@pytest.fixture(scope="module")
+def run2(tmp_path_factory):
+    return _run(2, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def run3(tmp_path_factory):
+    return _run(3, tmp_path_factory)
+
+
+@pytest.fixture(params=[2, 3], ids=["world2", "world3"])
+def run(request):
+    return request.getfixturevalue(f"run{request.param}")
+
+
+def _results(run, scenario):
+    world, res = run
+    out = res[scenario]
+    for rank, r in enumerate(out):
+        assert "error" not in r, f"scenario {scenario!r} failed on rank {rank}:\n{r['error']}"
+    return world, out
 
 
 def _refs(world):
@@ -254,18 +300,18 @@ def _check_states(states_per_rank, refs, tol):
 
 @pytest.mark.parametrize("scenario,tol", [("buckets", TOL64), ("one_bucket", TOL64), ("fp32_wire", TOL32)])
 def test_every_rank_gets_the_single_process_state(run, scenario, tol):
-    world, res = run
+    world, res = _results(run, "main")
     _check_states([r[scenario]["states"] for r in res], _refs(world), tol)
 
 
 def test_moments_all_reduce_method(run):
-    world, res = run
+    world, res = _results(run, "main")
     _check_states([r["method"]["states"] for r in res], [_refs(world)[2]], TOL64)
     assert all(len(r["method"]["calls"]) == 3 for r in res)
 
 
 def test_one_collective_per_bucket_not_per_matrix(run):
-    world, res = run
+    world, res = _results(run, "main")
     sizes = [d * (d + 1) // 2 for _, d, _, _ in SPECS]
     total = sum(sizes)
     head = sum(2 + d for _, d, _, _ in SPECS)
@@ -289,7 +335,7 @@ def test_one_collective_per_bucket_not_per_matrix(run):
 
 
 def test_rank_without_rows_and_uneven_counts(run):
-    world, res = run
+    world, res = _results(run, "main")
     if world == 3:  # rank 1 saw no rows: its Moments were never allocated
         assert all(s["device"] is None and s["n"] == 0 for s in res[1]["before"])
     else:  # rank 0 saw a single row
@@ -301,7 +347,7 @@ def test_rank_without_rows_and_uneven_counts(run):
 
 
 def test_mismatched_ranks_raise_everywhere_and_change_nothing(run):
-    world, res = run
+    world, res = _results(run, "main")
     for rank, r in enumerate(res):
         mm = r["mismatch"]
         for what, msg in mm["msgs"].items():
@@ -313,19 +359,18 @@ def test_mismatched_ranks_raise_everywhere_and_change_nothing(run):
         assert mm["after"]["n"] == 10 * world  # the group still works after the errors
 
 
-@pytest.mark.parametrize("run", [3], indirect=True, ids=["world3"])
-def test_subgroup_and_group_of_one(run):
-    world, res = run
+def test_subgroup_and_group_of_one(run3):
+    _, res = _results(run3, "subgroup")
     ref = _reference([_data(3, r, 0) for r in (0, 2)], SPECS[0][2])
     for rank in (0, 2):
-        st = res[rank]["subgroup"]["state"]
+        st = res[rank]["state"]
         assert st["n"] == ref[0] and _rel(st["scatter"], ref[3]) <= TOL64
-    assert "not a member of group" in res[1]["subgroup"]["error"]
+    assert "not a member of group" in res[1]["outsider"]
     for r in res:
-        assert torch.equal(r["single"]["before"]["scatter"], r["single"]["after"]["scatter"])
-        assert r["single"]["before"]["n"] == r["single"]["after"]["n"]
+        assert torch.equal(r["single_before"]["scatter"], r["single_after"]["scatter"])
+        assert r["single_before"]["n"] == r["single_after"]["n"]
     # group of one: no collective; subgroup: 3 on its members, none on the outsider
-    assert [len(r["subgroup"]["calls"]) for r in res] == [3, 0, 3]
+    assert [len(r["calls"]) for r in res] == [3, 0, 3]
 
 
 # --------------------------------------------------------------- single-process errors
@@ -376,8 +421,7 @@ def _record(net, names, rec):
 BATCH = [5, 9]  # uneven per-rank micro-batches
 
 
-def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    _init(rank, world, init_file)
+def _scenario_ddp(rank: int, world: int, count: "_Counter") -> dict:
     from torch.nn.parallel import DistributedDataParallel as DDP
     from crh_kernels import Collector
 
@@ -399,21 +443,23 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
                     (torch.nn.functional.mse_loss(model(x), y) / 2).backward()
             opt.step()
             opt.zero_grad()
+    count.take()
     col.sync()
+    calls = count.take()
     states = {name: {s: (None if getattr(col.layers[name], s, None) is None
                          else _snap(getattr(col.layers[name], s)))
                      for s in ("H_a", "H_b", "G_a", "G_b")} for name in names}
-    torch.save({"states": states, "rec": rec,
-                "weights": [p.detach().clone() for p in net.parameters()]},
-               f"{out_dir}/rank{rank}.pt")
-    dist.destroy_process_group()
+    return {"states": states, "rec": rec, "calls": calls,
+            "weights": [p.detach().clone() for p in net.parameters()]}
 
 
-def test_ddp_training_loop_with_collector(tmp_path):
-    if getattr(crh_kernels, "Collector", None) is None:
+def test_ddp_training_loop_with_collector(run2):
+    if not _has_collector():
         pytest.skip("crh_kernels.Collector has not landed yet (collector issue); this guard goes "
                     "once it does")
-    res = _spawn(_ddp_worker, 2, tmp_path)
+    _, res = _results(run2, "ddp")
+    for r in res:  # Collector.sync: all layers' Moments in one bucket
+        assert len(r["calls"]) == 3, r["calls"]
     for a, b in zip(res[0]["weights"], res[1]["weights"]):
         assert torch.equal(a, b)  # DDP kept the replicas equal
     names = list(res[0]["states"])
@@ -443,8 +489,7 @@ def test_ddp_training_loop_with_collector(tmp_path):
 
 
 # ------------------------------------------------------------------------------ FSDP
-def _fsdp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    _init(rank, world, init_file)
+def _scenario_fsdp(rank: int, world: int, count: "_Counter") -> dict:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp import fully_shard
@@ -491,12 +536,15 @@ def _fsdp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     res["fsdp1_outside"] = _expect(ValueError, lambda: full_weight(net1[0].weight))
     with FSDP.summon_full_params(model1, writeback=False):
         res["fsdp1_inside"] = torch.equal(full_weight(net1[0].weight), w0)
-    torch.save(res, f"{out_dir}/rank{rank}.pt")
-    dist.destroy_process_group()
+    return res
 
 
-def test_fsdp_sync_and_full_weight(tmp_path):
-    res = _spawn(_fsdp_worker, 2, tmp_path)
+_SCENARIOS = {"main": _scenario_main, "subgroup": _scenario_subgroup, "ddp": _scenario_ddp,
+              "fsdp": _scenario_fsdp}
+
+
+def test_fsdp_sync_and_full_weight(run2):
+    _, res = _results(run2, "fsdp")
     assert res[0]["sharded"] == "DTensor"
     # the same training on one process: FSDP averages the ranks' gradients
     torch.manual_seed(0)
