@@ -135,14 +135,16 @@ class Moments:
         """
         _check_input(x, self.dim, mask)
         self._check_device(x)
-        x2, m2 = _rows(x, mask)
+        x2, m2 = _rows(x.detach(), mask)
         if x2.shape[0] == 0:
             return self
-        stats = self._resolve(x).batch_stats(x2, m2, self.normalize, self.fp32_precision)
+        with torch.no_grad():
+            stats = self._resolve(x).batch_stats(x2, m2, self.normalize, self.fp32_precision)
         self._absorb_skipped(stats.n_skipped)
         if self._device is None:
             self._allocate(x.device)
-        self._merge_stats(stats.n, stats.mean, stats.scatter)
+        with torch.no_grad():
+            self._merge_stats(stats.n, stats.mean, stats.scatter)
         return self
 
     def _absorb_skipped(self, k: int) -> None:
@@ -163,7 +165,6 @@ class Moments:
         if n2 == 0:
             return
         mean2 = mean2.to(device=self._device, dtype=self.dtype)
-        c2 = c2.to(device=self._device, dtype=self.dtype)
         n1 = self.n
         n = n1 + n2
         if n1 == 0:
@@ -171,7 +172,9 @@ class Moments:
             self._scatter.copy_(c2)
         else:
             delta = mean2 - self._mean
-            self._scatter.add_(c2)
+            # in place and mixed-dtype: no D×D copy of the batch scatter
+            self._scatter.add_(c2.to(self._device))
+            # outer() then add, not addr_: BLAS ger is not bitwise symmetric, and C must be
             self._scatter.add_(torch.outer(delta, delta), alpha=n1 * n2 / n)
             self._mean.add_(delta, alpha=n2 / n)
         self.n = n
@@ -190,7 +193,8 @@ class Moments:
             self._allocate(other._device)
         self.n_skipped += other.n_skipped
         if other.n:
-            self._merge_stats(other.n, other._mean, other._scatter)
+            with torch.no_grad():
+                self._merge_stats(other.n, other._mean, other._scatter)
         return self
 
     def reset(self) -> "Moments":

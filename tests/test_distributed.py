@@ -240,13 +240,9 @@ def _spawn(world: int, tmp, scenarios):
 
 
 # ------------------------------------------------------------------------ parent side
-def _has_collector() -> bool:
-    return getattr(crh_kernels, "Collector", None) is not None
-
-
 def _run(world, tmp_path_factory):
     """One spawn per world size runs every scenario; returns (world, {scenario: [per rank]})."""
-    scenarios = ["main"] + (["subgroup"] if world == 3 else ["fsdp"] + (["ddp"] if _has_collector() else []))
+    scenarios = ["main"] + (["subgroup"] if world == 3 else ["fsdp", "ddp"])
     per_rank = _spawn(world, tmp_path_factory.mktemp(f"dist{world}"), scenarios)
     return world, {name: [r.get(name, {"error": "not run: an earlier scenario failed"}) for r in per_rank]
                    for name in scenarios}
@@ -454,9 +450,6 @@ def _scenario_ddp(rank: int, world: int, count: "_Counter") -> dict:
 
 
 def test_ddp_training_loop_with_collector(run2):
-    if not _has_collector():
-        pytest.skip("crh_kernels.Collector has not landed yet (collector issue); this guard goes "
-                    "once it does")
     _, res = _results(run2, "ddp")
     for r in res:  # Collector.sync: all layers' Moments in one bucket
         assert len(r["calls"]) == 3, r["calls"]

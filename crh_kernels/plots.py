@@ -1,0 +1,319 @@
+"""Figures of a :class:`crh_kernels.report.Report` (matplotlib, imported lazily, Agg canvas).
+
+Nothing else in the package imports this module; it uses matplotlib's object API with an Agg
+canvas (never ``pyplot``), so it neither needs a display nor changes a notebook's backend.
+
+* ``alpha.png`` — the six α per layer (paper Figs. 5, 18): one line per relation, covariance
+  and second-moment panels; per-head layers are grouped by module (mean, min–max band).
+* ``spectra.png`` — sorted eigenvalues λ_H,i against λ_G,i (log-log) of H_b and G_b per layer,
+  heads of one module in different colours, with the fitted slope and grey reference lines of
+  slopes 1, 2, 3 (paper Fig. 3).
+* ``exponents.png`` — h_i and g_i against z_i in W's singular basis with the fitted p and q.
+* ``phase.png`` — the (p, q) plane: the six relation lines, the phase points of SPEC §4 and
+  each layer as a point.
+* ``heatmap_<layer>.png`` — H, G, Z of a layer (b and a sides; paper Fig. 2).
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+from typing import Dict, List, Optional
+
+import numpy as np
+
+__all__ = ["plot_report", "plot_alpha", "plot_spectra", "plot_exponents", "plot_phase",
+           "plot_heatmaps"]
+
+_REL = ("forward_RGA", "forward_RWA", "forward_GWA", "backward_RGA", "backward_RWA", "backward_GWA")
+_COLORS = {"forward_RGA": "#d62728", "forward_RWA": "#ff7f0e", "forward_GWA": "#bcbd22",
+           "backward_RGA": "#1f77b4", "backward_RWA": "#17becf", "backward_GWA": "#9467bd"}
+
+
+def _figure(w: float, h: float):
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise ImportError("Report.plot needs matplotlib: pip install 'crh-kernels[plot]'") from exc
+    fig = Figure(figsize=(w, h), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path: str) -> str:
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    return path
+
+
+def _f(v) -> float:
+    return float("nan") if v is None else float(v)
+
+
+def _groups(rep) -> Dict[str, List[str]]:
+    """Layer names grouped for plotting: a layer alone, heads by their module."""
+    out: Dict[str, List[str]] = {}
+    for name, e in rep.layers.items():
+        key = e.get("parent") if e.get("kind") == "head" and e.get("parent") else name
+        out.setdefault(key, []).append(name)
+    return out
+
+
+def _short(name: str, width: int = 18) -> str:
+    return name if len(name) <= width else "…" + name[-(width - 1):]
+
+
+def _log_ticks(ax) -> None:
+    """Small labels, and no minor-tick labels (they pile up on short log ranges)."""
+    from matplotlib.ticker import NullFormatter
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.tick_params(labelsize=7)
+
+
+def _pick(items: list, k: Optional[int]) -> list:
+    if k is None or len(items) <= k:
+        return items
+    idx = np.unique(np.linspace(0, len(items) - 1, k).round().astype(int))
+    return [items[i] for i in idx]
+
+
+# ---------------------------------------------------------------------------- alpha per layer
+def plot_alpha(rep, path: str) -> str:
+    groups = _groups(rep)
+    names = list(groups)
+    x = np.arange(len(names))
+    fig = _figure(max(6.0, 1.0 + 0.45 * len(names)) * 2, 4.2)
+    for j, (key, title) in enumerate((("alpha_cov", "α on covariances"),
+                                      ("alpha_second", "α on second moments"))):
+        ax = fig.add_subplot(1, 2, j + 1)
+        for rel in _REL:
+            mean, lo, hi = [], [], []
+            for g in names:
+                vals = np.array([_f((rep.layers[n].get(key) or {}).get(rel)) for n in groups[g]])
+                ok = vals[np.isfinite(vals)]
+                mean.append(ok.mean() if ok.size else np.nan)
+                lo.append(ok.min() if ok.size else np.nan)
+                hi.append(ok.max() if ok.size else np.nan)
+            mean = np.array(mean)
+            if not np.isfinite(mean).any():
+                continue
+            style = "-" if rel.startswith("forward") else "--"
+            ax.plot(x, mean, style, marker="o", ms=3, color=_COLORS[rel], label=rel.replace("_", " "))
+            if any(len(groups[g]) > 1 for g in names):
+                ax.fill_between(x, lo, hi, color=_COLORS[rel], alpha=0.15, lw=0)
+        ax.axhline(0.0, color="0.8", lw=0.8)
+        ax.set_ylim(-1.05, 1.05)
+        ax.set_xticks(x)
+        ax.set_xticklabels([_short(n) for n in names], rotation=60, ha="right", fontsize=7)
+        ax.set_ylabel("α")
+        ax.set_title(title)
+        if j == 0:
+            ax.legend(fontsize=7, ncol=2, loc="lower left")
+    return _save(fig, path)
+
+
+# ------------------------------------------------------------------------ eigenvalue scatter
+def _ref_lines(ax, x: np.ndarray, y: np.ndarray) -> None:
+    """Grey dashed power laws λ_H ∝ λ_G^k, k = 1, 2, 3, through the point of largest λ_G."""
+    if x.size == 0:
+        return
+    i = int(np.argmax(x))
+    xs = np.array([x.min(), x.max()])
+    for k in (1, 2, 3):
+        ax.plot(xs, y[i] * (xs / x[i]) ** k, "--", color="0.6", lw=0.8)
+
+
+def plot_spectra(rep, path: str, max_panels: Optional[int] = 24) -> str:
+    groups = _pick(list(_groups(rep).items()), max_panels)
+    n = max(1, len(groups))
+    ncol = min(4, n)
+    nrow = math.ceil(n / ncol)
+    fig = _figure(3.2 * ncol, 3.0 * nrow)
+    cmap = None
+    try:
+        from matplotlib import colormaps
+        cmap = colormaps["tab10"]
+    except Exception:  # pragma: no cover - old matplotlib
+        pass
+    for k, (gname, members) in enumerate(groups):
+        ax = fig.add_subplot(nrow, ncol, k + 1)
+        from .report import pairing_fit
+        slopes, side = [], "b"
+        for c, name in enumerate(members):
+            sp = rep.spectra(name)
+            if "H_b" in sp and "G_b" in sp:
+                lh, lg = sp["H_b"], sp["G_b"]
+                side = "b"
+            elif "H_a" in sp and "G_a" in sp:
+                lh, lg = sp["H_a"], sp["G_a"]
+                side = "a"
+            else:
+                continue
+            m = min(lh.size, lg.size)
+            lh, lg = lh[:m], lg[:m]
+            ok = np.isfinite(lh) & np.isfinite(lg) & (lh > 0) & (lg > 0)
+            ok &= (lh > 1e-9 * np.nanmax(lh)) & (lg > 1e-9 * np.nanmax(lg)) if ok.any() else ok
+            color = cmap(c % 10) if cmap is not None else None
+            ax.scatter(lg[ok], lh[ok], s=6, color=color, alpha=0.8)
+            if c == 0:
+                _ref_lines(ax, lg[ok], lh[ok])
+            fit = pairing_fit(lh, lg, 1e-6)
+            if fit is not None and ok.any():
+                xs = np.array([lg[ok].min(), lg[ok].max()])
+                ax.plot(xs, np.exp(fit[1]) * xs ** fit[0], "-", color=color, lw=1)
+                slopes.append(fit[0])
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(f"λ_G ({'G_b' if side == 'b' else 'G_a'})", fontsize=8)
+        ax.set_ylabel(f"λ_H ({'H_b' if side == 'b' else 'H_a'})", fontsize=8)
+        title = _short(gname, 28)
+        if slopes:
+            title += f"\nslope {np.mean(slopes):.2f}" + (f" ({min(slopes):.2f}–{max(slopes):.2f})"
+                                                          if len(slopes) > 1 else "")
+        ax.set_title(title, fontsize=8)
+        _log_ticks(ax)
+    return _save(fig, path)
+
+
+# ---------------------------------------------------------------------------- h, g against z
+def plot_exponents(rep, path: str, max_panels: Optional[int] = 24) -> str:
+    names = [n for n, e in rep.layers.items() if e.get("exponents")]
+    names = _pick(names, max_panels)
+    n = max(1, len(names))
+    ncol = min(4, n)
+    nrow = math.ceil(n / ncol)
+    fig = _figure(3.2 * ncol, 3.0 * nrow)
+    for k, name in enumerate(names):
+        ax = fig.add_subplot(nrow, ncol, k + 1)
+        ex = rep.layers[name]["exponents"]
+        z = np.array([_f(v) for v in ex["z"]])
+        for key, fit, color, label in (("h", ex["p"], "#1f77b4", "h (H_a)"),
+                                       ("g", ex["q"], "#d62728", "g (G_a)")):
+            y = np.array([_f(v) for v in ex[key]])
+            ok = np.isfinite(z) & np.isfinite(y) & (z > 0) & (y > 0)
+            ax.scatter(z[ok], y[ok], s=6, color=color, alpha=0.7, label=label)
+            if fit and fit.get("slope") is not None and ok.any():
+                zs = np.array([z[ok].min(), z[ok].max()])
+                ax.plot(zs, np.exp(fit["intercept"]) * zs ** fit["slope"], color=color, lw=1)
+        e = rep.layers[name]
+        p, q = e.get("p"), e.get("q")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("z = s² of W", fontsize=8)
+        ax.set_title(f"{_short(name, 28)}\np={'-' if p is None else f'{p:.2f}'} "
+                     f"q={'-' if q is None else f'{q:.2f}'}", fontsize=8)
+        _log_ticks(ax)
+        if k == 0:
+            ax.legend(fontsize=7)
+    if not names:
+        ax = fig.add_subplot(1, 1, 1)
+        ax.text(0.5, 0.5, "no layer has exponents\n(needs W, H_a and G_a)", ha="center", va="center")
+        ax.set_axis_off()
+    return _save(fig, path)
+
+
+# ------------------------------------------------------------------------------ phase diagram
+def plot_phase(rep, path: str) -> str:
+    from .analysis import LINES, PHASES
+    fig = _figure(6.4, 5.6)
+    ax = fig.add_subplot(1, 1, 1)
+    pts = [(n, e["p"], e["q"]) for n, e in rep.layers.items()
+           if e.get("p") is not None and e.get("q") is not None]
+    lo_p, hi_p, lo_q, hi_q = -2.0, 3.5, -1.0, 4.0
+    if pts:
+        ps = np.array([p for _, p, _ in pts])
+        qs = np.array([q for _, _, q in pts])
+        lo_p, hi_p = min(lo_p, ps.min() - 0.5), max(hi_p, ps.max() + 0.5)
+        lo_q, hi_q = min(lo_q, qs.min() - 0.5), max(hi_q, qs.max() + 0.5)
+    pp = np.linspace(lo_p, hi_p, 2)
+    for name, ln in LINES.items():
+        color = _COLORS.get(name, "0.5")
+        style = "-" if name.startswith("forward") else "--"
+        if ln.b != 0:
+            ax.plot(pp, (ln.c - ln.a * pp) / ln.b, style, color=color, lw=1.2, label=ln.label)
+        else:
+            ax.axvline(ln.c / ln.a, ls=style, color=color, lw=1.2, label=ln.label)
+    for ph, info in PHASES.items():
+        if info.point is not None:
+            ax.plot(*info.point, "kx", ms=7)
+            ax.annotate(ph, info.point, textcoords="offset points", xytext=(4, 4), fontsize=7)
+    if pts:
+        try:
+            from matplotlib import colormaps
+            cmap = colormaps["viridis"]
+        except Exception:  # pragma: no cover
+            cmap = None
+        for i, (name, p, q) in enumerate(pts):
+            color = cmap(i / max(1, len(pts) - 1)) if cmap is not None else None
+            ax.plot(p, q, "o", color=color, ms=7, mec="k", mew=0.5)
+            ax.annotate(_short(name, 16), (p, q), textcoords="offset points", xytext=(5, -9),
+                        fontsize=7, color="0.2")
+    else:
+        ax.text(0.5, 0.02, "no layer has (p, q): gradients or weights missing",
+                transform=ax.transAxes, ha="center", fontsize=8)
+    ax.set_xlim(lo_p, hi_p)
+    ax.set_ylim(lo_q, hi_q)
+    ax.set_xlabel("p   (h ~ z^p)")
+    ax.set_ylabel("q   (g ~ z^q)")
+    ax.set_title("phase diagram (SPEC §4): layers in the (p, q) plane", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left")
+    return _save(fig, path)
+
+
+# ------------------------------------------------------------------------------------ heatmaps
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "model"
+
+
+def _heat(fig, nrow, ncol, k, m: Optional[np.ndarray], title: str):
+    ax = fig.add_subplot(nrow, ncol, k)
+    if m is None:
+        ax.text(0.5, 0.5, "not collected", ha="center", va="center", fontsize=8)
+        ax.set_axis_off()
+    else:
+        v = float(np.abs(m).max()) or 1.0
+        im = ax.imshow(m, cmap="RdBu_r", vmin=-v, vmax=v, interpolation="nearest")
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04).ax.tick_params(labelsize=6)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    ax.set_title(title, fontsize=8)
+
+
+def plot_heatmaps(rep, out_dir: str, max_heatmaps: Optional[int] = None,
+                  max_heads: int = 8) -> List[str]:
+    paths = []
+    groups = _pick(list(_groups(rep).items()), max_heatmaps)
+    for gname, members in groups:
+        if not any(rep.matrices.get(n) for n in members):
+            continue
+        if rep.layers[members[0]].get("kind") == "head":
+            heads = members[:max_heads]
+            fig = _figure(5.0, 2.4 * len(heads))
+            for i, name in enumerate(heads):
+                mats = rep.matrices.get(name, {})
+                _heat(fig, len(heads), 2, 2 * i + 1, mats.get("H_b"), f"{_short(name, 24)}: H_b")
+                _heat(fig, len(heads), 2, 2 * i + 2, mats.get("G_b"), "G_b")
+        else:
+            name = members[0]
+            mats = rep.matrices.get(name, {})
+            fig = _figure(9.0, 5.6)
+            for i, key in enumerate(("H_b", "G_b", "Z_b", "H_a", "G_a", "Z_a")):
+                _heat(fig, 2, 3, i + 1, mats.get(key), key)
+            fig.suptitle(name, fontsize=9)
+        paths.append(_save(fig, os.path.join(out_dir, f"heatmap_{_slug(gname)}.png")))
+    return paths
+
+
+def plot_report(rep, out_dir: str, *, heatmaps: bool = True,
+                max_heatmaps: Optional[int] = None) -> List[str]:
+    """Every figure of the report under ``out_dir``; returns the PNG paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = [plot_alpha(rep, os.path.join(out_dir, "alpha.png")),
+             plot_spectra(rep, os.path.join(out_dir, "spectra.png")),
+             plot_exponents(rep, os.path.join(out_dir, "exponents.png")),
+             plot_phase(rep, os.path.join(out_dir, "phase.png"))]
+    if heatmaps and rep.matrices:
+        paths += plot_heatmaps(rep, out_dir, max_heatmaps=max_heatmaps)
+    return paths

@@ -1,0 +1,390 @@
+"""Report: per-layer CRH/PAH numbers from a :class:`~crh_kernels.collect.Collector`, as a table,
+JSON and figures.
+
+Every number comes from :mod:`crh_kernels.analysis` applied to the layer's matrices; this module
+only gathers them, names them and lays them out. Per layer (``Report.layers[name]``):
+
+==========================  ===================================================================
+key                         meaning
+==========================  ===================================================================
+``kind``                    ``linear``, ``conv2d``, ``conv1d`` or ``head``
+``alpha_cov``               the six α of SPEC §3 on covariances ``cov(x̂)`` (the paper's headline)
+``alpha_second``            the same on second moments ``E[x̂x̂ᵀ]`` (paper appendix C.2)
+``r_h``, ``r_g``            ``||μ||² / tr E[x̂x̂ᵀ]`` of h and g (paper Fig. 10): the a side (h_a,
+                            g_a) when collected, else the b side (heads); all four in ``mean_ratio``
+``effective_rank_h/_g``     effective rank of H and G (same side rule, same ``kind`` as exponents)
+``p``, ``q``                exponents ``h ~ z^p``, ``g ~ z^q`` in W's singular basis (SPEC §4)
+``forward_slope``           slope of log H_b vs log G_b: in W's left singular basis for layers
+                            with a weight (SPEC §4), of the sorted spectra for heads
+                            (``forward_slope_source`` says which)
+``pairing_slope``           slope of log λ_H,i vs log λ_G,i of H_b, G_b by rank (paper Fig. 3)
+``phase``                   :func:`~crh_kernels.analysis.classify_phase` (``phase_explanation``)
+``commutation``             off-diagonal energy of ``VᵀH_aV``: exponents are trustworthy when small
+``n``                       rows counted (h_a's, else the first stream collected); ``n_streams``
+``streams``                 the streams that hold rows; ``shared``: streams shared with a layer
+``exponents``               :meth:`ExponentFit.to_dict` (z, h, g, pairing spectra, fits) or None
+``spectra``                 eigenvalues (descending) per stream where ``exponents`` has none
+``warnings``                warnings raised while analysing this layer
+==========================  ===================================================================
+
+Undefined numbers (a missing stream, a constant matrix, a flat z) are ``None``, in memory and in
+JSON alike (strict JSON has no NaN). ``Report.meta`` holds the collector's configuration and
+notes (``forward_only`` when no gradient was seen). The matrices needed for heatmaps are kept in
+memory only (``Report.matrices``, downsized by block averaging to at most ``heatmap_size``).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import warnings
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+__all__ = ["Report"]
+
+_FORMAT = "crh_kernels.Report/1"
+_SIDE = {"h": ("h_a", "h_b"), "g": ("g_a", "g_b")}
+_ATTR = {"h_a": "H_a", "h_b": "H_b", "g_a": "G_a", "g_b": "G_b"}
+
+
+def _clean(v):
+    """JSON-ready copy: NaN/inf -> None, numpy/torch scalars and arrays -> Python values/lists."""
+    if isinstance(v, dict):
+        return {str(k): _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    if isinstance(v, torch.Tensor):
+        v = v.detach().cpu().numpy()
+    if isinstance(v, np.ndarray):
+        return _clean(v.tolist())
+    if isinstance(v, (np.floating, float)):
+        f = float(v)
+        return f if math.isfinite(f) else None
+    if isinstance(v, np.integer):
+        return int(v)
+    if isinstance(v, np.bool_):
+        return bool(v)
+    return v
+
+
+def _downsize(m: np.ndarray, size: int) -> np.ndarray:
+    """Block-average a square matrix to at most ``size`` × ``size`` (float32)."""
+    d = m.shape[0]
+    if d <= size:
+        return m.astype(np.float32)
+    f = math.ceil(d / size)
+    starts = np.arange(0, d, f)
+    counts = np.diff(np.append(starts, d)).astype(np.float64)
+    s = np.add.reduceat(np.add.reduceat(m, starts, axis=0), starts, axis=1)
+    return (s / np.outer(counts, counts)).astype(np.float32)
+
+
+def _f64(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach()
+    if t.device.type == "mps":
+        t = t.cpu()
+    return t.double()
+
+
+class _View:
+    """What the analysis functions see of a layer: streams with rows (else None), cached Z."""
+
+    def __init__(self, st):
+        self._st = st
+        for s, attr in _ATTR.items():
+            m = getattr(st, attr, None)
+            setattr(self, attr, m if (m is not None and m.n > 0) else None)
+        self._z = {}
+
+    def _gram(self, which):
+        if which not in self._z:
+            fn = getattr(self._st, which, None)
+            self._z[which] = None if fn is None else fn()
+        return self._z[which]
+
+    def Z_a(self):
+        return self._gram("Z_a")
+
+    def Z_b(self):
+        return self._gram("Z_b")
+
+
+def pairing_fit(lam_h, lam_g, floor: float = 1e-6):
+    """``(slope, intercept)`` of log λ_H,i against log λ_G,i over the sorted spectra (the paper's
+    Fig. 3 scatter), over the ranks where both are finite and above ``floor`` times their maximum;
+    None with fewer than 3 such ranks or a flat λ_G."""
+    h = np.asarray(lam_h, dtype=float)
+    g = np.asarray(lam_g, dtype=float)
+    k = min(h.size, g.size)
+    if k == 0:
+        return None
+    h, g = h[:k], g[:k]
+    ok = np.isfinite(h) & np.isfinite(g) & (h > 0) & (g > 0)
+    if ok.sum() < 3:
+        return None
+    ok &= (h > floor * h[ok].max()) & (g > floor * g[ok].max())
+    if ok.sum() < 3:
+        return None
+    x, y = np.log(g[ok]), np.log(h[ok])
+    if float(x.max() - x.min()) <= 1e-9:
+        return None
+    slope, intercept = np.polyfit(x, y, 1)
+    return float(slope), float(intercept)
+
+
+class Report:
+    """Per-layer CRH numbers; build with ``Collector.report()`` or :meth:`from_json`.
+
+    Attributes:
+        layers: ``{layer name: dict}`` (keys in the module docstring).
+        meta: configuration, analysis settings and notes.
+        matrices: ``{layer name: {"H_a", "G_a", "Z_a", "H_b", "G_b", "Z_b": ndarray}}`` for
+            heatmaps (in memory only; empty after :meth:`from_json`).
+    """
+
+    def __init__(self, layers: Dict[str, dict], meta: Optional[dict] = None,
+                 matrices: Optional[Dict[str, Dict[str, np.ndarray]]] = None):
+        self.layers = layers
+        self.meta = dict(meta or {})
+        self.matrices = matrices or {}
+
+    # ------------------------------------------------------------- building
+    @classmethod
+    def from_collector(cls, col, *, floor: float = 1e-6, tol: float = 0.25, kind: str = "cov",
+                       heatmap_size: int = 128) -> "Report":
+        """Analyse every layer of ``col`` (see the module docstring).
+
+        Args:
+            floor: relative eigenvalue floor of the exponent fits.
+            tol: distance to a line within which a relation holds (phase classifier).
+            kind: ``"cov"`` or ``"second_moment"``: which matrices the exponents, effective ranks,
+                spectra and heatmaps use (both α variants are always reported).
+            heatmap_size: the largest side of a kept heatmap matrix.
+        """
+        from . import analysis as A
+        if kind not in A.KINDS:
+            raise ValueError(f"kind must be one of {A.KINDS}, got {kind!r}")
+        layers, matrices = {}, {}
+        for name, st in col.layers.items():
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                entry, mats = cls._analyse(A, st, floor=floor, tol=tol, kind=kind,
+                                           heatmap_size=heatmap_size)
+            entry["warnings"] = sorted({str(w.message) for w in caught})
+            layers[name] = _clean(entry)
+            matrices[name] = mats
+        meta = dict(col.meta)
+        meta.update({
+            "kind": kind, "floor": floor, "tol": tol, "n_layers": len(layers),
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "torch": torch.__version__,
+        })
+        try:
+            from . import __version__ as v
+            meta["crh_kernels"] = v
+        except Exception:  # pragma: no cover - partial installs
+            pass
+        return cls(layers, _clean(meta), matrices)
+
+    @staticmethod
+    def _analyse(A, st, *, floor, tol, kind, heatmap_size):
+        view = _View(st)
+        streams = [s for s in ("h_a", "h_b", "g_a", "g_b") if getattr(view, _ATTR[s]) is not None]
+        mom = {s: getattr(view, _ATTR[s]) for s in streams}
+        entry = {"kind": st.kind, "parent": st.parent, "head": st.head, "streams": streams,
+                 "shared": dict(st.shared), "dims": dict(st.dims)}
+        entry["n_streams"] = {s: int(m.n) for s, m in mom.items()}
+        entry["n_skipped"] = {s: int(m.n_skipped) for s, m in mom.items()}
+        first = "h_a" if "h_a" in mom else (streams[0] if streams else None)
+        entry["n"] = int(mom[first].n) if first else 0
+        entry["alpha_cov"] = A.six_alignments(view, "cov")
+        entry["alpha_second"] = A.six_alignments(view, "second_moment")
+        entry["mean_ratio"] = {s: m.mean_ratio() for s, m in mom.items()}
+        # float64 on the states' own device (a GPU makes the eigendecompositions of big layers
+        # fast); MPS has no float64, so it goes through the CPU.
+        mat = {_ATTR[s]: _f64(getattr(m, kind)()) for s, m in mom.items()}
+
+        def side(letter):
+            for s in _SIDE[letter]:
+                if s in mom:
+                    return s
+            return None
+
+        for letter in ("h", "g"):
+            s = side(letter)
+            entry[f"r_{letter}"] = None if s is None else mom[s].mean_ratio()
+            entry[f"effective_rank_{letter}"] = None if s is None else A.effective_rank(mat[_ATTR[s]])
+            entry[f"side_{letter}"] = s
+
+        W = st.weight()
+        W = None if W is None else _f64(W)
+        exps = None
+        if W is not None and "H_a" in mat and "G_a" in mat:
+            try:
+                exps = A.fit_exponents(W, mat["H_a"], mat["G_a"], mat.get("H_b"), mat.get("G_b"),
+                                       floor=floor)
+            except (ValueError, RuntimeError) as exc:
+                warnings.warn(f"fit_exponents failed: {exc}", RuntimeWarning)
+        entry["exponents"] = None if exps is None else exps.to_dict()
+        spectra = {}
+        if exps is not None:
+            entry["p"], entry["q"] = exps.p.slope, exps.q.slope
+            entry["commutation"] = exps.commutation
+            if exps.forward is not None:
+                entry["forward_slope"] = exps.forward.slope
+                entry["forward_slope_source"] = "W basis"
+            else:
+                entry["forward_slope"], entry["forward_slope_source"] = None, None
+            alphas = {k: (v if v is not None else float("nan")) for k, v in entry["alpha_cov"].items()}
+            res = A.classify_phase(exps.p.slope, exps.q.slope, tol=tol,
+                                   z_flat=A.is_flat(exps.z, floor=floor), alignments=alphas)
+            entry["phase"], entry["phase_explanation"] = res.phase, res.explanation
+            entry["phase_holds"] = list(res.holds)
+        else:
+            entry.update({"p": None, "q": None, "commutation": None, "forward_slope": None,
+                          "forward_slope_source": None, "phase": None, "phase_holds": []})
+            if st.kind == "head":
+                why = "per-head streams (no weight): only the forward RGA applies"
+            elif W is not None and ("H_a" not in mat or "G_a" not in mat):
+                why = "needs H_a and G_a (missing: " + ", ".join(
+                    k for k in ("H_a", "G_a") if k not in mat) + ")"
+            else:
+                why = "no exponents"
+            entry["phase_explanation"] = why
+            spectra = {k: A.eigh(m)[0].cpu().numpy() for k, m in mat.items()}
+        entry["spectra"] = spectra or None
+        # The paper's Fig. 3 quantity: sorted eigenvalues of H_b against those of G_b.
+        lam = spectra if spectra else ({} if exps is None else {
+            "H_b": exps.pairing.get("lambda_Hb"), "G_b": exps.pairing.get("lambda_Gb")})
+        fit = None
+        if lam.get("H_b") is not None and lam.get("G_b") is not None:
+            fit = pairing_fit(lam["H_b"], lam["G_b"], floor)
+        entry["pairing_slope"] = None if fit is None else fit[0]
+        if entry["forward_slope"] is None and fit is not None and st.kind == "head":
+            entry["forward_slope"], entry["forward_slope_source"] = fit[0], "sorted spectra"
+
+        mats = {k: _downsize(m.cpu().numpy(), heatmap_size) for k, m in mat.items()}
+        if W is not None:
+            for key, fn in (("Z_a", view.Z_a), ("Z_b", view.Z_b)):
+                z = fn()
+                if z is not None:
+                    mats[key] = _downsize(z.detach().double().cpu().numpy(), heatmap_size)
+        return entry, mats
+
+    # ----------------------------------------------------------------- views
+    def spectra(self, name: str) -> Dict[str, np.ndarray]:
+        """Eigenvalues (descending) per matrix (``H_a``, ``G_a``, ``H_b``, ``G_b``) of a layer."""
+        e = self.layers[name]
+        out = {}
+        ex = e.get("exponents")
+        if ex and ex.get("pairing"):
+            names = {"lambda_H": "H_a", "lambda_G": "G_a", "lambda_Hb": "H_b", "lambda_Gb": "G_b"}
+            for k, v in ex["pairing"].items():
+                if k in names and v is not None:
+                    out[names[k]] = np.array([np.nan if x is None else x for x in v], dtype=float)
+        for k, v in (e.get("spectra") or {}).items():
+            out[k] = np.array([np.nan if x is None else x for x in v], dtype=float)
+        return out
+
+    def to_dict(self) -> dict:
+        return {"format": _FORMAT, "meta": self.meta, "layers": self.layers}
+
+    def to_json(self, path) -> str:
+        """Write the report (numbers only, strict JSON); returns the path."""
+        path = os.fspath(path)
+        d = os.path.dirname(path)
+        if d:
+            os.makedirs(d, exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=1, allow_nan=False)
+        return path
+
+    @classmethod
+    def from_json(cls, path) -> "Report":
+        with open(os.fspath(path)) as f:
+            d = json.load(f)
+        if d.get("format") != _FORMAT:
+            raise ValueError(f"{path}: not a crh_kernels report (format {d.get('format')!r})")
+        return cls(d["layers"], d.get("meta", {}))
+
+    # ----------------------------------------------------------------- table
+    def table(self) -> str:
+        """A readable fixed-width table: one row per layer, then the notes."""
+        cols = [("layer", None), ("kind", None), ("n", None),
+                ("fRGA", "forward_RGA"), ("fRWA", "forward_RWA"), ("fGWA", "forward_GWA"),
+                ("bRGA", "backward_RGA"), ("bRWA", "backward_RWA"), ("bGWA", "backward_GWA"),
+                ("r_h", "r_h"), ("r_g", "r_g"), ("erank_h", "effective_rank_h"),
+                ("erank_g", "effective_rank_g"), ("p", "p"), ("q", "q"),
+                ("fslope", "forward_slope"), ("phase", "phase"), ("comm", "commutation")]
+
+        def num(v, digits=2):
+            if v is None:
+                return "-"
+            if isinstance(v, float):
+                if abs(v) >= 1000:
+                    return f"{v:.3g}"
+                return f"{v:.{digits}f}"
+            return str(v)
+
+        rows = []
+        for name, e in self.layers.items():
+            row = [name, e.get("kind", "?"), str(e.get("n", 0))]
+            for label, key in cols[3:]:
+                if key in ("forward_RGA", "forward_RWA", "forward_GWA", "backward_RGA",
+                           "backward_RWA", "backward_GWA"):
+                    row.append(num((e.get("alpha_cov") or {}).get(key)))
+                elif key == "effective_rank_h" or key == "effective_rank_g":
+                    row.append(num(e.get(key), 1))
+                elif key == "r_h" or key == "r_g" or key == "commutation":
+                    row.append(num(e.get(key), 3))
+                elif key == "phase":
+                    row.append(e.get("phase") or "-")
+                else:
+                    row.append(num(e.get(key)))
+            rows.append(row)
+        header = [c[0] for c in cols]
+        widths = [max(len(header[i]), *(len(r[i]) for r in rows)) if rows else len(header[i])
+                  for i in range(len(header))]
+        widths[0] = min(widths[0], 40)
+
+        def fmt(r):
+            cells = []
+            for i, c in enumerate(r):
+                c = c if len(c) <= widths[i] else "…" + c[-(widths[i] - 1):]
+                cells.append(c.ljust(widths[i]) if i < 2 else c.rjust(widths[i]))
+            return "  ".join(cells).rstrip()
+
+        lines = [fmt(header), "  ".join("-" * w for w in widths)]
+        lines += [fmt(r) for r in rows]
+        m = self.meta
+        lines.append("")
+        lines.append(f"α on {'covariances' if m.get('kind', 'cov') == 'cov' else 'second moments'} "
+                     f"(f = forward/b side, b = backward/a side); steps={m.get('steps')}, "
+                     f"normalize={m.get('normalize')}, phase tol={m.get('tol')}")
+        for note in m.get("notes", []):
+            lines.append(f"note: {note}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+    # ----------------------------------------------------------------- plots
+    def plot(self, out_dir, *, heatmaps: bool = True, max_heatmaps: Optional[int] = None) -> List[str]:
+        """Write the figures as PNGs under ``out_dir``; returns their paths.
+
+        ``alpha.png`` (six α per layer, covariance and second-moment panels), ``spectra.png``
+        (eigenvalue log-log scatter with fitted slopes, paper Fig. 3), ``exponents.png`` (h, g
+        against z with the fitted p, q), ``phase.png`` (the (p, q) diagram with the six lines
+        and each layer as a point) and, when the matrices are in memory, one
+        ``heatmap_<layer>.png`` per layer (H, G, Z; paper Fig. 2). Needs matplotlib.
+        """
+        from . import plots
+        return plots.plot_report(self, os.fspath(out_dir), heatmaps=heatmaps,
+                                 max_heatmaps=max_heatmaps)
+
+    def __repr__(self) -> str:
+        return f"Report({len(self.layers)} layers, phases={[e.get('phase') for e in self.layers.values()]})"

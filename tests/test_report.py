@@ -1,0 +1,152 @@
+"""Report: table, JSON round trip, figures, and numbers equal to the analysis functions."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from crh_kernels import analysis as A
+from crh_kernels.collect import Collector
+from crh_kernels.report import Report
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1 = nn.Linear(10, 24)
+        self.mix = nn.Linear(24, 24)      # its output is also split into 3 heads
+        self.fc2 = nn.Linear(24, 4)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.mix(F.relu(self.fc1(x)))))
+
+
+@pytest.fixture(scope="module")
+def collected():
+    net = Net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, weight_decay=1e-3)
+    g = torch.Generator().manual_seed(0)
+    col = Collector(net, heads={"mix": 3})
+    with col:
+        for _ in range(20):
+            x = torch.randn(64, 10, generator=g)
+            loss = F.mse_loss(net(x), x[:, :4])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            col.step()
+    return col, col.report()
+
+
+def test_table_lists_every_layer(collected):
+    col, rep = collected
+    text = rep.table()
+    lines = text.splitlines()
+    assert lines[0].split()[:3] == ["layer", "kind", "n"]
+    for name in col.layers:
+        assert any(line.split() and line.split()[0] == name for line in lines), name
+    assert "only the forward RGA applies" in text
+    assert str(rep) == text
+
+
+def test_json_round_trip_is_exact_and_strict(collected, tmp_path):
+    _, rep = collected
+    path = rep.to_json(tmp_path / "sub" / "report.json")
+
+    def no_nan(token):
+        raise AssertionError(f"non-standard JSON constant {token}")
+
+    with open(path) as f:
+        raw = json.load(f, parse_constant=no_nan)
+    assert raw["format"] == "crh_kernels.Report/1"
+    back = Report.from_json(path)
+    assert back.layers == rep.layers
+    assert back.meta == rep.meta
+    assert back.table() == rep.table()
+    for e in back.layers.values():
+        for key in ("kind", "alpha_cov", "alpha_second", "r_h", "r_g", "effective_rank_h",
+                    "effective_rank_g", "p", "q", "forward_slope", "phase", "commutation", "n",
+                    "streams", "exponents"):
+            assert key in e
+        assert set(e["alpha_cov"]) == set(A.RELATIONS) == set(e["alpha_second"])
+
+
+def test_values_match_the_analysis_functions(collected):
+    col, rep = collected
+    for name in ("fc1", "mix", "fc2"):
+        st, e = col.layers[name], rep.layers[name]
+        for kind, key in (("cov", "alpha_cov"), ("second_moment", "alpha_second")):
+            want = A.six_alignments(st, kind=kind)
+            for rel, v in want.items():
+                assert (e[key][rel] is None and math.isnan(v)) or e[key][rel] == pytest.approx(v, abs=1e-12)
+        ha, ga, hb, gb = (m.cov() for m in (st.H_a, st.G_a, st.H_b, st.G_b))
+        fit = A.fit_exponents(st.weight().double(), ha, ga, hb, gb, floor=1e-6)
+        assert e["p"] == pytest.approx(fit.p.slope, abs=1e-9)
+        assert e["q"] == pytest.approx(fit.q.slope, abs=1e-9)
+        assert e["forward_slope"] == pytest.approx(fit.forward.slope, abs=1e-9)
+        assert e["commutation"] == pytest.approx(A.commutation_error(st.weight().double(), ha), abs=1e-9)
+        assert e["effective_rank_h"] == pytest.approx(A.effective_rank(ha), rel=1e-9)
+        assert e["effective_rank_g"] == pytest.approx(A.effective_rank(ga), rel=1e-9)
+        assert e["r_h"] == pytest.approx(st.H_a.mean_ratio(), rel=1e-12)
+        assert e["r_g"] == pytest.approx(st.G_a.mean_ratio(), rel=1e-12)
+        ph = A.classify_phase(fit.p.slope, fit.q.slope, tol=0.25, z_flat=A.is_flat(fit.z),
+                              alignments=A.six_alignments(st))
+        assert e["phase"] == ph.phase
+        assert e["n"] == st.H_a.n == 20 * 64
+        assert e["streams"] == ["h_a", "h_b", "g_a", "g_b"]
+        assert e["exponents"]["p"]["slope"] == pytest.approx(fit.p.slope, abs=1e-9)
+    head = rep.layers["mix.head1"]
+    st = col.layers["mix.head1"]
+    assert head["kind"] == "head" and head["p"] is None and head["phase"] is None
+    assert head["alpha_cov"]["forward_RGA"] == pytest.approx(A.alignment(st.H_b.cov(), st.G_b.cov()))
+    assert head["streams"] == ["h_b", "g_b"]
+    assert head["forward_slope_source"] == "sorted spectra"
+    lam = rep.spectra("mix.head1")
+    assert set(lam) == {"H_b", "G_b"}
+    assert lam["H_b"] == pytest.approx(A.eigh(st.H_b.cov())[0].numpy(), abs=1e-12)
+
+
+def test_other_kind_uses_second_moments(collected):
+    col, _ = collected
+    rep = col.report(kind="second_moment", tol=0.5)
+    st = col.layers["fc1"]
+    fit = A.fit_exponents(st.weight().double(), st.H_a.second_moment(), st.G_a.second_moment(),
+                          floor=1e-6)
+    assert rep.layers["fc1"]["p"] == pytest.approx(fit.p.slope, abs=1e-9)
+    assert rep.meta["kind"] == "second_moment" and rep.meta["tol"] == 0.5
+    with pytest.raises(ValueError):
+        col.report(kind="median")
+
+
+def test_plot_writes_png_files(collected, tmp_path):
+    pytest.importorskip("matplotlib")
+    _, rep = collected
+    paths = rep.plot(tmp_path / "figs")
+    names = sorted(p.split("/")[-1] for p in paths)
+    assert names == sorted(["alpha.png", "spectra.png", "exponents.png", "phase.png",
+                            "heatmap_fc1.png", "heatmap_mix.png", "heatmap_fc2.png"])
+    for p in paths:
+        with open(p, "rb") as f:
+            head = f.read(8)
+        assert head == PNG, p
+        assert (tmp_path / "figs" / p.split("/")[-1]).stat().st_size > 1000
+    # a report read back from JSON has no matrices: every figure but the heatmaps
+    back = Report.from_json(rep.to_json(tmp_path / "r.json"))
+    paths2 = back.plot(tmp_path / "figs2")
+    assert sorted(p.split("/")[-1] for p in paths2) == ["alpha.png", "exponents.png",
+                                                         "phase.png", "spectra.png"]
