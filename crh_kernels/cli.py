@@ -1,0 +1,243 @@
+"""``crh``: reproduce the paper's experiments and measure real models.
+
+Argument parsing and progress bars only; the work lives in :mod:`crh_kernels.experiments`.
+
+    crh run fc1                         # the main job: ≈ 2 minutes on a laptop CPU
+    crh run fc2 --steps 20000 --seed 1
+    crh run transformer --device cuda   # full-scale settings on a GPU
+    crh run minilm --set n_texts=512
+    crh run fc1 --tiny --out /tmp/x     # seconds: the configuration the tests use
+    crh report runs/fc1-20250101-120000 # rebuild table, claims and figures from report.json
+    crh list                            # experiments, profiles and settings
+
+Exit codes: 0 done; 2 bad arguments (unknown experiment or setting, steps ≤ 0, CUDA asked
+for but absent); 3 the run cannot proceed (a data package missing, the memory plan over
+``--max-memory``, training diverged), with a message that says what to do.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+EXPERIMENT_NAMES = ("fc1", "fc2", "resnet", "transformer", "minilm")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
+    return v
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+
+
+def _size(text: str) -> int:
+    from .experiments.common import parse_bytes
+    try:
+        v = parse_bytes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+    return v
+
+
+def _setting(text: str):
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    from .experiments.common import parse_value
+    return key.strip(), parse_value(value.strip())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="crh",
+        description="Measure the Canonical Representation Hypothesis (CRH) and the Polynomial "
+                    "Alignment Hypothesis (PAH) of Ziyin et al.: reproduce the paper's experiments "
+                    "(fc1, fc2, resnet, transformer) and measure a real pretrained transformer (minilm).",
+        epilog="Start with `crh run fc1` (≈ 2 minutes on a CPU). `crh run EXPERIMENT --help` lists "
+               "the run options; `crh list` the experiments and their settings.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    r = sub.add_parser("run", help="run an experiment and write report.json, claims, table, figures",
+                       description="Run an experiment: train (where it trains), measure every chosen "
+                                   "layer with the Collector, write DIR/report.json, DIR/table.txt, "
+                                   "DIR/claims.md and DIR/figures/*.png, and print the claims table.")
+    r.add_argument("experiment", choices=EXPERIMENT_NAMES, metavar="EXPERIMENT",
+                   help=f"one of: {', '.join(EXPERIMENT_NAMES)}")
+    r.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cpu (default; CPU-sized settings) or cuda (full-scale settings of the paper)")
+    r.add_argument("--steps", type=_positive_int, metavar="N",
+                   help="training steps (minilm: measured batches); default: the profile's")
+    r.add_argument("--out", metavar="DIR", help="run directory (default: runs/EXPERIMENT-TIMESTAMP)")
+    r.add_argument("--seed", type=_int, default=0, metavar="S", help="seed of everything (default 0)")
+    r.add_argument("--tiny", action="store_true",
+                   help="the tiny configuration the tests use (seconds; numbers not meaningful)")
+    r.add_argument("--profile", choices=("tiny", "cpu", "cuda"),
+                   help="settings profile (default: cpu, or cuda with --device cuda)")
+    r.add_argument("--set", dest="settings", action="append", type=_setting, default=[],
+                   metavar="KEY=VALUE", help="override one setting (repeatable; `crh list` shows them), "
+                                             "e.g. --set weight_decays=1e-4,1e-3 --set lr=0.05")
+    r.add_argument("--max-memory", type=_size, metavar="SIZE",
+                   help="refuse to start when the covariance states would exceed SIZE (e.g. 4G; "
+                        "default: half the RAM, or half the free GPU memory)")
+    r.add_argument("--backend", choices=("torch", "triton", "cpp", "cuda"),
+                   help="moment backend (default: the fastest available)")
+    r.add_argument("--threads", type=_positive_int, metavar="N",
+                   help="torch CPU threads (default: the profile's; fc1/fc2 use 1)")
+    r.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
+    r.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    r.add_argument("--show-config", action="store_true", help="print the settings and exit")
+
+    rp = sub.add_parser("report", help="rebuild table, claims and figures of a saved run",
+                        description="Rebuild DIR/table.txt, DIR/claims.md and DIR/figures/ from "
+                                    "DIR/report.json and DIR/extras.json, and print them.")
+    rp.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by `crh run`")
+    rp.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
+
+    sub.add_parser("list", help="list the experiments, their profiles and settings")
+    p.commands = {"run": r, "report": rp}
+    return p
+
+
+def _progress(quiet: bool):
+    if quiet:
+        from .experiments.common import null_progress
+        return null_progress
+    from tqdm.auto import tqdm
+
+    def make(total=None, desc: str = "", leave: bool = False, **kwargs):
+        return tqdm(total=total, desc=desc, leave=leave, dynamic_ncols=True, file=sys.stderr,
+                    mininterval=0.5, **kwargs)
+    return make
+
+
+def _log(quiet: bool):
+    def log(msg: str) -> None:
+        if not quiet:
+            print(msg, file=sys.stderr, flush=True)
+    return log
+
+
+def _cmd_list() -> int:
+    from .experiments import get
+    for name in EXPERIMENT_NAMES:
+        mod = get(name)
+        print(f"{name}: {mod.DESCRIPTION}")
+        print(f"  profiles: {', '.join(mod.PROFILES)}")
+        cpu = mod.PROFILES["cpu"]
+        print("  settings (cpu profile): " + ", ".join(f"{k}={json.dumps(v)}" for k, v in cpu.items()))
+    return 0
+
+
+def _cmd_run(args, parser) -> int:
+    import torch
+    from .experiments import (ExperimentError, MissingData, profile_config, run_experiment)
+    from .experiments import claims as C
+    from .experiments.common import Context, default_max_memory, human_bytes
+
+    run_parser = parser.commands["run"]
+    if args.device == "cuda" and not torch.cuda.is_available():
+        run_parser.error("--device cuda: no CUDA device is available (torch "
+                         f"{torch.__version__}, torch.cuda.is_available() is False); use --device cpu")
+    if args.tiny and args.profile and args.profile != "tiny":
+        run_parser.error(f"--tiny contradicts --profile {args.profile}")
+    profile = "tiny" if args.tiny else (args.profile or ("cuda" if args.device == "cuda" else "cpu"))
+    overrides = dict(args.settings)
+    if args.steps is not None:
+        overrides["steps"] = args.steps
+    if args.threads is not None:
+        overrides["threads"] = args.threads
+    try:
+        cfg = profile_config(args.experiment, profile, overrides)
+    except ExperimentError as exc:
+        run_parser.error(str(exc))
+    if args.show_config:
+        print(json.dumps({"experiment": args.experiment, "profile": profile, "config": cfg}, indent=1))
+        return 0
+    device = torch.device(args.device)
+    out = Path(args.out) if args.out else Path("runs") / f"{args.experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
+    max_memory = args.max_memory if args.max_memory is not None else default_max_memory(device)
+    ctx = Context(device=device, seed=args.seed, progress=_progress(args.quiet), log=_log(args.quiet),
+                  max_memory=max_memory, backend=args.backend)
+    log = _log(args.quiet)
+    log(f"crh run {args.experiment}: profile {profile}, device {device}, seed {args.seed}, "
+        f"out {out}, memory budget {human_bytes(max_memory)}")
+    t0 = time.perf_counter()
+    try:
+        result, claims, figures, saved = run_experiment(args.experiment, out, ctx, profile=profile,
+                                                        overrides=overrides, plots=not args.no_plots)
+    except MissingData as exc:
+        print(f"crh: cannot run {args.experiment}: {exc}", file=sys.stderr)
+        return 3
+    except ExperimentError as exc:
+        print(f"crh: cannot run {args.experiment}: {exc}", file=sys.stderr)
+        return 3
+    wall = time.perf_counter() - t0
+    print(result.report.table())
+    print()
+    print(C.to_text(claims))
+    print()
+    print(f"wrote {out}/report.json, {out}/table.txt, {out}/claims.md and {len(figures)} figures "
+          f"in {out}/figures ({wall:.0f} s; {', '.join(f'{k} {v:.0f} s' for k, v in ctx.timings.items())})")
+    return 0
+
+
+def _cmd_report(args, parser) -> int:
+    from .experiments import ExperimentError, rebuild
+    from .experiments import claims as C
+    run_dir = Path(args.run_dir)
+    rp = parser.commands["report"]
+    if not run_dir.is_dir():
+        rp.error(f"{run_dir} is not a directory")
+    try:
+        saved, report, claims, figures = rebuild(run_dir, plots=not args.no_plots)
+    except ExperimentError as exc:
+        rp.error(str(exc))
+    except (ValueError, KeyError) as exc:
+        rp.error(f"{run_dir}: cannot read the saved run ({type(exc).__name__}: {exc})")
+    print(report.table())
+    print()
+    print(C.to_text(claims))
+    print()
+    print(f"rebuilt {run_dir}/table.txt, {run_dir}/claims.md"
+          + (f" and {len(figures)} figures in {run_dir}/figures" if figures else ""))
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:  # `crh` / `python -m crh_kernels` alone: the help (a smoke check)
+        parser.print_help()
+        return 0
+    if args.command == "list":
+        return _cmd_list()
+    if args.command == "run":
+        return _cmd_run(args, parser)
+    if args.command == "report":
+        return _cmd_report(args, parser)
+    parser.error(f"unknown command {args.command!r}")  # pragma: no cover
+    return 2
+
+
+def console_main() -> None:  # pragma: no cover - thin wrapper
+    sys.exit(main())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
