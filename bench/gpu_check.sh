@@ -33,8 +33,8 @@ fi
 TAIL=6 step tests 300 python -m pytest -q -x -p no:cacheprovider tests/test_moments.py tests/test_triton_interp.py \
   $(ls tests/test_cpp.py 2>/dev/null)
 TAIL=40 step table 240 python bench/gpu_table.py --json "$OUT/gpu_table.json"
-if [ -f bench/gpu_transformer_step.py ]; then
-  TAIL=12 step transformer 180 python bench/gpu_transformer_step.py
-fi
+TAIL=12 step check 60 python -m crh_kernels check --device cuda --n 16384 --d 1024
+# GPT-2-small step (124M parameters, 8×1024 tokens), all four streams on every block Linear
+TAIL=12 step gpt2_step 240 python -m crh_kernels.experiments.bench_step --device cuda --json "$OUT/gpt2_step.json"
 echo "== done (status $status); logs in $OUT"
 exit $status

@@ -9,6 +9,7 @@ Argument parsing and progress bars only; the work lives in :mod:`crh_kernels.exp
     crh run fc1 --tiny --out /tmp/x     # seconds: the configuration the tests use
     crh report runs/fc1-20250101-120000 # rebuild table, claims and figures from report.json
     crh list                            # experiments, profiles and settings
+    crh check                           # each backend: accuracy against float64, time
 
 Exit codes: 0 done; 2 bad arguments (unknown experiment or setting, steps ≤ 0, CUDA asked
 for but absent); 3 the run cannot proceed (a data package missing, the memory plan over
@@ -110,7 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
 
     sub.add_parser("list", help="list the experiments, their profiles and settings")
-    p.commands = {"run": r, "report": rp}
+    ck = sub.add_parser("check", help="every available backend on sample data: accuracy vs float64 and time",
+                        description="Run each available backend on rows whose mean is 100x their "
+                                    "spread; print the covariance error against a float64 reference "
+                                    "(SPEC bounds) and the time per update. Exit 1 if a bound fails.")
+    ck.add_argument("--n", type=_positive_int, default=4096, help="rows (default 4096)")
+    ck.add_argument("--d", type=_positive_int, default=256, help="features (default 256)")
+    ck.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.commands = {"run": r, "report": rp, "check": ck}
     return p
 
 
@@ -219,6 +227,15 @@ def _cmd_report(args, parser) -> int:
     return 0
 
 
+def _cmd_check(args, parser) -> int:
+    import torch
+    from . import selfcheck
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.commands["check"].error("--device cuda: no CUDA device is available")
+    rows = selfcheck.run(n=args.n, d=args.d, device=args.device)
+    return 0 if rows and all(r["ok"] for r in rows) else 1
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -231,6 +248,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _cmd_run(args, parser)
     if args.command == "report":
         return _cmd_report(args, parser)
+    if args.command == "check":
+        return _cmd_check(args, parser)
     parser.error(f"unknown command {args.command!r}")  # pragma: no cover
     return 2
 

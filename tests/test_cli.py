@@ -124,3 +124,12 @@ def test_missing_data_message_via_cli(tmp_path, capsys):
     assert rc == 3
     err = capsys.readouterr().err
     assert "apt-get install dataset-fashion-mnist" in err and "Traceback" not in err
+
+
+def test_check_reports_every_available_backend(capsys):
+    import crh_kernels
+    assert main(["check", "--n", "300", "--d", "37"]) == 0
+    out = capsys.readouterr().out
+    for name, (ok, _) in crh_kernels.available_backends().items():
+        assert name in out
+    assert "NO" not in out.split("ok", 1)[1]  # every bound held
