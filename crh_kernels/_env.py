@@ -6,7 +6,9 @@
 | ``CRH_FP32_PRECISION`` | ``ieee`` (default) or ``tf32``: how fp32 operands enter the matrix units |
 | ``CRH_TRITON_ATOMICS`` | ``1``: Triton split-N partials are summed with atomics (faster, not bitwise reproducible) |
 | ``CRH_REQUIRE_CPP`` | ``1``: failing to build/load the C++ extension is an error instead of a fallback |
-| ``CRH_SKIP_CUDA_BUILD`` / ``CRH_FORCE_CUDA_BUILD`` / ``CRH_CUDA_ARCHS`` | build-time switches of ``setup.py`` |
+| ``CRH_SKIP_CUDA_BUILD`` / ``CRH_FORCE_CUDA_BUILD`` | build-time switches of ``setup.py`` (read there: the package is not importable before it is built) |
+| ``CRH_CUDA_ARCHS`` | GPU architectures to build for, e.g. ``8.0;9.0`` (``setup.py`` and the JIT build) |
+| ``CRH_CPU_ISA`` | ``generic`` or ``avx512``: cap the C++ CPU inner kernel (read by ``csrc/moments_cpu.cpp``; the tests use it) |
 | ``TRITON_INTERPRET`` | ``1``: Triton kernels run on CPU tensors through Triton's interpreter (set before import) |
 """
 from __future__ import annotations
@@ -40,3 +42,7 @@ def triton_interpret() -> bool:
 
 def require_cpp() -> bool:
     return _flag("CRH_REQUIRE_CPP")
+
+
+def cuda_archs() -> str:
+    return os.environ.get("CRH_CUDA_ARCHS", "").strip()

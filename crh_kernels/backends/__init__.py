@@ -81,6 +81,8 @@ def resolve(name: Optional[str], device: torch.device, dtype: torch.dtype) -> Ba
             raise TypeError(f"backend {explicit!r} accepts dtypes {[str(d) for d in be.dtypes]}, "
                             f"got {dtype}")
         return be
+    if device.type == "cpu" and dtype != torch.float64 and _env.require_cpp():
+        return get("cpp")  # CRH_REQUIRE_CPP: raise with the reason rather than fall back
     for cand in _PREFERENCE.get(device.type, ("torch",)):
         be = _instance(cand)
         if be is None or dtype not in be.dtypes:

@@ -1,0 +1,150 @@
+"""The ``cpp`` (CPU) and ``cuda`` backends: the compiled ``crh::`` ops of ``csrc/``.
+
+Owns: loading the extensions (prebuilt by setup.py, else a JIT build on first use, else a
+one-line reason), the fake (meta) kernels of the ops, and the two Backend classes. The
+kernels themselves are in ``csrc/`` (moments_cpu.cpp, moments_cuda.cu); both follow the row
+rule of :mod:`crh_kernels.backends.base` and SPEC §2: fp32 row norms, shift by the batch mean
+in fp32 before the product, upper-triangle tiles only, fp32 accumulation, exact mirror.
+
+Ops (registered by ``TORCH_LIBRARY(crh)`` in csrc/bindings.cpp)::
+
+    torch.ops.crh.batch_stats(x (N, D), mask (N,) | None, normalize)
+        -> mean f64 (D,), scatter f32 (D, D), counts i64 [n, n_skipped]
+    torch.ops.crh.cross_stats(g (N, Dg), h (N, Dh), mask | None, normalize)
+        -> mean_g f64 (Dg,), mean_h f64 (Dh,), scatter f32 (Dg, Dh), counts i64 [n, n_skipped]
+
+``fp32_precision`` is accepted and ignored: fp32 operands always take the IEEE fp32 path.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Optional, Tuple
+
+import torch
+
+from .. import _env
+from .base import Backend, BatchStats, CrossStats
+
+_LOCK = threading.Lock()
+# name -> (module or None, how it was loaded or why it was not)
+_LOADED: dict = {}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _load(kind: str):
+    """Import the ``kind`` ("cpu" or "cuda") extension: prebuilt, else JIT. Cached per process."""
+    with _LOCK:
+        if kind in _LOADED:
+            return _LOADED[kind]
+        from .. import _build
+
+        prebuilt, jit = ("_C", _build.jit_cpu) if kind == "cpu" else ("_C_cuda", _build.jit_cuda)
+        try:
+            module = __import__(f"crh_kernels.{prebuilt}", fromlist=["_"])
+            result = (module, "prebuilt")
+        except ImportError as exc:
+            why = f"no prebuilt crh_kernels.{prebuilt} ({_first_line(exc)})"
+            try:
+                result = (jit(), "JIT-built")
+            except Exception as jexc:  # compiler, ninja or headers missing; a compile error
+                result = (None, f"{why}; JIT build failed: {_first_line(jexc)}")
+        if kind == "cpu" and result[0] is not None:
+            _register_fakes()
+        _LOADED[kind] = result
+        return result
+
+
+def _register_fakes() -> None:
+    """Shapes and dtypes of the ops' outputs, for FakeTensor / torch.compile / opcheck."""
+
+    @torch.library.register_fake("crh::batch_stats")
+    def _batch_stats_fake(x, mask, normalize):
+        d = x.shape[1]
+        return (x.new_empty((d,), dtype=torch.float64), x.new_empty((d, d), dtype=torch.float32),
+                x.new_empty((2,), dtype=torch.int64))
+
+    @torch.library.register_fake("crh::cross_stats")
+    def _cross_stats_fake(g, h, mask, normalize):
+        dg, dh = g.shape[1], h.shape[1]
+        return (g.new_empty((dg,), dtype=torch.float64), g.new_empty((dh,), dtype=torch.float64),
+                g.new_empty((dg, dh), dtype=torch.float32), g.new_empty((2,), dtype=torch.int64))
+
+
+def cpu_extension():
+    """The loaded CPU extension module, or None; loads it on first call."""
+    return _load("cpu")[0]
+
+
+class _OpsBackend(Backend):
+    dtypes = (torch.float32, torch.bfloat16, torch.float16)
+
+    def batch_stats(self, x: torch.Tensor, mask: Optional[torch.Tensor], normalize: bool,
+                    fp32_precision: str = "ieee") -> BatchStats:
+        mean, scatter, counts = torch.ops.crh.batch_stats(x, mask, bool(normalize))
+        n, skipped = (int(v) for v in counts.tolist())
+        return BatchStats(n, skipped, mean, scatter)
+
+    def cross_stats(self, g: torch.Tensor, h: torch.Tensor, mask: Optional[torch.Tensor],
+                    normalize: bool, fp32_precision: str = "ieee") -> CrossStats:
+        mean_g, mean_h, scatter, counts = torch.ops.crh.cross_stats(g, h, mask, bool(normalize))
+        n, skipped = (int(v) for v in counts.tolist())
+        return CrossStats(n, skipped, mean_g, mean_h, scatter)
+
+
+class CppBackend(_OpsBackend):
+    """CPU tensors: blocked, OpenMP-parallel C++ kernels (AVX-512 inner kernel where the CPU
+    has it, a portable one elsewhere); uses ``torch.get_num_threads()`` threads."""
+
+    name = "cpp"
+
+    def availability(self) -> Tuple[bool, str]:
+        module, how = _load("cpu")
+        if module is None:
+            if _env.require_cpp():
+                how += " (CRH_REQUIRE_CPP=1: this is an error, not a fallback)"
+            return False, how
+        return True, (f"C++ extension ({how}), {module.cpu_isa()} inner kernel, "
+                      f"{torch.get_num_threads()} OpenMP threads")
+
+    def supports(self, device) -> Tuple[bool, str]:
+        if torch.device(device).type == "cpu":
+            return True, ""
+        return False, "the cpp backend handles CPU tensors (use 'cuda' or 'triton' on GPUs)"
+
+
+class CudaBackend(_OpsBackend):
+    """CUDA tensors: tiled CUDA kernels (tensor-core MMA for bf16/fp16, fp32 FMA for fp32), for
+    GPUs or setups where Triton is unavailable."""
+
+    name = "cuda"
+
+    def __init__(self):
+        self._ok: Optional[Tuple[bool, str]] = None
+
+    def availability(self) -> Tuple[bool, str]:
+        if self._ok is None:
+            self._ok = self._probe()
+        return self._ok
+
+    @staticmethod
+    def _probe() -> Tuple[bool, str]:
+        if torch.version.cuda is None:
+            return False, "torch is a CPU build (torch.version.cuda is None)"
+        cpu, how = _load("cpu")
+        if cpu is None:  # it defines the op schemas the CUDA kernels implement
+            return False, f"needs the C++ extension, which defines the crh:: ops: {how}"
+        module, how = _load("cuda")
+        if module is None:
+            return False, how
+        if not torch.cuda.is_available():
+            return False, "no CUDA device visible (torch.cuda.is_available() is False)"
+        return True, f"CUDA extension ({how}), CUDA {torch.version.cuda}"
+
+    def supports(self, device) -> Tuple[bool, str]:
+        if torch.device(device).type == "cuda":
+            return True, ""
+        return False, "the cuda backend handles CUDA tensors (use 'cpp' or 'torch' on the CPU)"

@@ -1,0 +1,151 @@
+// Torch binding of the CPU kernels: the `crh::` op schemas and their CPU implementations.
+//
+// Owns: TORCH_LIBRARY(crh) (the schemas every device implements), argument checks, the
+// Tensor -> View translation, and the Python module init of crh_kernels._C. The fake (meta)
+// kernels are registered in Python (crh_kernels/backends/cpp.py, torch.library.register_fake);
+// the CUDA implementations live in bindings_cuda.cpp (a separate extension, CUDA torch only).
+//
+// Ops (x of shape (N, D), fp32/bf16/fp16, any strides; mask bool (N,) or None):
+//   crh::batch_stats(x, mask, normalize) -> (mean f64 (D,), scatter f32 (D, D), counts i64 (2,))
+//   crh::cross_stats(g, h, mask, normalize)
+//       -> (mean_g f64 (Dg,), mean_h f64 (Dh,), scatter f32 (Dg, Dh), counts i64 (2,))
+// counts = [n valid rows, n skipped rows]; scatter = Σ (x̂ − μ)(x̂ − μ)ᵀ, exactly symmetric.
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <exception>
+#include <optional>
+#include <tuple>
+
+#include "moments_cpu.h"
+
+namespace {
+
+using crh::cpu::DType;
+
+DType dtype_code(const at::Tensor& x, const char* name) {
+  switch (x.scalar_type()) {
+    case at::kFloat: return DType::F32;
+    case at::kBFloat16: return DType::BF16;
+    case at::kHalf: return DType::F16;
+    default:
+      TORCH_CHECK(false, "crh: ", name, " must be float32, bfloat16 or float16, got ",
+                  x.scalar_type());
+  }
+}
+
+void check_rows(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.dim() == 2, "crh: ", name, " must be 2-D (N, D), got shape ", x.sizes());
+  TORCH_CHECK(x.size(1) >= 1, "crh: ", name, " must have D >= 1 features, got shape ", x.sizes());
+  TORCH_CHECK(x.device().is_cpu(), "crh: ", name, " must be a CPU tensor here, got ", x.device());
+  TORCH_CHECK(x.layout() == at::kStrided, "crh: ", name, " must be a dense (strided) tensor");
+  dtype_code(x, name);
+}
+
+crh::cpu::View view_of(const at::Tensor& x, const char* name) {
+  return {x.data_ptr(), dtype_code(x, name), x.size(0), x.size(1), x.stride(0), x.stride(1)};
+}
+
+// The mask as a contiguous bool tensor (a view costs nothing; anything else is one small copy).
+at::Tensor mask_of(const std::optional<at::Tensor>& mask, int64_t n) {
+  if (!mask.has_value() || !mask->defined()) return at::Tensor();
+  const at::Tensor& m = *mask;
+  TORCH_CHECK(m.scalar_type() == at::kBool, "crh: mask must be bool, got ", m.scalar_type());
+  TORCH_CHECK(m.dim() == 1 && m.size(0) == n, "crh: mask must have shape (", n, ",), got ",
+              m.sizes());
+  TORCH_CHECK(m.device().is_cpu(), "crh: mask must be on the CPU, got ", m.device());
+  return m.contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_stats_cpu(
+    const at::Tensor& x, const std::optional<at::Tensor>& mask, bool normalize) {
+  check_rows(x, "x");
+  const int64_t d = x.size(1);
+  const at::Tensor m = mask_of(mask, x.size(0));
+  auto opts = x.options();
+  at::Tensor mean = at::empty({d}, opts.dtype(at::kDouble));
+  at::Tensor scatter = at::empty({d, d}, opts.dtype(at::kFloat));
+  at::Tensor counts = at::empty({2}, opts.dtype(at::kLong));
+  crh::cpu::Counts c{0, 0};
+  try {
+    c = crh::cpu::batch_stats(view_of(x, "x"), m.defined() ? m.data_ptr<bool>() : nullptr,
+                              normalize, at::get_num_threads(), mean.data_ptr<double>(),
+                              scatter.data_ptr<float>());
+  } catch (const std::exception& e) {
+    TORCH_CHECK(false, "crh::batch_stats: ", e.what());
+  }
+  counts.data_ptr<int64_t>()[0] = c.n;
+  counts.data_ptr<int64_t>()[1] = c.n_skipped;
+  return {mean, scatter, counts};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_stats_cpu(
+    const at::Tensor& g, const at::Tensor& h, const std::optional<at::Tensor>& mask,
+    bool normalize) {
+  check_rows(g, "g");
+  check_rows(h, "h");
+  TORCH_CHECK(g.size(0) == h.size(0), "crh: g and h must have the same number of rows, got ",
+              g.sizes(), " and ", h.sizes());
+  const int64_t dg = g.size(1), dh = h.size(1);
+  const at::Tensor m = mask_of(mask, g.size(0));
+  auto opts = g.options();
+  at::Tensor mean_g = at::empty({dg}, opts.dtype(at::kDouble));
+  at::Tensor mean_h = at::empty({dh}, opts.dtype(at::kDouble));
+  at::Tensor scatter = at::empty({dg, dh}, opts.dtype(at::kFloat));
+  at::Tensor counts = at::empty({2}, opts.dtype(at::kLong));
+  crh::cpu::Counts c{0, 0};
+  try {
+    c = crh::cpu::cross_stats(view_of(g, "g"), view_of(h, "h"),
+                              m.defined() ? m.data_ptr<bool>() : nullptr, normalize,
+                              at::get_num_threads(), mean_g.data_ptr<double>(),
+                              mean_h.data_ptr<double>(), scatter.data_ptr<float>());
+  } catch (const std::exception& e) {
+    TORCH_CHECK(false, "crh::cross_stats: ", e.what());
+  }
+  counts.data_ptr<int64_t>()[0] = c.n;
+  counts.data_ptr<int64_t>()[1] = c.n_skipped;
+  return {mean_g, mean_h, scatter, counts};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(crh, m) {
+  m.def("batch_stats(Tensor x, Tensor? mask, bool normalize) -> (Tensor, Tensor, Tensor)",
+        {at::Tag::pt2_compliant_tag});
+  m.def(
+      "cross_stats(Tensor g, Tensor h, Tensor? mask, bool normalize) "
+      "-> (Tensor, Tensor, Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
+}
+
+TORCH_LIBRARY_IMPL(crh, CPU, m) {
+  m.impl("batch_stats", &batch_stats_cpu);
+  m.impl("cross_stats", &cross_stats_cpu);
+}
+
+// ------------------------------------------------------------------------- Python module
+// Importing the module loads the op registrations above; cpu_isa() says which inner kernel
+// this machine runs ("avx512" or "generic").
+#define CRH_STR2(x) #x
+#define CRH_STR(x) CRH_STR2(x)
+#define CRH_CAT2(a, b) a##b
+#define CRH_CAT(a, b) CRH_CAT2(a, b)
+#ifndef TORCH_EXTENSION_NAME
+#define TORCH_EXTENSION_NAME _C
+#endif
+
+static PyObject* crh_cpu_isa(PyObject*, PyObject*) {
+  return PyUnicode_FromString(crh::cpu::isa());
+}
+
+static PyMethodDef crh_methods[] = {
+    {"cpu_isa", crh_cpu_isa, METH_NOARGS, "Inner kernel of this machine: 'avx512' or 'generic'."},
+    {nullptr, nullptr, 0, nullptr}};
+
+static struct PyModuleDef crh_module = {PyModuleDef_HEAD_INIT, CRH_STR(TORCH_EXTENSION_NAME),
+                                        "crh:: ops (CPU)", -1, crh_methods};
+
+PyMODINIT_FUNC CRH_CAT(PyInit_, TORCH_EXTENSION_NAME)(void) { return PyModule_Create(&crh_module); }

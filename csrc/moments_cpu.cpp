@@ -1,0 +1,970 @@
+// CPU kernels of crh_kernels (C++17, OpenMP): the fused symmetric covariance update of SPEC §2.
+//
+// Owns: the row-statistics pass, the packing prologue (scale + center + fp32, in cache), the
+// register-blocked inner kernels (AVX-512 and a portable one), the upper-triangle drivers, the
+// cross moment, and the final exact mirror. No torch here (see moments_cpu.h); bindings.cpp
+// turns tensors into View and calls batch_stats / cross_stats.
+//
+// Math (N rows, D features, n valid rows):
+//   pass 1   s_i = 1/||x_i||  (fp32 squared norm; invalid rows are dropped)  and
+//            mu = (1/n) Σ_i s_i x_i, summed in float64;
+//   pass 2   for each chunk of KC valid rows: Y = s·x − mu (fp32, written once into a small
+//            packed buffer P that stays in L2) and C += YᵀY over the tiles of C that touch the
+//            upper triangle (≈ N·D·(D+1) flops instead of 2·N·D²);
+//   finally  scatter = Σ_threads C (upper triangle), mirrored exactly.
+//
+// Layout of P (one chunk of kc rows): column panels of kPanel = 32 lanes, panel p holds columns
+// [32p, 32p+32) of all kc rows, row after row (128 bytes a row; for the BF16 dot product, row
+// *pairs* interleaved per lane). The inner kernel reads its "vector" operand as a 32-wide (or
+// 16-wide) slice of a panel and its "broadcast" operand as an MR-wide slice of another, so one
+// packing feeds both sides of YᵀY; columns past D are zero.
+//
+// Threads: with many rows each thread owns a share of them, its own P and its own copy of C
+// (no synchronisation until the final sum) while the copies fit in ~L3; otherwise the threads
+// share one C and split its micro-rows chunk by chunk. Results depend on the thread count (the
+// row split) but not on scheduling: each entry of each C is summed by one thread, in row order.
+#include "moments_cpu.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <new>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__)
+#include <immintrin.h>
+#define CRH_HAVE_AVX512_PATH 1
+// GCC's own _mm512_undefined_* (used by the conversions) trip -Wmaybe-uninitialized
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#define CRH_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,fma")))
+#define CRH_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define CRH_TARGET_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,fma,avx512bf16")))
+#else
+#define CRH_HAVE_AVX512_PATH 0
+#endif
+
+#if defined(__GNUC__)
+#define CRH_INLINE inline __attribute__((always_inline))
+#else
+#define CRH_INLINE inline
+#endif
+
+namespace crh {
+namespace cpu {
+namespace {
+
+constexpr int64_t kPanel = 32;  // packed panel width (fp32 columns): one 128-byte row per k
+
+// ------------------------------------------------------------------------------------ memory
+struct FreeDeleter {
+  void operator()(void* p) const { std::free(p); }
+};
+template <class T>
+using Buf = std::unique_ptr<T[], FreeDeleter>;
+
+template <class T>
+Buf<T> alloc(size_t n, bool zero) {
+  size_t bytes = ((std::max<size_t>(n, 1) * sizeof(T) + 63) / 64) * 64;
+  T* p = static_cast<T*>(std::aligned_alloc(64, bytes));
+  if (p == nullptr) throw std::bad_alloc();
+  if (zero) std::memset(p, 0, bytes);
+  return Buf<T>(p);
+}
+
+// ------------------------------------------------------------------------------ conversions
+CRH_INLINE float bf16_to_f32(uint16_t v) {
+  uint32_t u = uint32_t(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+CRH_INLINE float f16_to_f32(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu;
+  const uint32_t mant = h & 0x3ffu;
+  uint32_t u;
+  if (exp == 0) {
+    // zero or subnormal: mant · 2^-24, exact in fp32
+    const float f = float(mant) * 5.9604644775390625e-8f;
+    return sign ? -f : f;
+  } else if (exp == 31) {
+    u = sign | 0x7f800000u | (mant << 13);  // inf / nan
+  } else {
+    u = sign | ((exp + 112u) << 23) | (mant << 13);
+  }
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+template <DType T>
+struct Elem;
+template <>
+struct Elem<DType::F32> {
+  using type = float;
+  static CRH_INLINE float load(const float* p) { return *p; }
+};
+template <>
+struct Elem<DType::BF16> {
+  using type = uint16_t;
+  static CRH_INLINE float load(const uint16_t* p) { return bf16_to_f32(*p); }
+};
+template <>
+struct Elem<DType::F16> {
+  using type = uint16_t;
+  static CRH_INLINE float load(const uint16_t* p) { return f16_to_f32(*p); }
+};
+
+// Call f.template operator()<T>() for the runtime dtype (C++17: a tag object instead).
+template <DType T>
+struct Tag {
+  static constexpr DType value = T;
+};
+template <class F>
+void dispatch(DType d, F&& f) {
+  switch (d) {
+    case DType::F32: f(Tag<DType::F32>{}); break;
+    case DType::BF16: f(Tag<DType::BF16>{}); break;
+    case DType::F16: f(Tag<DType::F16>{}); break;
+    default: throw std::invalid_argument("crh: unsupported dtype code");
+  }
+}
+
+// --------------------------------------------------------------------------------- CPU ISA
+// What the inner loops may use: the portable C++ kernels, AVX-512 (fp32 FMA), or AVX-512 with
+// the BF16 dot product (bf16 inputs only). Detected once; CRH_CPU_ISA=generic|avx512 caps the
+// level for one call (the tests run every path the machine has).
+enum class Isa : int { Generic = 0, Avx512 = 1, Avx512Bf16 = 2 };
+
+Isa machine_isa() {
+#if CRH_HAVE_AVX512_PATH
+  static const Isa level = [] {
+    __builtin_cpu_init();
+    const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma");
+    if (!avx512) return Isa::Generic;
+    return __builtin_cpu_supports("avx512bf16") ? Isa::Avx512Bf16 : Isa::Avx512;
+  }();
+  return level;
+#else
+  return Isa::Generic;
+#endif
+}
+
+Isa call_isa() {
+  Isa level = machine_isa();
+  if (const char* cap = std::getenv("CRH_CPU_ISA")) {
+    const std::string v(cap);
+    if (v == "generic") level = Isa::Generic;
+    else if (v == "avx512" && level > Isa::Avx512) level = Isa::Avx512;
+  }
+  return level;
+}
+
+bool cpu_has_avx2() {
+#if CRH_HAVE_AVX512_PATH
+  static const bool ok = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
+
+// ================================================================================ pass 1
+// Row status: 0 masked (counts nowhere), 1 skipped (counted), 2 valid.
+enum : uint8_t { kMasked = 0, kSkipped = 1, kValid = 2 };
+
+// 1/sqrt(sq) rounded once (through float64), for a finite sq > 0.
+CRH_INLINE float inv_sqrt(float sq) { return float(1.0 / std::sqrt(double(sq))); }
+
+// Squared norm (fp32) of row i, then status and scale; with acc != nullptr also
+// acc += s·x_i in float64 (the row is still in L1 from the norm loop).
+template <DType T>
+void row_pass_range(const View& x, const bool* mask, bool normalize, int64_t r0, int64_t r1,
+                    float* scale, uint8_t* status, double* acc) {
+  using E = typename Elem<T>::type;
+  const E* base = static_cast<const E*>(x.data);
+  const int64_t d = x.cols, sc = x.stride_col;
+  for (int64_t i = r0; i < r1; ++i) {
+    scale[i] = 0.0f;
+    if (mask != nullptr && !mask[i]) {
+      status[i] = kMasked;
+      continue;
+    }
+    const E* row = base + i * x.stride_row;
+    // 32 independent fp32 partial sums, as the AVX-512 path keeps: short chains, small error
+    float lanes[32] = {};
+    int64_t j = 0;
+    for (; j + 32 <= d; j += 32)
+      for (int l = 0; l < 32; ++l) {
+        const float v = Elem<T>::load(row + (j + l) * sc);
+        lanes[l] += v * v;
+      }
+    for (int l = 0; j < d; ++j, ++l) {
+      const float v = Elem<T>::load(row + j * sc);
+      lanes[l] += v * v;
+    }
+    for (int w = 16; w > 0; w /= 2)
+      for (int l = 0; l < w; ++l) lanes[l] += lanes[l + w];
+    const float sq = lanes[0];
+    if (!std::isfinite(sq) || (normalize && !(sq > 0.0f))) {
+      status[i] = kSkipped;
+      continue;
+    }
+    const float s = normalize ? inv_sqrt(sq) : 1.0f;
+    status[i] = kValid;
+    scale[i] = s;
+    if (acc != nullptr) {
+      if (sc == 1) {
+#pragma omp simd
+        for (int64_t j = 0; j < d; ++j) acc[j] += double(Elem<T>::load(row + j) * s);
+      } else {
+#pragma omp simd
+        for (int64_t j = 0; j < d; ++j) acc[j] += double(Elem<T>::load(row + j * sc) * s);
+      }
+    }
+  }
+}
+
+// acc += Σ_{r in [r0, r1)} s_r · x_{rows[r]} in float64 (cross moment: the mean over the rows
+// valid in *both* inputs needs a second look at each).
+template <DType T>
+void mean_range(const View& x, const int64_t* rows, const float* rscale, int64_t r0, int64_t r1,
+                double* acc) {
+  using E = typename Elem<T>::type;
+  const E* base = static_cast<const E*>(x.data);
+  const int64_t d = x.cols, sc = x.stride_col;
+  for (int64_t r = r0; r < r1; ++r) {
+    const E* row = base + rows[r] * x.stride_row;
+    const float s = rscale[r];
+#pragma omp simd
+    for (int64_t j = 0; j < d; ++j) acc[j] += double(Elem<T>::load(row + j * sc) * s);
+  }
+}
+
+struct Split {
+  int64_t begin, end;
+};
+inline Split split(int64_t n, int parts, int k) {
+  return {n * k / parts, n * (k + 1) / parts};
+}
+
+#if CRH_HAVE_AVX512_PATH
+template <DType T>
+CRH_TARGET_AVX512 CRH_INLINE __m512 load16(const void* p, __mmask16 m) {
+  if constexpr (T == DType::F32) {
+    return _mm512_maskz_loadu_ps(m, p);
+  } else if constexpr (T == DType::BF16) {
+    const __m256i h = _mm256_maskz_loadu_epi16(m, p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  } else {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
+  }
+}
+
+// Pass 1 with AVX-512 (unit column stride): same rule as row_pass_range; the squared norm is
+// summed in fp32 over 16 lanes, s·x in fp32, the mean sum in float64.
+template <DType T>
+CRH_TARGET_AVX512 void row_pass_avx512(const View& x, const bool* mask, bool normalize, int64_t r0,
+                                       int64_t r1, float* scale, uint8_t* status, double* acc) {
+  using E = typename Elem<T>::type;
+  const E* base = static_cast<const E*>(x.data);
+  const int64_t d = x.cols;
+  const int64_t full = d / 16 * 16;
+  const int rem = int(d - full);
+  const __mmask16 mrem = __mmask16((1u << rem) - 1u);
+  const __mmask8 mlo = __mmask8(rem >= 8 ? 0xff : (1u << rem) - 1u);
+  const __mmask8 mhi = __mmask8(rem <= 8 ? 0 : (1u << (rem - 8)) - 1u);
+  for (int64_t i = r0; i < r1; ++i) {
+    scale[i] = 0.0f;
+    if (mask != nullptr && !mask[i]) {
+      status[i] = kMasked;
+      continue;
+    }
+    const E* row = base + i * x.stride_row;
+    __m512 q0 = _mm512_setzero_ps(), q1 = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (; j + 32 <= full; j += 32) {
+      const __m512 a = load16<T>(row + j, 0xffff);
+      const __m512 b = load16<T>(row + j + 16, 0xffff);
+      q0 = _mm512_fmadd_ps(a, a, q0);
+      q1 = _mm512_fmadd_ps(b, b, q1);
+    }
+    for (; j < full; j += 16) {
+      const __m512 a = load16<T>(row + j, 0xffff);
+      q0 = _mm512_fmadd_ps(a, a, q0);
+    }
+    if (rem) {
+      const __m512 a = load16<T>(row + full, mrem);
+      q1 = _mm512_fmadd_ps(a, a, q1);
+    }
+    const float sq = _mm512_reduce_add_ps(_mm512_add_ps(q0, q1));
+    if (!std::isfinite(sq) || (normalize && !(sq > 0.0f))) {
+      status[i] = kSkipped;
+      continue;
+    }
+    const float sf = normalize ? inv_sqrt(sq) : 1.0f;
+    status[i] = kValid;
+    scale[i] = sf;
+    if (acc == nullptr) continue;
+    const __m512 s = _mm512_set1_ps(sf);
+    for (j = 0; j < full; j += 16) {
+      const __m512 y = _mm512_mul_ps(load16<T>(row + j, 0xffff), s);
+      const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(y));
+      const __m512d hi =
+          _mm512_cvtps_pd(_mm256_castsi256_ps(_mm512_extracti64x4_epi64(_mm512_castps_si512(y), 1)));
+      _mm512_storeu_pd(acc + j, _mm512_add_pd(_mm512_loadu_pd(acc + j), lo));
+      _mm512_storeu_pd(acc + j + 8, _mm512_add_pd(_mm512_loadu_pd(acc + j + 8), hi));
+    }
+    if (rem) {
+      const __m512 y = _mm512_mul_ps(load16<T>(row + full, mrem), s);
+      const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(y));
+      const __m512d hi =
+          _mm512_cvtps_pd(_mm256_castsi256_ps(_mm512_extracti64x4_epi64(_mm512_castps_si512(y), 1)));
+      _mm512_mask_storeu_pd(acc + full, mlo,
+                            _mm512_add_pd(_mm512_maskz_loadu_pd(mlo, acc + full), lo));
+      _mm512_mask_storeu_pd(acc + full + 8, mhi,
+                            _mm512_add_pd(_mm512_maskz_loadu_pd(mhi, acc + full + 8), hi));
+    }
+  }
+}
+#endif
+
+// ============================================================================ pass 2: pack
+// A chunk of m valid rows is packed once into P, column panels of kPanel = 32 lanes:
+//   fp32 layout: panel p holds m rows of 32 fp32, P[(p·m + r)·32 + c] = y_r[32p + c];
+//   bf16 layout: panel p holds ⌈m/2⌉ row *pairs*; lane c of pair q is a 32-bit word with
+//                bf16(y_2q[32p + c]) in its low half and bf16(y_2q+1[32p + c]) in its high half
+//                (the operand order of the AVX-512 BF16 dot product; a missing 2nd row is 0).
+// Either way a panel row is 128 bytes and "prow" (m or ⌈m/2⌉) rows make a panel.
+// y_r = s_r · x[rows[r]] − mu, in fp32 (SPEC §2: center first, then round to the unit's type);
+// columns ≥ D are 0 (mu is 0 there too).
+template <DType T>
+void pack_generic(const View& x, const int64_t* rows, const float* rscale, int64_t r0, int64_t r1,
+                  int64_t m, const float* mu, int64_t dp, float* P) {
+  using E = typename Elem<T>::type;
+  const E* base = static_cast<const E*>(x.data);
+  const int64_t d = x.cols, sc = x.stride_col;
+  for (int64_t r = r0; r < r1; ++r) {
+    const E* row = base + rows[r] * x.stride_row;
+    const float s = rscale[r];
+    for (int64_t p = 0; p < dp / kPanel; ++p) {
+      float* dst = P + (p * m + r) * kPanel;
+      const int64_t j0 = p * kPanel;
+      const int64_t w = std::min<int64_t>(kPanel, d - j0);
+      for (int64_t c = 0; c < w; ++c) dst[c] = Elem<T>::load(row + (j0 + c) * sc) * s - mu[j0 + c];
+      for (int64_t c = w; c < kPanel; ++c) dst[c] = 0.0f;
+    }
+  }
+}
+
+#if CRH_HAVE_AVX512_PATH
+// Masks of the last, partial panel (w = D − 32p columns left, 0 < w < 32).
+struct TailMasks {
+  __mmask16 lo, hi;
+};
+CRH_INLINE TailMasks tail_masks(int64_t w) {
+  return {w >= 16 ? __mmask16(0xffff) : __mmask16((1u << w) - 1u),
+          w <= 16 ? __mmask16(0) : __mmask16((1u << (w - 16)) - 1u)};
+}
+
+// fp32 layout, unit column stride: one multiply and one subtraction per element, as in
+// pack_generic (each rounded once in fp32).
+template <DType T>
+CRH_TARGET_AVX512 void pack_avx512(const View& x, const int64_t* rows, const float* rscale,
+                                   int64_t r0, int64_t r1, int64_t m, const float* mu, int64_t dp,
+                                   float* P) {
+  using E = typename Elem<T>::type;
+  const E* base = static_cast<const E*>(x.data);
+  const int64_t d = x.cols, panels = dp / kPanel;
+  const TailMasks tail = tail_masks(d - (panels - 1) * kPanel);
+  for (int64_t r = r0; r < r1; ++r) {
+    const E* row = base + rows[r] * x.stride_row;
+    const __m512 s = _mm512_set1_ps(rscale[r]);
+    if (r + 1 < r1) {  // valid rows are a gather: start on the next one
+      const char* nxt = reinterpret_cast<const char*>(base + rows[r + 1] * x.stride_row);
+      _mm_prefetch(nxt, _MM_HINT_T0);
+      _mm_prefetch(nxt + 64, _MM_HINT_T0);
+    }
+    for (int64_t p = 0; p < panels; ++p) {
+      const bool last = p + 1 == panels;
+      const __mmask16 m0 = last ? tail.lo : __mmask16(0xffff);
+      const __mmask16 m1 = last ? tail.hi : __mmask16(0xffff);
+      const E* src = row + p * kPanel;
+      float* dst = P + (p * m + r) * kPanel;
+      const __m512 a = load16<T>(src, m0), b = load16<T>(src + 16, m1);
+      _mm512_store_ps(dst, _mm512_sub_ps(_mm512_mul_ps(a, s), _mm512_load_ps(mu + p * kPanel)));
+      _mm512_store_ps(dst + 16,
+                      _mm512_sub_ps(_mm512_mul_ps(b, s), _mm512_load_ps(mu + p * kPanel + 16)));
+    }
+  }
+}
+
+// fp32 -> bf16 bits, round to nearest even (y is finite here), in the low 16 bits of each lane.
+CRH_TARGET_AVX512 CRH_INLINE __m512i bf16_bits(__m512 y) {
+  const __m512i u = _mm512_castps_si512(y);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  return _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))),
+                           16);
+}
+
+// bf16-pair layout, unit column stride; pairs q in [q0, q1) of a chunk of m rows.
+template <DType T>
+CRH_TARGET_AVX512 void pack_pairs_avx512(const View& x, const int64_t* rows, const float* rscale,
+                                         int64_t q0, int64_t q1, int64_t m, const float* mu,
+                                         int64_t dp, float* P) {
+  using E = typename Elem<T>::type;
+  const E* base = static_cast<const E*>(x.data);
+  const int64_t d = x.cols, panels = dp / kPanel, prow = (m + 1) / 2;
+  const TailMasks tail = tail_masks(d - (panels - 1) * kPanel);
+  for (int64_t q = q0; q < q1; ++q) {
+    const int64_t r = 2 * q;
+    const bool second = r + 1 < m;
+    const E* row0 = base + rows[r] * x.stride_row;
+    const E* row1 = second ? base + rows[r + 1] * x.stride_row : row0;
+    const __m512 s0 = _mm512_set1_ps(rscale[r]);
+    const __m512 s1 = _mm512_set1_ps(second ? rscale[r + 1] : 0.0f);
+    const __mmask16 keep1 = second ? __mmask16(0xffff) : __mmask16(0);
+    for (int64_t p = 0; p < panels; ++p) {
+      const bool last = p + 1 == panels;
+      uint32_t* dst = reinterpret_cast<uint32_t*>(P) + (p * prow + q) * kPanel;
+      for (int h = 0; h < 2; ++h) {
+        const __mmask16 mk = last ? (h ? tail.hi : tail.lo) : __mmask16(0xffff);
+        const int64_t off = p * kPanel + 16 * h;
+        const __m512 mu16 = _mm512_load_ps(mu + off);
+        const __m512 y0 = _mm512_sub_ps(_mm512_mul_ps(load16<T>(row0 + off, mk), s0), mu16);
+        // a missing second row packs zeros (not −mu): it must add nothing
+        const __m512 y1 = _mm512_maskz_sub_ps(
+            keep1, _mm512_mul_ps(load16<T>(row1 + off, mk & keep1), s1), mu16);
+        const __m512i w = _mm512_or_si512(bf16_bits(y0), _mm512_slli_epi32(bf16_bits(y1), 16));
+        _mm512_store_si512(dst + 16 * h, w);
+      }
+    }
+  }
+}
+#endif
+
+// ===================================================================== pass 2: inner kernels
+// C[0:MR, 0:NR] += Σ_k A[k·32 + 0:MR]ᵀ ⊗ B[k·32 + 0:NR] over the prow rows of a packed panel:
+// A and B are slices of panels (row stride kPanel lanes), C row-major with leading dim ldc.
+using Kernel = void (*)(int64_t prow, const float* A, const float* B, float* C, int64_t ldc);
+
+// Portable kernel: 4×16 keeps its accumulators in 8 AVX2 / 16 SSE registers; the compiler
+// vectorizes the NR loop. Built twice (baseline ISA and AVX2+FMA).
+template <int MR, int NR>
+CRH_INLINE void ukr_generic_body(int64_t kc, const float* __restrict A, const float* __restrict B,
+                                 float* __restrict C, int64_t ldc) {
+  float acc[MR][NR];
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < NR; ++c) acc[r][c] = 0.0f;
+  for (int64_t k = 0; k < kc; ++k) {
+    const float* a = A + k * kPanel;
+    const float* b = B + k * kPanel;
+    for (int r = 0; r < MR; ++r) {
+      const float ar = a[r];
+#pragma omp simd
+      for (int c = 0; c < NR; ++c) acc[r][c] += ar * b[c];
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < NR; ++c) C[r * ldc + c] += acc[r][c];
+}
+
+constexpr int kGenericMR = 4, kGenericNR = 16;
+void ukr_generic(int64_t kc, const float* A, const float* B, float* C, int64_t ldc) {
+  ukr_generic_body<kGenericMR, kGenericNR>(kc, A, B, C, ldc);
+}
+
+#if CRH_HAVE_AVX512_PATH
+CRH_TARGET_AVX2 void ukr_generic_avx2(int64_t kc, const float* A, const float* B, float* C,
+                                      int64_t ldc) {
+  ukr_generic_body<kGenericMR, kGenericNR>(kc, A, B, C, ldc);
+}
+
+// AVX-512 kernels, 8×(16·NV): 8·NV zmm accumulators; per panel row, NV 64-byte loads of B and
+// 8 broadcasts of A feed 8·NV FMAs (fp32) or BF16 dot products (two rows each). A is read 32
+// bytes out of each 128-byte panel row (one cache line a row). NV = 2 is the main kernel;
+// NV = 1 serves the right half of a diagonal panel, whose left half lies wholly below the
+// diagonal for rows a0 ≥ b0 + 16.
+constexpr int kAvxMR = 8, kAvxNR = 32;
+
+// One body, two instruction sets (a target attribute cannot depend on a template argument).
+#define CRH_UKR_BODY(NAME, TARGET, UPDATE)                                                   \
+  template <int NV>                                                                          \
+  TARGET CRH_INLINE void NAME(int64_t prow, const float* __restrict A,                       \
+                              const float* __restrict B, float* __restrict C, int64_t ldc) { \
+    __m512 c[8][NV];                                                                         \
+    _Pragma("GCC unroll 8") for (int r = 0; r < 8; ++r)                                      \
+      _Pragma("GCC unroll 2") for (int v = 0; v < NV; ++v) c[r][v] = _mm512_setzero_ps();    \
+    for (int64_t k = 0; k < prow; ++k) {                                                     \
+      __m512 b[NV];                                                                          \
+      _Pragma("GCC unroll 2") for (int v = 0; v < NV; ++v) b[v] = _mm512_load_ps(B + 16 * v); \
+      _Pragma("GCC unroll 8") for (int r = 0; r < 8; ++r) {                                  \
+        const __m512 a = _mm512_set1_ps(A[r]); /* fp32, or a bf16 pair as 32 bits */         \
+        _Pragma("GCC unroll 2") for (int v = 0; v < NV; ++v) UPDATE;                         \
+      }                                                                                      \
+      A += kPanel;                                                                           \
+      B += kPanel;                                                                           \
+    }                                                                                        \
+    _Pragma("GCC unroll 8") for (int r = 0; r < 8; ++r)                                      \
+      _Pragma("GCC unroll 2") for (int v = 0; v < NV; ++v) {                                 \
+        float* p = C + r * ldc + 16 * v;                                                     \
+        _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), c[r][v]));                     \
+      }                                                                                      \
+  }
+CRH_UKR_BODY(ukr_f32_body, CRH_TARGET_AVX512, c[r][v] = _mm512_fmadd_ps(a, b[v], c[r][v]))
+CRH_UKR_BODY(ukr_bf16_body, CRH_TARGET_AVX512_BF16,
+             c[r][v] = _mm512_dpbf16_ps(c[r][v], (__m512bh)a, (__m512bh)b[v]))
+#undef CRH_UKR_BODY
+
+CRH_TARGET_AVX512 void ukr_avx512(int64_t prow, const float* A, const float* B, float* C,
+                                  int64_t ldc) {
+  ukr_f32_body<2>(prow, A, B, C, ldc);
+}
+CRH_TARGET_AVX512 void ukr_avx512_half(int64_t prow, const float* A, const float* B, float* C,
+                                       int64_t ldc) {
+  ukr_f32_body<1>(prow, A, B, C, ldc);
+}
+CRH_TARGET_AVX512_BF16 void ukr_bf16(int64_t prow, const float* A, const float* B, float* C,
+                                     int64_t ldc) {
+  ukr_bf16_body<2>(prow, A, B, C, ldc);
+}
+CRH_TARGET_AVX512_BF16 void ukr_bf16_half(int64_t prow, const float* A, const float* B, float* C,
+                                          int64_t ldc) {
+  ukr_bf16_body<1>(prow, A, B, C, ldc);
+}
+#endif
+
+// The path of one call: inner kernel, packing layout, and their shapes.
+struct KernelChoice {
+  Kernel fn;
+  Kernel half;  // mr × nr/2 variant for diagonal panels (nullptr: none)
+  int64_t mr, nr;
+  Isa isa;
+  bool pairs;  // bf16-pair packing (two rows per panel row)
+};
+
+KernelChoice pick_kernel(Isa isa, bool bf16_input) {
+#if CRH_HAVE_AVX512_PATH
+  if (isa == Isa::Avx512Bf16 && bf16_input)
+    return {ukr_bf16, ukr_bf16_half, kAvxMR, kAvxNR, Isa::Avx512Bf16, true};
+  if (isa >= Isa::Avx512) return {ukr_avx512, ukr_avx512_half, kAvxMR, kAvxNR, Isa::Avx512, false};
+  if (cpu_has_avx2()) return {ukr_generic_avx2, nullptr, kGenericMR, kGenericNR, Isa::Generic, false};
+#else
+  (void)bf16_input;
+#endif
+  return {ukr_generic, nullptr, kGenericMR, kGenericNR, Isa::Generic, false};
+}
+
+CRH_INLINE int64_t panel_rows(const KernelChoice& k, int64_t m) { return k.pairs ? (m + 1) / 2 : m; }
+
+// Pack pack-units [u0, u1) of a chunk of m rows (rows, or row pairs for the bf16 layout).
+template <DType T>
+void pack_units(const KernelChoice& k, const View& x, const int64_t* rows, const float* rscale,
+                int64_t u0, int64_t u1, int64_t m, const float* mu, int64_t dp, float* P) {
+#if CRH_HAVE_AVX512_PATH
+  if (k.pairs) {
+    pack_pairs_avx512<T>(x, rows, rscale, u0, u1, m, mu, dp, P);
+    return;
+  }
+  if (k.isa >= Isa::Avx512 && x.stride_col == 1) {
+    pack_avx512<T>(x, rows, rscale, u0, u1, m, mu, dp, P);
+    return;
+  }
+#endif
+  pack_generic<T>(x, rows, rscale, u0, u1, m, mu, dp, P);
+}
+
+CRH_INLINE const float* slice(const float* P, int64_t prow, int64_t col) {
+  return P + (col / kPanel) * prow * kPanel + (col % kPanel);
+}
+
+// C (dp × dp, ld dp) += YᵀY of one packed chunk, over the micro-tiles [a0, a0+MR) × [b0, b0+NR)
+// that hold at least one entry with a ≤ b, for micro-rows a0 in [a_begin, a_end). For a fixed
+// a0 the broadcast slice (prow × one cache line) stays in L1 while the vector slices stream
+// from L2.
+void syrk_chunk(const KernelChoice& k, const float* P, int64_t prow, int64_t dp, float* C,
+                int64_t a_begin, int64_t a_end) {
+  const int64_t h = k.nr / 2;
+  for (int64_t a0 = a_begin; a0 < a_end; a0 += k.mr) {
+    const float* A = slice(P, prow, a0);
+    int64_t b0 = (a0 / k.nr) * k.nr;
+    if (k.half != nullptr && a0 >= b0 + h) {  // columns [b0, b0+h) all lie below the diagonal
+      k.half(prow, A, slice(P, prow, b0 + h), C + a0 * dp + b0 + h, dp);
+      b0 += k.nr;
+    }
+    for (; b0 < dp; b0 += k.nr) k.fn(prow, A, slice(P, prow, b0), C + a0 * dp + b0, dp);
+  }
+}
+
+// C (dgp × dhp) += YgᵀYh of one chunk, micro-rows a0 in [a_begin, a_end), every column tile.
+void gemm_chunk(const KernelChoice& k, const float* Pg, const float* Ph, int64_t prow,
+                int64_t dhp, float* C, int64_t a_begin, int64_t a_end) {
+  for (int64_t a0 = a_begin; a0 < a_end; a0 += k.mr) {
+    const float* A = slice(Pg, prow, a0);
+    for (int64_t b0 = 0; b0 < dhp; b0 += k.nr) k.fn(prow, A, slice(Ph, prow, b0), C + a0 * dhp + b0, dhp);
+  }
+}
+
+int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// Rows per chunk of pass 2: the packed chunk (rows·Dp·4 bytes) should sit in L2 (~1 MiB) while
+// the broadcast slices (rows × 64 bytes) sit in L1; more rows amortise the load/store of each C
+// micro-tile. (Measured on a 2-core Zen 4: 128 to 384 rows all within 1% at D = 1024.)
+int64_t chunk_rows(int64_t dp) {
+  if (dp <= 256) return 512;
+  return 256;
+}
+
+// Threads worth waking for n rows of d features: each must get ≥ 2^22 multiply-adds of the
+// product (~0.1 ms); below that, a fork/join costs more than it saves (on a busy machine a
+// join can wait a whole scheduler tick).
+int useful_threads(int threads, int64_t n, int64_t d) {
+  const double work = double(n) * double(d) * (double(d) + 8.0) / 2.0;
+  return int(std::max<double>(1.0, std::min<double>(threads, work / double(1 << 22))));
+}
+
+// Per-thread copies of C (no synchronisation) while all of them fit in about an L3's worth of
+// memory; beyond that one shared C wins: the copies' first touch, their C-tile traffic from
+// DRAM and the final sum cost more than two barriers per chunk. Measured on 2 cores: copies
+// 5–10% faster at D = 128–1024, the shared C 8% faster at D = 4096 (2 × 64 MiB copies).
+constexpr size_t kReplicaBudget = size_t(32) << 20;
+
+// ================================================================================ drivers
+struct RowSet {
+  std::vector<int64_t> rows;  // valid row indices, ascending
+  std::vector<float> rscale;  // their scales
+  int64_t n_skipped = 0;
+};
+
+// Pass 1 over x: status and scale of every row and, with mean_sum, Σ s_i x_i in float64.
+template <DType T>
+void pass1(Isa isa, const View& x, const bool* mask, bool normalize, int threads,
+           std::vector<float>& scale, std::vector<uint8_t>& status, double* mean_sum) {
+  const int64_t n = x.rows, d = x.cols;
+  scale.assign(n, 0.0f);
+  status.assign(n, kMasked);
+  std::vector<Buf<double>> accs(threads);
+  if (mean_sum != nullptr)
+    for (int t = 0; t < threads; ++t) accs[t] = alloc<double>(d, true);
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+  for (int t = 0; t < threads; ++t) {
+    const Split s = split(n, threads, t);
+    double* acc = mean_sum != nullptr ? accs[t].get() : nullptr;
+#if CRH_HAVE_AVX512_PATH
+    if (isa >= Isa::Avx512 && x.stride_col == 1) {
+      row_pass_avx512<T>(x, mask, normalize, s.begin, s.end, scale.data(), status.data(), acc);
+      continue;
+    }
+#else
+    (void)isa;
+#endif
+    row_pass_range<T>(x, mask, normalize, s.begin, s.end, scale.data(), status.data(), acc);
+  }
+  if (mean_sum != nullptr) {
+    for (int64_t j = 0; j < d; ++j) {  // fixed order: depends on the thread count only
+      double v = 0.0;
+      for (int t = 0; t < threads; ++t) v += accs[t][j];
+      mean_sum[j] = v;
+    }
+  }
+}
+
+int thread_id() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+// Pass 2: Σ over the valid rows of YᵀY (upper tiles only), summed over threads and mirrored
+// into the exactly symmetric (d × d) out.
+//   Many rows: each thread owns a contiguous share of the rows, its own packed chunk and its
+//   own copy of C (no synchronisation until the end).
+//   Few rows, or no memory for copies: one C; per chunk the threads pack together, then split
+//   C's micro-rows (dynamic schedule: the rows near the top own more tiles).
+template <DType T>
+void scatter_upper(const KernelChoice& k, const View& x, const RowSet& rs, const float* mu,
+                   int threads, float* out) {
+  const int64_t n = int64_t(rs.rows.size());
+  const int64_t d = x.cols, dp = round_up(d, kPanel);
+  const int64_t kc = chunk_rows(dp);
+  const size_t cbytes = size_t(dp) * size_t(dp) * sizeof(float);
+  const bool replicas = threads > 1 && n >= 2 * kc && size_t(threads) * cbytes <= kReplicaBudget;
+  const int nrep = replicas ? threads : 1;
+  // C copies are zeroed inside the parallel region: first touch by the thread that uses them
+  // (a serial memset of 2 × 64 MiB at D = 4096 cost ~10% of the whole call)
+  std::vector<Buf<float>> cs(nrep);
+  for (int t = 0; t < nrep; ++t) cs[t] = alloc<float>(size_t(dp) * dp, false);
+  const int64_t* rows = rs.rows.data();
+  const float* sc = rs.rscale.data();
+
+  // One parallel region (every join is a wait for the slowest thread, and on a shared
+  // machine for the scheduler): products, barrier, then the blocked sum + mirror.
+  Buf<float> Pshared = replicas ? Buf<float>() : alloc<float>(size_t(kc) * dp, false);
+  constexpr int64_t kB = 64;  // sum + mirror in 64×64 blocks: both sides stay in cache
+  const int64_t nb = (d + kB - 1) / kB;
+#pragma omp parallel num_threads(threads)
+  {
+    if (replicas) {
+      const int t = thread_id();
+      const Split s = split(n, nrep, t);
+      std::memset(cs[t].get(), 0, cbytes);
+      Buf<float> P = alloc<float>(size_t(kc) * dp, false);
+      for (int64_t c0 = s.begin; c0 < s.end; c0 += kc) {
+        const int64_t m = std::min(kc, s.end - c0), prow = panel_rows(k, m);
+        pack_units<T>(k, x, rows + c0, sc + c0, 0, prow, m, mu, dp, P.get());
+        syrk_chunk(k, P.get(), prow, dp, cs[t].get(), 0, dp);
+      }
+#pragma omp barrier
+    } else {
+      float* P = Pshared.get();
+#pragma omp for schedule(static)
+      for (int64_t a = 0; a < dp; ++a) std::memset(cs[0].get() + a * dp, 0, size_t(dp) * sizeof(float));
+      for (int64_t c0 = 0; c0 < n; c0 += kc) {
+        const int64_t m = std::min(kc, n - c0), prow = panel_rows(k, m);
+#pragma omp for schedule(static)
+        for (int64_t u = 0; u < prow; ++u) pack_units<T>(k, x, rows + c0, sc + c0, u, u + 1, m, mu, dp, P);
+        // the micro-rows near the top own more tiles: dynamic schedule
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t a0 = 0; a0 < dp; a0 += k.mr) syrk_chunk(k, P, prow, dp, cs[0].get(), a0, a0 + k.mr);
+      }
+    }
+    // out[i][j] = Σ_t C_t[min(i,j)][max(i,j)]: the lower triangle copies the upper bit for bit
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t blk = 0; blk < nb * (nb + 1) / 2; ++blk) {
+      int64_t ib = 0, rest = blk;  // blk -> block (ib, jb), ib <= jb, row by row
+      while (rest >= nb - ib) rest -= nb - ib++;
+      const int64_t jb = ib + rest;
+      const int64_t i0 = ib * kB, i1 = std::min(d, i0 + kB), j0 = jb * kB, j1 = std::min(d, j0 + kB);
+      for (int64_t i = i0; i < i1; ++i) {
+        for (int64_t j = std::max(i, j0); j < j1; ++j) {
+          float v = cs[0][i * dp + j];
+          for (int t = 1; t < nrep; ++t) v += cs[t][i * dp + j];
+          out[i * d + j] = v;
+          out[j * d + i] = v;
+        }
+      }
+    }
+  }
+}
+
+// Valid rows in ascending order with their scales; counts the skipped ones.
+RowSet compact(const std::vector<uint8_t>& status, const std::vector<float>& scale) {
+  RowSet rs;
+  const int64_t n = int64_t(status.size());
+  rs.rows.reserve(n);
+  rs.rscale.reserve(n);
+  for (int64_t i = 0; i < n; ++i) {
+    if (status[i] == kValid) {
+      rs.rows.push_back(i);
+      rs.rscale.push_back(scale[i]);
+    } else if (status[i] == kSkipped) {
+      ++rs.n_skipped;
+    }
+  }
+  return rs;
+}
+
+template <DType T>
+Counts batch_stats_t(const View& x, const bool* mask, bool normalize, int threads, double* mean,
+                     float* scatter) {
+  const Isa isa = call_isa();
+  threads = useful_threads(threads, x.rows, x.cols);
+  const int64_t d = x.cols;
+  std::vector<float> scale;
+  std::vector<uint8_t> status;
+  std::vector<double> sum(d, 0.0);
+  pass1<T>(isa, x, mask, normalize, threads, scale, status, sum.data());
+  const RowSet rs = compact(status, scale);
+  const int64_t n = int64_t(rs.rows.size());
+  if (n == 0) {
+    std::fill(mean, mean + d, 0.0);
+    std::fill(scatter, scatter + d * d, 0.0f);
+    return {0, rs.n_skipped};
+  }
+  Buf<float> mu = alloc<float>(round_up(d, kPanel), true);  // fp32 shift, zero past D
+  for (int64_t j = 0; j < d; ++j) {
+    mean[j] = sum[j] / double(n);
+    mu[j] = float(mean[j]);
+  }
+  const KernelChoice k = pick_kernel(isa, T == DType::BF16 && x.stride_col == 1);
+  scatter_upper<T>(k, x, rs, mu.get(), threads, scatter);
+  return {n, rs.n_skipped};
+}
+
+template <DType TG, DType TH>
+void cross_scatter(const KernelChoice& k, const View& g, const View& h, const RowSet& rs,
+                   const std::vector<float>& sg, const std::vector<float>& sh, const float* mug,
+                   const float* muh, int threads, float* out) {
+  const int64_t n = int64_t(rs.rows.size());
+  const int64_t dg = g.cols, dh = h.cols;
+  const int64_t dgp = round_up(dg, kPanel), dhp = round_up(dh, kPanel);
+  const int64_t kc = chunk_rows(std::max(dgp, dhp));
+  const size_t cbytes = size_t(dgp) * size_t(dhp) * sizeof(float);
+  const bool replicas = threads > 1 && n >= 2 * kc && size_t(threads) * cbytes <= kReplicaBudget;
+  const int nrep = replicas ? threads : 1;
+  std::vector<Buf<float>> cs(nrep);
+  for (int t = 0; t < nrep; ++t) cs[t] = alloc<float>(size_t(dgp) * dhp, true);
+  const int64_t* rows = rs.rows.data();
+  Buf<float> Pg_shared = replicas ? Buf<float>() : alloc<float>(size_t(kc) * dgp, false);
+  Buf<float> Ph_shared = replicas ? Buf<float>() : alloc<float>(size_t(kc) * dhp, false);
+#pragma omp parallel num_threads(threads)
+  {
+    if (replicas) {
+      const int t = thread_id();
+      const Split s = split(n, nrep, t);
+      Buf<float> Pg = alloc<float>(size_t(kc) * dgp, false);
+      Buf<float> Ph = alloc<float>(size_t(kc) * dhp, false);
+      for (int64_t c0 = s.begin; c0 < s.end; c0 += kc) {
+        const int64_t m = std::min(kc, s.end - c0), prow = panel_rows(k, m);
+        pack_units<TG>(k, g, rows + c0, sg.data() + c0, 0, prow, m, mug, dgp, Pg.get());
+        pack_units<TH>(k, h, rows + c0, sh.data() + c0, 0, prow, m, muh, dhp, Ph.get());
+        gemm_chunk(k, Pg.get(), Ph.get(), prow, dhp, cs[t].get(), 0, dgp);
+      }
+#pragma omp barrier
+    } else {
+      float* Pg = Pg_shared.get();
+      float* Ph = Ph_shared.get();
+      for (int64_t c0 = 0; c0 < n; c0 += kc) {
+        const int64_t m = std::min(kc, n - c0), prow = panel_rows(k, m);
+#pragma omp for schedule(static)
+        for (int64_t u = 0; u < prow; ++u) {
+          pack_units<TG>(k, g, rows + c0, sg.data() + c0, u, u + 1, m, mug, dgp, Pg);
+          pack_units<TH>(k, h, rows + c0, sh.data() + c0, u, u + 1, m, muh, dhp, Ph);
+        }
+#pragma omp for schedule(static)
+        for (int64_t a0 = 0; a0 < dgp; a0 += k.mr) gemm_chunk(k, Pg, Ph, prow, dhp, cs[0].get(), a0, a0 + k.mr);
+      }
+    }
+#pragma omp for schedule(static)
+    for (int64_t a = 0; a < dg; ++a) {
+      for (int64_t b = 0; b < dh; ++b) {
+        float v = cs[0][a * dhp + b];
+        for (int t = 1; t < nrep; ++t) v += cs[t][a * dhp + b];
+        out[a * dh + b] = v;
+      }
+    }
+  }
+}
+
+template <DType TG, DType TH>
+Counts cross_stats_t(const View& g, const View& h, const bool* mask, bool normalize, int threads,
+                     double* mean_g, double* mean_h, float* out) {
+  const Isa isa = call_isa();
+  threads = useful_threads(threads, g.rows, std::max(g.cols, h.cols));
+  const int64_t N = g.rows, dg = g.cols, dh = h.cols;
+  std::vector<float> scg, sch;
+  std::vector<uint8_t> stg, sth;
+  pass1<TG>(isa, g, mask, normalize, threads, scg, stg, nullptr);
+  pass1<TH>(isa, h, mask, normalize, threads, sch, sth, nullptr);
+  RowSet rs;
+  std::vector<float> rsg, rsh;
+  for (int64_t i = 0; i < N; ++i) {
+    if (stg[i] == kMasked) continue;  // the mask drops a row from both
+    if (stg[i] == kValid && sth[i] == kValid) {
+      rs.rows.push_back(i);
+      rsg.push_back(scg[i]);
+      rsh.push_back(sch[i]);
+    } else {
+      ++rs.n_skipped;
+    }
+  }
+  const int64_t n = int64_t(rs.rows.size());
+  if (n == 0) {
+    std::fill(mean_g, mean_g + dg, 0.0);
+    std::fill(mean_h, mean_h + dh, 0.0);
+    std::fill(out, out + dg * dh, 0.0f);
+    return {0, rs.n_skipped};
+  }
+  // float64 means over the jointly valid rows
+  std::vector<Buf<double>> ag(threads), ah(threads);
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+  for (int t = 0; t < threads; ++t) {
+    const Split s = split(n, threads, t);
+    ag[t] = alloc<double>(dg, true);
+    ah[t] = alloc<double>(dh, true);
+    mean_range<TG>(g, rs.rows.data(), rsg.data(), s.begin, s.end, ag[t].get());
+    mean_range<TH>(h, rs.rows.data(), rsh.data(), s.begin, s.end, ah[t].get());
+  }
+  Buf<float> mug = alloc<float>(round_up(dg, kPanel), true);
+  Buf<float> muh = alloc<float>(round_up(dh, kPanel), true);
+  for (int64_t j = 0; j < dg; ++j) {
+    double v = 0.0;
+    for (int t = 0; t < threads; ++t) v += ag[t][j];
+    mean_g[j] = v / double(n);
+    mug[j] = float(mean_g[j]);
+  }
+  for (int64_t j = 0; j < dh; ++j) {
+    double v = 0.0;
+    for (int t = 0; t < threads; ++t) v += ah[t][j];
+    mean_h[j] = v / double(n);
+    muh[j] = float(mean_h[j]);
+  }
+  // the bf16 dot product only when both operands are bf16 rows (both packings must match)
+  const bool bf16 = TG == DType::BF16 && TH == DType::BF16 && g.stride_col == 1 && h.stride_col == 1;
+  const KernelChoice k = pick_kernel(isa, bf16);
+  cross_scatter<TG, TH>(k, g, h, rs, rsg, rsh, mug.get(), muh.get(), threads, out);
+  return {n, rs.n_skipped};
+}
+
+void check_view(const View& x, const char* name) {
+  if (x.rows < 0 || x.cols <= 0)
+    throw std::invalid_argument(std::string("crh: ") + name + " must have shape (N >= 0, D >= 1)");
+  if (x.data == nullptr && x.rows > 0)
+    throw std::invalid_argument(std::string("crh: ") + name + " has no data");
+}
+
+}  // namespace
+
+// ==================================================================================== API
+Counts batch_stats(const View& x, const bool* mask, bool normalize, int threads, double* mean,
+                   float* scatter) {
+  check_view(x, "x");
+  threads = std::max(1, threads);
+  Counts out{0, 0};
+  dispatch(x.dtype, [&](auto tag) {
+    out = batch_stats_t<decltype(tag)::value>(x, mask, normalize, threads, mean, scatter);
+  });
+  return out;
+}
+
+Counts cross_stats(const View& g, const View& h, const bool* mask, bool normalize, int threads,
+                   double* mean_g, double* mean_h, float* scatter) {
+  check_view(g, "g");
+  check_view(h, "h");
+  if (g.rows != h.rows) throw std::invalid_argument("crh: g and h must have the same rows");
+  threads = std::max(1, threads);
+  Counts out{0, 0};
+  dispatch(g.dtype, [&](auto tg) {
+    dispatch(h.dtype, [&](auto th) {
+      out = cross_stats_t<decltype(tg)::value, decltype(th)::value>(g, h, mask, normalize, threads,
+                                                                   mean_g, mean_h, scatter);
+    });
+  });
+  return out;
+}
+
+const char* isa() {
+  switch (call_isa()) {
+    case Isa::Avx512Bf16: return "avx512+bf16";
+    case Isa::Avx512: return "avx512";
+    default: return "generic";
+  }
+}
+
+}  // namespace cpu
+}  // namespace crh

@@ -1,0 +1,47 @@
+// CPU kernels of crh_kernels: the batch statistics of SPEC §2 on plain memory.
+//
+// This header is free of torch: the kernels take raw pointers and element strides, so the
+// same code serves the torch binding (bindings.cpp) and a bare C++ harness.
+#pragma once
+
+#include <cstdint>
+
+namespace crh {
+namespace cpu {
+
+// Element type of an input matrix (the values of at::ScalarType do not leak in here).
+enum class DType : int { F32 = 0, BF16 = 1, F16 = 2 };
+
+// A 2-D strided view: element (i, j) lives at data + (i*stride_row + j*stride_col) elements.
+struct View {
+  const void* data;
+  DType dtype;
+  int64_t rows, cols;
+  int64_t stride_row, stride_col;
+};
+
+struct Counts {
+  int64_t n;          // valid rows (the ones that enter mean and scatter)
+  int64_t n_skipped;  // live rows left out: non-finite fp32 squared norm, or zero norm when normalizing
+};
+
+// Batch statistics of the rows of x (N, D) (SPEC §2, crh_kernels/backends/base.py):
+//   y_i = s_i * x_i with s_i = 1/||x_i|| (normalize) or 1, for the valid rows i;
+//   mean    (D,)   float64: mu = (1/n) Σ_i y_i (0 when n == 0);
+//   scatter (D, D) float32, row-major, exactly symmetric: Σ_i (y_i − mu)(y_i − mu)ᵀ,
+//           centered in fp32 *before* the product, only the upper-triangle tiles computed.
+// mask (N,) may be null; rows with mask[i] == false count nowhere. threads >= 1.
+Counts batch_stats(const View& x, const bool* mask, bool normalize, int threads,
+                   double* mean, float* scatter);
+
+// Cross moment of paired rows g (N, Dg), h (N, Dh): a row is valid when both rows are valid
+// (and the mask keeps it). mean_g (Dg,), mean_h (Dh,) float64; scatter (Dg, Dh) float32
+// row-major: Σ_i (ĝ_i − mu_g)(ĥ_i − mu_h)ᵀ.
+Counts cross_stats(const View& g, const View& h, const bool* mask, bool normalize, int threads,
+                   double* mean_g, double* mean_h, float* scatter);
+
+// Which inner kernel this machine runs: "avx512" or "generic".
+const char* isa();
+
+}  // namespace cpu
+}  // namespace crh

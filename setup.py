@@ -1,0 +1,118 @@
+"""Build of the optional C++/CUDA extensions (metadata lives in pyproject.toml).
+
+    pip install -c .ci/constraints.txt --no-build-isolation -e ".[test]"
+
+builds ``crh_kernels._C`` (CPU kernels, C++17 + OpenMP) whenever torch is importable, and
+``crh_kernels._C_cuda`` (CUDA kernels) only with a CUDA build of torch and nvcc. Without a
+compiled extension the package still installs: the ``cpp`` backend then tries a JIT build on
+first use (crh_kernels/_build.py) and otherwise reports why it is unavailable.
+
+Switches (read here, at build time only):
+  CRH_REQUIRE_CPP=1       a failed CPU build fails the install (CI) instead of a warning
+  CRH_SKIP_CUDA_BUILD=1   never build the CUDA extension
+  CRH_FORCE_CUDA_BUILD=1  build it even when torch has no CUDA or no GPU is visible
+  CRH_CUDA_ARCHS="8.0;9.0"  target architectures (TORCH_CUDA_ARCH_LIST syntax); default: the
+                          visible GPUs, else "8.0;9.0+PTX"
+"""
+import os
+import sys
+
+from setuptools import setup
+
+
+def _flag(name):
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _log(msg):
+    print(f"crh_kernels setup: {msg}", file=sys.stderr)
+
+
+ext_modules = []
+cmdclass = {}
+
+try:
+    import torch
+    from torch.utils import cpp_extension
+except Exception as exc:  # no torch in this environment (e.g. pip's isolated build env)
+    torch = None
+    _log(f"torch is not importable ({type(exc).__name__}: {exc}); installing without the C++ "
+         f"extension (use --no-build-isolation to build it)")
+
+if torch is not None:
+    csrc = "csrc"  # relative: setuptools wants source paths relative to setup.py
+    openmp = [] if sys.platform == "darwin" else ["-fopenmp"]  # Apple clang has no -fopenmp
+    # no -std: torch's cpp_extension picks the standard its headers need (C++17 or newer)
+    cxx_flags = ["-O3", *openmp]
+    ext_modules.append(cpp_extension.CppExtension(
+        "crh_kernels._C",
+        [os.path.join(csrc, "moments_cpu.cpp"), os.path.join(csrc, "bindings.cpp")],
+        depends=[os.path.join(csrc, "moments_cpu.h")],
+        extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=openmp,
+    ))
+
+    want_cuda = False
+    if _flag("CRH_SKIP_CUDA_BUILD"):
+        _log("CRH_SKIP_CUDA_BUILD set: not building the CUDA extension")
+    elif _flag("CRH_FORCE_CUDA_BUILD"):
+        want_cuda = True
+    elif torch.version.cuda is None:
+        _log("torch is a CPU build: not building the CUDA extension")
+    elif cpp_extension.CUDA_HOME is None:
+        _log("nvcc not found (CUDA_HOME unset): not building the CUDA extension")
+    else:
+        want_cuda = True
+    if want_cuda:
+        archs = os.environ.get("CRH_CUDA_ARCHS", "").strip()
+        if archs:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+        elif not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
+        _log(f"building the CUDA extension for {os.environ.get('TORCH_CUDA_ARCH_LIST', 'the visible GPUs')}")
+        ext_modules.append(cpp_extension.CUDAExtension(
+            "crh_kernels._C_cuda",
+            [os.path.join(csrc, "moments_cuda.cu"), os.path.join(csrc, "bindings_cuda.cpp")],
+            depends=[os.path.join(csrc, "moments_cuda.h")],
+            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
+        ))
+
+    class BuildExt(cpp_extension.BuildExtension):
+        """BuildExtension that turns a failed build into a warning (the package works without
+        the extension: torch backend, or a JIT build later), unless it was required:
+        CRH_REQUIRE_CPP=1 for the CPU extension, CRH_FORCE_CUDA_BUILD=1 for the CUDA one."""
+
+        failed = ()
+
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as exc:
+                is_cuda = ext.name.endswith("_cuda")
+                if _flag("CRH_FORCE_CUDA_BUILD") if is_cuda else _flag("CRH_REQUIRE_CPP"):
+                    raise
+                _log(f"WARNING: building {ext.name} failed ({type(exc).__name__}: {exc}); "
+                     f"continuing without it")
+                self.failed = (*self.failed, ext.name)
+
+        # a failed extension has no file to copy or install
+        def _built(self):
+            return [e for e in self.extensions if e.name not in self.failed]
+
+        def copy_extensions_to_source(self):
+            keep, self.extensions = self.extensions, self._built()
+            try:
+                super().copy_extensions_to_source()
+            finally:
+                self.extensions = keep
+
+        def get_outputs(self):
+            return [o for o in super().get_outputs() if os.path.exists(o)]
+
+        def get_output_mapping(self):
+            return {k: v for k, v in super().get_output_mapping().items() if os.path.exists(v)}
+
+    cmdclass["build_ext"] = BuildExt.with_options(
+        use_ninja=cpp_extension.is_ninja_available())
+
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

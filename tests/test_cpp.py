@@ -1,0 +1,429 @@
+"""The C++ extension (`cpp` backend): ops, fake kernels, accuracy on hostile inputs, loading.
+
+The reference is written here in float64 numpy from SPEC §2 (no import of the package's own
+reference). tests/test_moments.py runs the shared backend matrix on `cpp` as well; this file
+covers what is specific to the extension: both inner kernels (AVX-512 and portable), the
+chunk/thread boundaries of the blocked driver, the op registration and fake kernels, and the
+CRH_REQUIRE_CPP rule (with it set, a missing extension fails these tests instead of skipping).
+"""
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import crh_kernels
+from crh_kernels import Moments, cross_moments
+from crh_kernels import _env
+from crh_kernels.backends import cpp as cpp_mod
+
+COV_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+MEAN_TOL = 1e-6
+
+
+def require_or_skip(ok: bool, why: str) -> None:
+    """Skip when the extension is missing, unless CRH_REQUIRE_CPP=1: then fail."""
+    if ok:
+        return
+    if _env.require_cpp():
+        pytest.fail(f"CRH_REQUIRE_CPP=1 but the cpp backend is unavailable: {why}")
+    pytest.skip(f"cpp backend unavailable: {why}")
+
+
+@pytest.fixture(scope="module")
+def ops():
+    ok, why = crh_kernels.available_backends()["cpp"]
+    require_or_skip(ok, why)
+    return torch.ops.crh
+
+
+@pytest.fixture(params=["native", "avx512", "generic"])
+def isa(request, monkeypatch):
+    """Every inner kernel this machine can run: its best (AVX-512 with the BF16 dot product for
+    bf16 inputs, where the CPU has it), plain AVX-512 fp32 (CRH_CPU_ISA=avx512), and the
+    portable C++ one (CRH_CPU_ISA=generic). Levels the CPU lacks fall back to the next one."""
+    if request.param == "native":
+        monkeypatch.delenv("CRH_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("CRH_CPU_ISA", request.param)
+    return request.param
+
+
+# ------------------------------------------------------------------------------ reference
+def _valid_rows(x: torch.Tensor, mask, normalize):
+    a32 = x.detach().float().numpy()
+    with np.errstate(over="ignore", invalid="ignore"):
+        sq = (a32.astype(np.float32) ** 2).sum(axis=1, dtype=np.float32)
+    ok = np.isfinite(sq)
+    if normalize:
+        ok &= sq > 0
+    live = np.ones(x.shape[0], bool) if mask is None else mask.numpy().copy()
+    return live, ok
+
+
+def reference(x: torch.Tensor, mask=None, normalize=True):
+    """(n, n_skipped, mean, C) in float64 from the values of x (N, D)."""
+    live, ok = _valid_rows(x, mask, normalize)
+    rows = x.detach().double().numpy()[live & ok]
+    if normalize:
+        rows = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    n = rows.shape[0]
+    if n == 0:
+        d = x.shape[1]
+        return 0, int((live & ~ok).sum()), np.zeros(d), np.zeros((d, d))
+    mean = rows.mean(axis=0)
+    y = rows - mean
+    return n, int((live & ~ok).sum()), mean, y.T @ y
+
+
+def reference_cross(g, h, mask=None, normalize=True):
+    live, okg = _valid_rows(g, mask, normalize)
+    _, okh = _valid_rows(h, None, normalize)
+    valid = live & okg & okh
+    a = g.detach().double().numpy()[valid]
+    b = h.detach().double().numpy()[valid]
+    if normalize:
+        a = a / np.linalg.norm(a, axis=1, keepdims=True)
+        b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    ma, mb = a.mean(axis=0), b.mean(axis=0)
+    return int(valid.sum()), int((live & ~valid).sum()), ma, mb, (a - ma).T @ (b - mb)
+
+
+def rel(out, ref):
+    out = out.detach().double().numpy() if isinstance(out, torch.Tensor) else out
+    den = np.linalg.norm(ref)
+    return float(np.linalg.norm(out - ref) / den) if den > 0 else float(np.linalg.norm(out))
+
+
+def hostile(gen, n, d, *, mean_ratio, dtype, zero=0, bad=0, overflow=0, layout="contiguous"):
+    """Rows with mean = mean_ratio × spread, some zero / non-finite / fp32-overflowing rows."""
+    direction = torch.randn(d, generator=gen, dtype=torch.float64)
+    direction *= np.sqrt(d) / direction.norm().clamp_min(1e-12)
+    x = torch.randn(n, d, generator=gen, dtype=torch.float64) + mean_ratio * direction
+    perm = torch.randperm(n, generator=gen)
+    at = 0
+    for count, fill in ((zero, "zero"), (bad, "bad"), (overflow, "big")):
+        idx = perm[at:at + count]
+        at += count
+        if fill == "zero":
+            x[idx] = 0.0
+        elif fill == "bad":
+            vals = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=torch.float64)
+            x[idx, torch.randint(0, d, (len(idx),), generator=gen)] = vals[torch.arange(len(idx)) % 3]
+        else:  # finite, but the fp32 squared norm overflows: the row rule skips it
+            x[idx, 0] = 3e19 if dtype != torch.float16 else float("inf")
+    x = x.to(dtype)
+    if layout == "transposed":  # column stride N: the strided (portable) load path
+        x = x.t().contiguous().t()
+    elif layout == "row_gap":  # row stride > D, column stride 1
+        wide = torch.zeros(n, d + 5, dtype=dtype)
+        wide[:, 2:d + 2] = x
+        x = wide[:, 2:d + 2]
+    return x
+
+
+def check_batch(ops, x, mask=None, normalize=True):
+    mean, scatter, counts = ops.batch_stats(x, mask, normalize)
+    n, skipped, rmean, rc = reference(x, mask, normalize)
+    assert counts.tolist() == [n, skipped]
+    assert mean.dtype == torch.float64 and scatter.dtype == torch.float32
+    assert mean.shape == (x.shape[1],) and scatter.shape == (x.shape[1],) * 2
+    assert torch.equal(scatter, scatter.T), "scatter must be exactly symmetric"
+    if n == 0:
+        assert not mean.any() and not scatter.any()
+        return 0.0, 0.0
+    e_c, e_m = rel(scatter, rc), rel(mean, rmean)
+    assert e_c <= COV_TOL[x.dtype], f"cov rel err {e_c:.2e} > {COV_TOL[x.dtype]:.0e} ({x.dtype})"
+    assert e_m <= MEAN_TOL, f"mean rel err {e_m:.2e} > {MEAN_TOL:.0e}"
+    return e_c, e_m
+
+
+# ---------------------------------------------------------------------------------- tests
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+SHAPES = [(1, 1), (1, 37), (2, 1), (3, 37), (257, 1), (600, 37), (1300, 33), (700, 128), (300, 1000)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,d", SHAPES, ids=str)
+@pytest.mark.parametrize("mean_ratio", [0.0, 100.0])
+def test_batch_stats_hostile(ops, isa, n, d, dtype, mean_ratio):
+    gen = torch.Generator().manual_seed(n * 1009 + d)
+    x = hostile(gen, n, d, mean_ratio=mean_ratio, dtype=dtype,
+                zero=min(2, n // 3), bad=min(3, n // 4), overflow=min(1, n // 5))
+    check_batch(ops, x, None, True)
+    check_batch(ops, x, None, False)
+    mask = torch.rand(n, generator=gen) > 0.25
+    check_batch(ops, x, mask, True)
+
+
+@pytest.mark.parametrize("layout", ["transposed", "row_gap"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_non_contiguous(ops, isa, layout, dtype):
+    gen = torch.Generator().manual_seed(7)
+    x = hostile(gen, 900, 61, mean_ratio=10.0, dtype=dtype, zero=3, bad=3, layout=layout)
+    assert not x.is_contiguous()
+    check_batch(ops, x, None, True)
+    check_batch(ops, x, torch.rand(900, generator=gen) > 0.5, False)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("n,d", [(2047, 96), (5000, 40), (1100, 300)])
+def test_threads_and_chunks(ops, threads, n, d):
+    """Row splits across threads, partial chunks and both C layouts (private copies per thread
+    for large N, one shared C for small N) give the same result within fp32 rounding."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(threads)
+        x = hostile(gen, n, d, mean_ratio=100.0, dtype=torch.float32, zero=5, bad=5)
+        check_batch(ops, x, None, True)
+        check_batch(ops, x[: n // 7], None, True)  # fewer rows than a chunk per thread
+    finally:
+        torch.set_num_threads(prev)
+
+
+def test_degenerate_batches(ops):
+    x = torch.randn(40, 9)
+    # every row masked: counts nowhere
+    mean, sc, counts = ops.batch_stats(x, torch.zeros(40, dtype=torch.bool), True)
+    assert counts.tolist() == [0, 0] and not mean.any() and not sc.any()
+    # every row zero: all skipped with normalize, all valid without
+    z = torch.zeros(40, 9)
+    assert ops.batch_stats(z, None, True)[2].tolist() == [0, 40]
+    mean, sc, counts = ops.batch_stats(z, None, False)
+    assert counts.tolist() == [40, 0] and not mean.any() and not sc.any()
+    # masked non-finite rows are not "skipped": they count nowhere
+    y = x.clone()
+    y[:5] = float("nan")
+    mask = torch.ones(40, dtype=torch.bool)
+    mask[:5] = False
+    assert ops.batch_stats(y, mask, True)[2].tolist() == [35, 0]
+    assert ops.batch_stats(y, None, True)[2].tolist() == [35, 5]
+    # no rows at all
+    mean, sc, counts = ops.batch_stats(torch.empty(0, 4), None, True)
+    assert counts.tolist() == [0, 0] and sc.shape == (4, 4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dg,dh", [(1, 1), (37, 5), (64, 200), (130, 33)])
+def test_cross_stats(ops, isa, dtype, dg, dh):
+    gen = torch.Generator().manual_seed(dg * 31 + dh)
+    n = 1500
+    g = hostile(gen, n, dg, mean_ratio=30.0, dtype=dtype, zero=2, bad=2)
+    h = hostile(gen, n, dh, mean_ratio=1.0, dtype=dtype, bad=3, layout="transposed")
+    for mask in (None, torch.rand(n, generator=gen) > 0.3):
+        for normalize in (True, False):
+            mg, mh, sc, counts = ops.cross_stats(g, h, mask, normalize)
+            rn, rk, rmg, rmh, rc = reference_cross(g, h, mask, normalize)
+            assert counts.tolist() == [rn, rk]
+            assert sc.shape == (dg, dh) and sc.dtype == torch.float32
+            assert rel(sc, rc) <= COV_TOL[dtype]
+            assert rel(mg, rmg) <= MEAN_TOL and rel(mh, rmh) <= MEAN_TOL
+
+
+def test_moments_through_backend(ops):
+    """Moments(backend='cpp') over several batches (merged) against one float64 pass."""
+    gen = torch.Generator().manual_seed(3)
+    xs = [hostile(gen, n, 50, mean_ratio=100.0, dtype=torch.float32, zero=1, bad=1)
+          for n in (700, 1, 2100, 33)]
+    m = Moments(50, backend="cpp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for x in xs:
+            m.update(x)
+    n, skipped, mean, c = reference(torch.cat(xs))
+    assert (m.n, m.n_skipped) == (n, skipped)
+    assert rel(m.scatter, c) <= 1e-4 and rel(m.mean, mean) <= MEAN_TOL
+    cm = cross_moments(xs[0], xs[0][:, :7], backend="cpp")
+    assert cm.n == reference_cross(xs[0], xs[0][:, :7])[0]
+
+
+def test_cpp_is_the_cpu_default(ops):
+    from crh_kernels import backends
+
+    if _env.backend():
+        pytest.skip("CRH_BACKEND overrides the choice rule in this environment")
+    assert backends.resolve(None, torch.device("cpu"), torch.float32).name == "cpp"
+
+
+# ---------------------------------------------------------------- registration and fakes
+def test_opcheck(ops):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 7, generator=gen)
+    mask = torch.rand(50, generator=gen) > 0.3
+    samples = [
+        (ops.batch_stats.default, (x, None, True)),
+        (ops.batch_stats.default, (x.bfloat16(), mask, False)),
+        (ops.batch_stats.default, (x.t().contiguous().t().half(), mask, True)),
+        (ops.cross_stats.default, (x, torch.randn(50, 3, generator=gen), mask, True)),
+    ]
+    for op, args in samples:
+        result = torch.library.opcheck(op, args)
+        assert all(v == "SUCCESS" for v in result.values()), result
+
+
+def test_fake_kernels(ops):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(10, 5, dtype=torch.bfloat16)
+        mean, sc, counts = ops.batch_stats(x, None, True)
+        assert (mean.shape, mean.dtype) == ((5,), torch.float64)
+        assert (sc.shape, sc.dtype) == ((5, 5), torch.float32)
+        assert (counts.shape, counts.dtype) == ((2,), torch.int64)
+        g, h = torch.empty(10, 3), torch.empty(10, 4)
+        out = ops.cross_stats(g, h, torch.empty(10, dtype=torch.bool), False)
+        assert [t.shape for t in out] == [(3,), (4,), (3, 4), (2,)]
+
+
+@pytest.mark.parametrize("bad", ["1d", "float64", "int", "mask_shape", "mask_dtype", "rows"])
+def test_argument_checks(ops, bad):
+    x, mask = torch.randn(8, 3), None
+    if bad == "1d":
+        x = torch.randn(8)
+    elif bad == "float64":
+        x = x.double()
+    elif bad == "int":
+        x = torch.ones(8, 3, dtype=torch.int32)
+    elif bad == "mask_shape":
+        mask = torch.ones(7, dtype=torch.bool)
+    elif bad == "mask_dtype":
+        mask = torch.ones(8)
+    if bad == "rows":
+        with pytest.raises(RuntimeError, match="same number of rows"):
+            ops.cross_stats(x, torch.randn(9, 2), None, True)
+        return
+    with pytest.raises(RuntimeError, match="crh"):
+        ops.batch_stats(x, mask, True)
+
+
+def test_availability_reason(ops):
+    ok, why = crh_kernels.available_backends()["cpp"]
+    assert ok and "C++ extension" in why and "\n" not in why
+    assert cpp_mod.cpu_extension().cpu_isa() in ("avx512+bf16", "avx512", "generic")
+
+
+# ------------------------------------------------------------------ CUDA extension (GPU only)
+@pytest.fixture(scope="module")
+def cuda_ops():
+    """The crh:: ops with their CUDA kernels. Without a GPU these tests skip; on the GPU check
+    (CRH_TEST_DEVICE=cuda) an unavailable `cuda` backend fails them."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device (bench/gpu_check.sh runs these)")
+    ok, why = crh_kernels.available_backends()["cuda"]
+    if not ok:
+        if os.environ.get("CRH_TEST_DEVICE") == "cuda":
+            pytest.fail(f"the cuda backend is unavailable on this GPU machine: {why}")
+        pytest.skip(f"cuda backend unavailable: {why}")
+    return torch.ops.crh
+
+
+def check_cuda(ops, x, mask=None, normalize=True):
+    mean, scatter, counts = ops.batch_stats(x.cuda(), None if mask is None else mask.cuda(), normalize)
+    assert mean.is_cuda and scatter.is_cuda
+    mean, scatter = mean.cpu(), scatter.cpu()
+    n, skipped, rmean, rc = reference(x, mask, normalize)
+    assert counts.tolist() == [n, skipped]
+    assert torch.equal(scatter, scatter.T), "scatter must be exactly symmetric"
+    if n == 0:
+        assert not mean.any() and not scatter.any()
+        return
+    assert rel(scatter, rc) <= COV_TOL[x.dtype], (rel(scatter, rc), x.dtype)
+    assert rel(mean, rmean) <= MEAN_TOL
+
+
+CUDA_SHAPES = SHAPES + [(5000, 300), (40000, 64), (3000, 2049)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,d", CUDA_SHAPES, ids=str)
+@pytest.mark.parametrize("mean_ratio", [0.0, 100.0])
+def test_cuda_batch_stats_hostile(cuda_ops, n, d, dtype, mean_ratio):
+    gen = torch.Generator().manual_seed(n * 1009 + d)
+    x = hostile(gen, n, d, mean_ratio=mean_ratio, dtype=dtype,
+                zero=min(2, n // 3), bad=min(3, n // 4), overflow=min(1, n // 5))
+    check_cuda(cuda_ops, x, None, True)
+    check_cuda(cuda_ops, x, None, False)
+    check_cuda(cuda_ops, x, torch.rand(n, generator=gen) > 0.25, True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["transposed", "row_gap"])
+def test_cuda_non_contiguous(cuda_ops, layout):
+    gen = torch.Generator().manual_seed(11)
+    for dtype in DTYPES:
+        x = hostile(gen, 900, 61, mean_ratio=10.0, dtype=dtype, zero=3, bad=3, layout=layout)
+        check_cuda(cuda_ops, x, None, True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_cross_stats(cuda_ops, dtype):
+    gen = torch.Generator().manual_seed(5)
+    for dg, dh in [(1, 1), (37, 5), (130, 300)]:
+        g = hostile(gen, 2500, dg, mean_ratio=30.0, dtype=dtype, zero=2, bad=2)
+        h = hostile(gen, 2500, dh, mean_ratio=1.0, dtype=dtype, bad=3)
+        mask = torch.rand(2500, generator=gen) > 0.3
+        mg, mh, sc, counts = cuda_ops.cross_stats(g.cuda(), h.cuda(), mask.cuda(), True)
+        rn, rk, rmg, rmh, rc = reference_cross(g, h, mask, True)
+        assert counts.tolist() == [rn, rk]
+        assert rel(sc.cpu(), rc) <= COV_TOL[dtype]
+        assert rel(mg.cpu(), rmg) <= MEAN_TOL and rel(mh.cpu(), rmh) <= MEAN_TOL
+
+
+@pytest.mark.gpu
+def test_cuda_opcheck_and_moments(cuda_ops):
+    x = torch.randn(300, 19, device="cuda")
+    mask = torch.rand(300, device="cuda") > 0.3
+    for args in [(x, None, True), (x.bfloat16(), mask, False), (x.half(), mask, True)]:
+        result = torch.library.opcheck(cuda_ops.batch_stats.default, args)
+        assert all(v == "SUCCESS" for v in result.values()), result
+    m = Moments(19, backend="cuda").update(x).update(x[:7])
+    n, _, mean, c = reference(torch.cat([x[:7], x]).cpu())
+    assert m.n == n and rel(m.scatter.cpu(), c) <= 1e-4 and rel(m.mean.cpu(), mean) <= MEAN_TOL
+
+
+# -------------------------------------------------------------------------- loading rules
+_MISSING = r"""
+import sys
+sys.modules["crh_kernels._C"] = None           # the prebuilt module is not importable
+import crh_kernels._build as b
+def broken(*a, **k):
+    raise RuntimeError("no compiler on this machine")
+b.jit_cpu = broken                              # and the JIT build fails
+import crh_kernels
+ok, why = crh_kernels.available_backends()["cpp"]
+from crh_kernels import backends
+print(ok)
+print(why)
+print(backends.resolve(None, "cpu", __import__("torch").float32).name)
+"""
+
+
+@pytest.mark.parametrize("required", [False, True])
+def test_missing_extension_reason(required):
+    env = dict(os.environ)
+    env.pop("CRH_BACKEND", None)
+    env["CRH_REQUIRE_CPP"] = "1" if required else "0"
+    out = subprocess.run([sys.executable, "-c", _MISSING], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    ok, why, chosen = out.stdout.strip().splitlines()
+    assert ok == "False"
+    assert "no prebuilt crh_kernels._C" in why and "no compiler on this machine" in why
+    assert ("CRH_REQUIRE_CPP=1" in why) == required
+    assert chosen == "torch"
+
+
+def test_require_flag_fails_instead_of_skipping(monkeypatch):
+    monkeypatch.setenv("CRH_REQUIRE_CPP", "1")
+    with pytest.raises(pytest.fail.Exception):
+        require_or_skip(False, "missing")
+    monkeypatch.setenv("CRH_REQUIRE_CPP", "0")
+    with pytest.raises(pytest.skip.Exception):
+        require_or_skip(False, "missing")
+    require_or_skip(True, "")
