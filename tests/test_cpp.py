@@ -400,7 +400,10 @@ ok, why = crh_kernels.available_backends()["cpp"]
 from crh_kernels import backends
 print(ok)
 print(why)
-print(backends.resolve(None, "cpu", __import__("torch").float32).name)
+try:
+    print(backends.resolve(None, "cpu", __import__("torch").float32).name)
+except RuntimeError as exc:
+    print("raised: " + str(exc).splitlines()[0])
 """
 
 
@@ -416,7 +419,10 @@ def test_missing_extension_reason(required):
     assert ok == "False"
     assert "no prebuilt crh_kernels._C" in why and "no compiler on this machine" in why
     assert ("CRH_REQUIRE_CPP=1" in why) == required
-    assert chosen == "torch"
+    if required:  # never a silent fallback: the choice itself raises with the reason
+        assert chosen.startswith("raised: backend 'cpp' is unavailable") and "no compiler" in chosen
+    else:
+        assert chosen == "torch"
 
 
 def test_require_flag_fails_instead_of_skipping(monkeypatch):
