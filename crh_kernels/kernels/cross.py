@@ -7,7 +7,7 @@ count, shifts K_g, K_h. Grid (⌈Dg/BLOCK_M⌉·⌈Dh/BLOCK_M⌉, S); program (t
 import triton
 import triton.language as tl
 
-from .syrk import _load_centered
+from .syrk import _scatter_tile
 
 
 @triton.jit
@@ -21,7 +21,6 @@ def _cross_fwd_kernel(
     i_i = tl.program_id(0) // nbh
     i_j = tl.program_id(0) % nbh
     i_s = tl.program_id(1)
-    n_split = tl.num_programs(1)
 
     o_i = i_i * BLOCK_M + tl.arange(0, BLOCK_M)
     o_j = i_j * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -29,26 +28,9 @@ def _cross_fwd_kernel(
     m_j = o_j < DH
     b_ki = tl.load(kg_ptr + o_i, mask=m_i, other=0.0)
     b_kj = tl.load(kh_ptr + o_j, mask=m_j, other=0.0)
-
-    rows = tl.cdiv(tl.cdiv(N, n_split), BLOCK_K) * BLOCK_K
-    n_lo = i_s * rows
-    n_hi = tl.minimum(n_lo + rows, N)
-
-    b_acc = tl.zeros([BLOCK_M, BLOCK_M], dtype=tl.float32)
-    for n0 in range(n_lo, n_hi, BLOCK_K):
-        o_n = n0 + tl.arange(0, BLOCK_K)
-        m_n = o_n < n_hi
-        b_sg = tl.load(sg_ptr + o_n, mask=m_n, other=0.0)
-        b_sh = tl.load(sh_ptr + o_n, mask=m_n, other=0.0)
-        b_a = _load_centered(g_ptr, o_n, m_n, o_i, m_i, b_sg, b_ki, stride_gn, stride_gd)
-        b_b = _load_centered(h_ptr, o_n, m_n, o_j, m_j, b_sh, b_kj, stride_hn, stride_hd)
-        if ROUND_ONLY:
-            b_a = b_a.to(DOT_DTYPE).to(tl.float32)
-            b_b = b_b.to(DOT_DTYPE).to(tl.float32)
-            b_acc = tl.dot(tl.trans(b_a), b_b, b_acc, input_precision="ieee")
-        else:
-            b_acc = tl.dot(tl.trans(b_a.to(DOT_DTYPE)), b_b.to(DOT_DTYPE), b_acc,
-                           input_precision=INPUT_PRECISION)
+    b_acc = _scatter_tile(g_ptr, h_ptr, sg_ptr, sh_ptr, b_ki, b_kj, o_i, m_i, o_j, m_j, N,
+                          stride_gn, stride_gd, stride_hn, stride_hd,
+                          BLOCK_M, BLOCK_K, DOT_DTYPE, INPUT_PRECISION, ROUND_ONLY)
 
     o_out = i_s.to(tl.int64) * DG * DH + o_i.to(tl.int64)[:, None] * DH + o_j[None, :]
     tl.store(out_ptr + o_out, b_acc, mask=m_i[:, None] & m_j[None, :])

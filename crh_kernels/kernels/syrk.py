@@ -37,6 +37,36 @@ def _load_centered(p_x, o_n, m_n, o_c, m_c, b_s, b_k, stride_xn, stride_xd):
 
 
 @triton.jit
+def _scatter_tile(a_ptr, b_ptr, sa_ptr, sb_ptr, b_ka, b_kb, o_i, m_i, o_j, m_j, N,
+                  stride_an, stride_ad, stride_bn, stride_bd,
+                  BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                  INPUT_PRECISION: tl.constexpr, ROUND_ONLY: tl.constexpr):
+    """This program's split of the rows: Σ_i (s_a,i a_i − K_a)[o_i] (s_b,i b_i − K_b)[o_j]ᵀ."""
+    i_s = tl.program_id(1)
+    # whole BLOCK_K chunks per split, so that only the last chunk of the last split is ragged
+    rows = tl.cdiv(tl.cdiv(N, tl.num_programs(1)), BLOCK_K) * BLOCK_K
+    n_lo = i_s * rows
+    n_hi = tl.minimum(n_lo + rows, N)
+
+    b_acc = tl.zeros([BLOCK_M, BLOCK_M], dtype=tl.float32)
+    for n0 in range(n_lo, n_hi, BLOCK_K):
+        o_n = n0 + tl.arange(0, BLOCK_K)
+        m_n = o_n < n_hi
+        b_sa = tl.load(sa_ptr + o_n, mask=m_n, other=0.0)
+        b_sb = tl.load(sb_ptr + o_n, mask=m_n, other=0.0)
+        b_a = _load_centered(a_ptr, o_n, m_n, o_i, m_i, b_sa, b_ka, stride_an, stride_ad)
+        b_b = _load_centered(b_ptr, o_n, m_n, o_j, m_j, b_sb, b_kb, stride_bn, stride_bd)
+        if ROUND_ONLY:
+            b_a = b_a.to(DOT_DTYPE).to(tl.float32)
+            b_b = b_b.to(DOT_DTYPE).to(tl.float32)
+            b_acc = tl.dot(tl.trans(b_a), b_b, b_acc, input_precision="ieee")
+        else:
+            b_acc = tl.dot(tl.trans(b_a.to(DOT_DTYPE)), b_b.to(DOT_DTYPE), b_acc,
+                           input_precision=INPUT_PRECISION)
+    return b_acc
+
+
+@triton.jit
 def _moments_fwd_kernel(
     x_ptr, scale_ptr, shift_ptr, out_ptr,
     N, D, stride_xn, stride_xd,
@@ -45,7 +75,6 @@ def _moments_fwd_kernel(
 ):
     i_i, i_j = _tile_pair(tl.program_id(0))
     i_s = tl.program_id(1)
-    n_split = tl.num_programs(1)
 
     o_i = i_i * BLOCK_M + tl.arange(0, BLOCK_M)
     o_j = i_j * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -53,26 +82,9 @@ def _moments_fwd_kernel(
     m_j = o_j < D
     b_ki = tl.load(shift_ptr + o_i, mask=m_i, other=0.0)
     b_kj = tl.load(shift_ptr + o_j, mask=m_j, other=0.0)
-
-    # whole BLOCK_K chunks per split, so that only the last chunk of the last split is ragged
-    rows = tl.cdiv(tl.cdiv(N, n_split), BLOCK_K) * BLOCK_K
-    n_lo = i_s * rows
-    n_hi = tl.minimum(n_lo + rows, N)
-
-    b_acc = tl.zeros([BLOCK_M, BLOCK_M], dtype=tl.float32)
-    for n0 in range(n_lo, n_hi, BLOCK_K):
-        o_n = n0 + tl.arange(0, BLOCK_K)
-        m_n = o_n < n_hi
-        b_s = tl.load(scale_ptr + o_n, mask=m_n, other=0.0)
-        b_a = _load_centered(x_ptr, o_n, m_n, o_i, m_i, b_s, b_ki, stride_xn, stride_xd)
-        b_b = _load_centered(x_ptr, o_n, m_n, o_j, m_j, b_s, b_kj, stride_xn, stride_xd)
-        if ROUND_ONLY:
-            b_a = b_a.to(DOT_DTYPE).to(tl.float32)
-            b_b = b_b.to(DOT_DTYPE).to(tl.float32)
-            b_acc = tl.dot(tl.trans(b_a), b_b, b_acc, input_precision="ieee")
-        else:
-            b_acc = tl.dot(tl.trans(b_a.to(DOT_DTYPE)), b_b.to(DOT_DTYPE), b_acc,
-                           input_precision=INPUT_PRECISION)
+    b_acc = _scatter_tile(x_ptr, x_ptr, scale_ptr, scale_ptr, b_ki, b_kj, o_i, m_i, o_j, m_j, N,
+                          stride_xn, stride_xd, stride_xn, stride_xd,
+                          BLOCK_M, BLOCK_K, DOT_DTYPE, INPUT_PRECISION, ROUND_ONLY)
 
     o_out = o_i.to(tl.int64)[:, None] * D + o_j[None, :]
     m_out = m_i[:, None] & m_j[None, :]
