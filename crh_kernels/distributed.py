@@ -21,7 +21,7 @@ parallel) so that ``Z = WᵀW`` sees the whole matrix.
 from __future__ import annotations
 
 import hashlib
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional
 
 import torch
 import torch.distributed as dist

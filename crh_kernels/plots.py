@@ -30,7 +30,8 @@ _COLORS = {"forward_RGA": "#d62728", "forward_RWA": "#ff7f0e", "forward_GWA": "#
            "backward_RGA": "#1f77b4", "backward_RWA": "#17becf", "backward_GWA": "#9467bd"}
 
 
-def _figure(w: float, h: float):
+def figure(w: float, h: float):
+    """A matplotlib Figure on an Agg canvas (no pyplot, no display)."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -41,10 +42,12 @@ def _figure(w: float, h: float):
     return fig
 
 
-def _save(fig, path: str) -> str:
+def save_figure(fig, path) -> str:
+    """Lay out and write ``fig`` as PNG at ``path`` (parent folders created)."""
+    os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, format="png")
-    return path
+    return str(path)
 
 
 def _f(v) -> float:
@@ -84,7 +87,7 @@ def plot_alpha(rep, path: str) -> str:
     groups = _groups(rep)
     names = list(groups)
     x = np.arange(len(names))
-    fig = _figure(max(6.0, 1.0 + 0.45 * len(names)) * 2, 4.2)
+    fig = figure(max(6.0, 1.0 + 0.45 * len(names)) * 2, 4.2)
     for j, (key, title) in enumerate((("alpha_cov", "α on covariances"),
                                       ("alpha_second", "α on second moments"))):
         ax = fig.add_subplot(1, 2, j + 1)
@@ -111,7 +114,7 @@ def plot_alpha(rep, path: str) -> str:
         ax.set_title(title)
         if j == 0:
             ax.legend(fontsize=7, ncol=2, loc="lower left")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # ------------------------------------------------------------------------ eigenvalue scatter
@@ -130,7 +133,7 @@ def plot_spectra(rep, path: str, max_panels: Optional[int] = 24) -> str:
     n = max(1, len(groups))
     ncol = min(4, n)
     nrow = math.ceil(n / ncol)
-    fig = _figure(3.2 * ncol, 3.0 * nrow)
+    fig = figure(3.2 * ncol, 3.0 * nrow)
     cmap = None
     try:
         from matplotlib import colormaps
@@ -174,7 +177,7 @@ def plot_spectra(rep, path: str, max_panels: Optional[int] = 24) -> str:
                                                           if len(slopes) > 1 else "")
         ax.set_title(title, fontsize=8)
         _log_ticks(ax)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------- h, g against z
@@ -184,7 +187,7 @@ def plot_exponents(rep, path: str, max_panels: Optional[int] = 24) -> str:
     n = max(1, len(names))
     ncol = min(4, n)
     nrow = math.ceil(n / ncol)
-    fig = _figure(3.2 * ncol, 3.0 * nrow)
+    fig = figure(3.2 * ncol, 3.0 * nrow)
     for k, name in enumerate(names):
         ax = fig.add_subplot(nrow, ncol, k + 1)
         ex = rep.layers[name]["exponents"]
@@ -211,13 +214,13 @@ def plot_exponents(rep, path: str, max_panels: Optional[int] = 24) -> str:
         ax = fig.add_subplot(1, 1, 1)
         ax.text(0.5, 0.5, "no layer has exponents\n(needs W, H_a and G_a)", ha="center", va="center")
         ax.set_axis_off()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # ------------------------------------------------------------------------------ phase diagram
 def plot_phase(rep, path: str) -> str:
     from .analysis import LINES, PHASES
-    fig = _figure(6.4, 5.6)
+    fig = figure(6.4, 5.6)
     ax = fig.add_subplot(1, 1, 1)
     pts = [(n, e["p"], e["q"]) for n, e in rep.layers.items()
            if e.get("p") is not None and e.get("q") is not None]
@@ -259,7 +262,7 @@ def plot_phase(rep, path: str) -> str:
     ax.set_ylabel("q   (g ~ z^q)")
     ax.set_title("phase diagram (SPEC §4): layers in the (p, q) plane", fontsize=9)
     ax.legend(fontsize=7, loc="upper left")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # ------------------------------------------------------------------------------------ heatmaps
@@ -290,7 +293,7 @@ def plot_heatmaps(rep, out_dir: str, max_heatmaps: Optional[int] = None,
             continue
         if rep.layers[members[0]].get("kind") == "head":
             heads = members[:max_heads]
-            fig = _figure(5.0, 2.4 * len(heads))
+            fig = figure(5.0, 2.4 * len(heads))
             for i, name in enumerate(heads):
                 mats = rep.matrices.get(name, {})
                 _heat(fig, len(heads), 2, 2 * i + 1, mats.get("H_b"), f"{_short(name, 24)}: H_b")
@@ -298,11 +301,11 @@ def plot_heatmaps(rep, out_dir: str, max_heatmaps: Optional[int] = None,
         else:
             name = members[0]
             mats = rep.matrices.get(name, {})
-            fig = _figure(9.0, 5.6)
+            fig = figure(9.0, 5.6)
             for i, key in enumerate(("H_b", "G_b", "Z_b", "H_a", "G_a", "Z_a")):
                 _heat(fig, 2, 3, i + 1, mats.get(key), key)
             fig.suptitle(name, fontsize=9)
-        paths.append(_save(fig, os.path.join(out_dir, f"heatmap_{_slug(gname)}.png")))
+        paths.append(save_figure(fig, os.path.join(out_dir, f"heatmap_{_slug(gname)}.png")))
     return paths
 
 

@@ -23,7 +23,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import crh_kernels
 from crh_kernels import Moments
 from crh_kernels.distributed import DEFAULT_BUCKET_BYTES, all_reduce_moments, full_weight, sync_moments
 

@@ -30,6 +30,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 
+from ..plots import figure, save_figure  # noqa: F401  (the experiments' figures use these)
 from . import claims as C
 
 
@@ -449,24 +450,15 @@ def load_run(run_dir: Path):
 
 
 # ----------------------------------------------------------------------------- figures
-def figure(w: float, h: float):
-    """A matplotlib Figure on an Agg canvas (no pyplot, no display)."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as exc:  # pragma: no cover - depends on the install
-        raise ExperimentError("figures need matplotlib: pip install 'crh-kernels[experiments]'") from exc
-    fig = Figure(figsize=(w, h), dpi=100)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def save_figure(fig, path: Path) -> str:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path)
-    return str(path)
+def record_loss(loss, step: int, curve: list, bar, what: str = "training") -> float:
+    """The loss of one step: refuse a diverged run, log it to ``curve`` and the progress bar."""
+    v = float(loss.detach())
+    if not math.isfinite(v):
+        raise ExperimentError(f"{what} diverged at step {step} (loss {v}); lower --set lr=")
+    curve.append((step, v))
+    bar.set_postfix(loss=f"{v:.3f}", refresh=False)
+    bar.update(1)
+    return v
 
 
 def nan(v) -> float:

@@ -12,7 +12,6 @@ masked out of every stream. By default the model is measured as it was pretraine
 """
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 from typing import Any, Dict, List
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 
 from . import claims as C
 from .common import (Context, ExperimentError, RunResult, baseline_claim, exponent_range_claim, figure,
-                     make_collector, measure, rga, save_figure, layer_summary, seed_everything)
+                     make_collector, measure, rga, save_figure, layer_summary, seed_everything, record_loss)
 from .data import load_minilm, sentence_pairs, shakespeare_lines
 
 NAME = "minilm"
@@ -94,12 +93,7 @@ def run(cfg: Dict[str, Any], ctx: Context) -> RunResult:
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
-                v = float(loss.detach())
-                if not math.isfinite(v):
-                    raise ExperimentError(f"fine-tuning diverged at step {step}; lower --set lr=")
-                curve.append((step, v))
-                bar.set_postfix(loss=f"{v:.3f}", refresh=False)
-                bar.update(1)
+                record_loss(loss, step, curve, bar, "fine-tuning")
     col = make_collector(model, ctx, modules=cfg["modules"], streams=cfg["streams"],
                          state_dtype=cfg["state_dtype"], what="MiniLM collector")
     plan = col.memory_plan()

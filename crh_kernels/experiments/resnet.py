@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from . import claims as C
-from .common import (Context, ExperimentError, RunResult, baseline_claim, exponent_range_claim, figure,
-                     layer_summary, make_collector, measure, rga, save_figure, seed_everything)
+from .common import (Context, RunResult, baseline_claim, exponent_range_claim, figure,
+                     layer_summary, make_collector, measure, rga, save_figure, seed_everything, record_loss)
 from .data import fashion_mnist
 from .models import ResNet18
 
@@ -122,12 +122,7 @@ def run(cfg: Dict[str, Any], ctx: Context) -> RunResult:
                 opt.step()
                 if sched is not None:
                     sched.step()
-            v = float(loss.detach())
-            if not math.isfinite(v):
-                raise ExperimentError(f"training diverged at step {step} (loss {v}); lower --set lr=")
-            curve.append((step, v))
-            bar.set_postfix(loss=f"{v:.3f}", refresh=False)
-            bar.update(1)
+            record_loss(loss, step, curve, bar)
             if step in marks:
                 checkpoint(step)
     extras = {"history": history, "loss_curve": curve[:: max(len(curve) // 200, 1)],

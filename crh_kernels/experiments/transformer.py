@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from . import claims as C
-from .common import (Context, ExperimentError, RunResult, exponent_range_claim, figure, make_collector,
-                     measure, save_figure, seed_everything)
+from .common import (Context, RunResult, exponent_range_claim, figure, make_collector,
+                     measure, save_figure, seed_everything, record_loss)
 from .data import shakespeare_tokens
 from .models import GPT, count_parameters
 
@@ -136,12 +136,7 @@ def run(cfg: Dict[str, Any], ctx: Context) -> RunResult:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 opt.step()
                 sched.step()
-            v = float(loss.detach())
-            if not math.isfinite(v):
-                raise ExperimentError(f"training diverged at step {step} (loss {v}); lower --set lr=")
-            curve.append((step, v))
-            bar.set_postfix(loss=f"{v:.3f}", refresh=False)
-            bar.update(1)
+            v = record_loss(loss, step, curve, bar)
             if step in marks and step != steps:
                 head_checkpoint(step, v)
     head_checkpoint(steps, curve[-1][1] if curve else None)
