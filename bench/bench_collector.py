@@ -34,6 +34,7 @@ beside the CPU torch wheel; install it without dependencies::
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import random
@@ -51,6 +52,7 @@ DEPTH = 4
 BATCH = int(os.environ.get("CRH_BENCH_BATCH", 1024))
 ROUNDS = int(os.environ.get("CRH_BENCH_ROUNDS", 11))
 THREADS = int(os.environ.get("CRH_BENCH_THREADS", 0)) or None   # None: torch's default
+STAGE_ROWS = inspect.signature(Collector).parameters["stage_rows"].default
 
 
 def make_model():
@@ -213,15 +215,29 @@ def _run(rounds: int) -> dict:
     if kfac is not None:
         variants["kfac"] = kfac
 
-    for fn in variants.values():      # warm-up (allocations, lazy Moments, extension load)
-        fn()
+    # The collector gathers small batches and runs the kernel once per STAGE_ROWS rows, so one
+    # round is that many rows of steps for every variant, and the collector's round ends with
+    # a flush: the time per step is the amortized cost, flush included.
+    steps = max(1, STAGE_ROWS // BATCH)
+    finish = {label: col.flush for label, col in cols.items()}
+
+    def round_of(k):
+        def run():
+            for _ in range(steps):
+                variants[k]()
+            if k in finish:
+                finish[k]()
+        return run
+
+    for k in variants:                # warm-up (allocations, lazy Moments, extension load)
+        round_of(k)()
     times = {k: [] for k in variants}
     order = list(variants)
     rng = random.Random(0)
     for _ in range(rounds):
         rng.shuffle(order)            # no variant always runs right after the same neighbour
         for k in order:
-            times[k].append(_time(variants[k]))
+            times[k].append(_time(round_of(k)) / steps)
     naive.remove()
     naive64.remove()
     for col in cols.values():

@@ -545,11 +545,12 @@ def test_eval_no_grad_forward_only_and_report_says_so():
     assert rep.layers["2"]["alpha_cov"]["forward_RGA"] is None and rep.layers["2"]["p"] is None
 
 
+@pytest.mark.parametrize("stage_rows", [0, 4096])
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.float64])
-def test_state_dict_resume_equals_one_pass(state_dtype):
+def test_state_dict_resume_equals_one_pass(state_dtype, stage_rows):
     data = batches(6)
     heads = {"2": 4}
-    kw = dict(max_rows=20, heads=heads, state_dtype=state_dtype)
+    kw = dict(max_rows=20, heads=heads, state_dtype=state_dtype, stage_rows=stage_rows)
 
     def run(col, model, part):
         with col:
@@ -580,8 +581,13 @@ def test_state_dict_resume_equals_one_pass(state_dtype):
                 continue
             assert (m.n, m.n_skipped) == (o.n, o.n_skipped), (n, s)
             assert m.scatter.dtype == o.scatter.dtype == state_dtype
-            assert torch.equal(m.mean, o.mean), (n, s)            # same operations, same order
-            assert torch.equal(m.scatter, o.scatter), (n, s)
+            if stage_rows == 0:  # one update per call: same operations, same order
+                assert torch.equal(m.mean, o.mean), (n, s)
+                assert torch.equal(m.scatter, o.scatter), (n, s)
+            else:  # staged: the checkpoint cut the gathered rows into two updates
+                tol = 1e-5  # the batch kernels accumulate in fp32 whatever the state dtype
+                assert torch.allclose(m.mean, o.mean, rtol=tol, atol=tol), (n, s)
+                assert (m.scatter - o.scatter).norm() <= tol * m.scatter.norm(), (n, s)
 
 
 def test_state_dict_keeps_shared_moments_shared():

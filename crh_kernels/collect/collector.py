@@ -78,6 +78,7 @@ import torch.nn as nn
 
 from ..moments import Moments
 from .adapters import Adapter, LinearSpy, adapter_for, head_dim_of
+from .staging import RowStager
 
 __all__ = ["Collector", "LayerStats", "STREAMS"]
 
@@ -233,6 +234,12 @@ class Collector:
             state and makes each merge ~4x cheaper (the collector's overhead target needs it).
             float64 makes the cross-batch merge exact to ~1e-15 for very long accumulations.
         seed: seed of the ``max_rows`` generator.
+        stage_rows: calls with fewer rows are gathered per stream until this many rows are
+            there, then go through the kernel in one update (the per-call cost of an update
+            grows with D², which dominates when N ≲ D); 0 updates on every call. Gathered rows
+            reach the states when a buffer fills, on ``stop()``, ``report()``, ``sync()``,
+            ``state_dict()`` and whenever ``col.layers`` is read.
+        stage_bytes: bound on the memory of those buffers, all streams together.
     """
 
     STREAMS = STREAMS
@@ -243,7 +250,7 @@ class Collector:
                  backend: Optional[str] = None, heads: Optional[Dict[str, int]] = None,
                  mask: Optional[torch.Tensor] = None, *, loss_terms=None,
                  g_a_source: str = "auto", state_dtype: torch.dtype = torch.float32,
-                 seed: int = 0):
+                 seed: int = 0, stage_rows: int = 4096, stage_bytes: int = 256 << 20):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         streams = tuple(streams)
@@ -274,7 +281,8 @@ class Collector:
         self.seed = int(seed)
         self.heads = dict(heads or {})
         self.steps = 0
-        self.layers: Dict[str, LayerStats] = {}
+        self._stager = RowStager(stage_rows, stage_bytes)
+        self._layers: Dict[str, LayerStats] = {}
         self._groups: Dict[str, _HeadGroup] = {}
         self._linear: Dict[str, LayerStats] = {}       # module name -> LayerStats (non-head)
         self._skipped: Dict[str, str] = {}
@@ -348,7 +356,7 @@ class Collector:
             adapter, _ = adapter_for(module)
             dims, bias_col = self._layer_dims(adapter, module)
             st = LayerStats(name, module, adapter.kind, adapter, self.streams, dims, bias_col)
-            self.layers[name] = st
+            self._layers[name] = st
             self._linear[name] = st
         for name, n_heads in self.heads.items():
             module = table[name]
@@ -371,7 +379,7 @@ class Collector:
                             {} if hd is None else {"h_b": hd, "g_b": hd}, False,
                             parent=name, head=i)
             grp.layers.append(st)
-            self.layers[st.name] = st
+            self._layers[st.name] = st
         self._groups[name] = grp
 
     # ---------------------------------------------------------------- memory
@@ -386,7 +394,7 @@ class Collector:
             return other.memory_plan()
         item = torch.empty((), dtype=self.state_dtype).element_size()
         plan = []
-        for name, st in self.layers.items():
+        for name, st in self._layers.items():
             for s in st.streams:
                 d = st.dims.get(s)
                 if d is None:
@@ -446,6 +454,7 @@ class Collector:
         self._running = False
         self._update_collecting()
         self._seen.clear()
+        self._stager.flush()
         return self
 
     def __enter__(self) -> "Collector":
@@ -460,6 +469,17 @@ class Collector:
         self._seen.clear()
         self._update_collecting()
         return self.steps
+
+    @property
+    def layers(self) -> Dict[str, LayerStats]:
+        """name -> LayerStats, with every gathered row already in its state."""
+        self._stager.flush()
+        return self._layers
+
+    def flush(self) -> "Collector":
+        """Put the rows gathered by staging into their states (reading ``layers`` does it too)."""
+        self._stager.flush()
+        return self
 
     def _update_collecting(self) -> None:
         self._collecting = self._running and (self.steps % self.every == 0)
@@ -542,7 +562,7 @@ class Collector:
 
     def _unique_moments(self, create: bool = False) -> List[Moments]:
         out, seen = [], set()
-        for st in self.layers.values():
+        for st in self._layers.values():
             for s in st.streams:
                 m = getattr(st, _ATTR[s])
                 if m is None and create and s in st.dims:
@@ -598,9 +618,9 @@ class Collector:
                 xr = xr[idx]
             if st.bias_col:
                 xr = torch.cat([xr, xr.new_ones(xr.shape[0], 1)], dim=1)
-            self._moments(st, "h_a", st.dims["h_a"], x.device).update(xr, mask)
+            self._stager.feed(self._moments(st, "h_a", st.dims["h_a"], x.device), xr, mask)
         if "h_b" in streams:
-            self._moments(st, "h_b", st.dims["h_b"], y.device).update(yr, mask)
+            self._stager.feed(self._moments(st, "h_b", st.dims["h_b"], y.device), yr, mask)
         if not grad_ok:
             return
         st.grad_calls += 1
@@ -660,7 +680,7 @@ class Collector:
         scale = self._grad_scale(terms)
         if scale is not None:
             gr = gr * scale
-        m.update(gr, mask)
+        self._stager.feed(m, gr, mask)
 
     def _make_output_grad_hook(self, st: LayerStats, module, gb_m, ga_m, idx, mask, terms):
         ad = st.adapter
@@ -681,9 +701,9 @@ class Collector:
         if scale is not None:
             gr = gr * scale
         if gb_m is not None:
-            gb_m.update(gr, mask)
+            self._stager.feed(gb_m, gr, mask)
         if ga_m is not None:
-            ga_m.update(ad.g_a_from_g_b(module, gr, st.bias_col), mask)
+            self._stager.feed(ga_m, ad.g_a_from_g_b(module, gr, st.bias_col), mask)
 
     # ------------------------------------------------------------------ heads
     def _on_heads(self, grp: _HeadGroup, rows: torch.Tensor, mask, requires_grad: bool):
@@ -710,7 +730,7 @@ class Collector:
         if "h_b" in streams:
             per = rows.reshape(rows.shape[0], h, d).transpose(0, 1)
             for i, st in enumerate(layers):
-                self._moments(st, "h_b", d, rows.device).update(per[i], mask)
+                self._stager.feed(self._moments(st, "h_b", d, rows.device), per[i], mask)
         if "g_b" not in streams:
             return None
         if not (torch.is_grad_enabled() and requires_grad):
@@ -740,7 +760,7 @@ class Collector:
         d = gr.shape[-1] // n_heads
         per = gr.reshape(gr.shape[0], n_heads, d).transpose(0, 1)
         for i, m in enumerate(ms):
-            m.update(per[i], mask)
+            self._stager.feed(m, per[i], mask)
 
     def _make_heads_hook(self, grp: _HeadGroup):
         def hook(module, args, output):
@@ -830,11 +850,13 @@ class Collector:
     def sync(self, group=None) -> None:
         """Exact all-reduce of every Moments (shared ones once) across ``group``'s ranks."""
         from ..distributed import all_reduce_moments
+        self._stager.flush()
         all_reduce_moments(self._unique_moments(create=True), group=group)
 
     def reset(self) -> None:
         """Forget all rows (states, shared-input aliases, counters) but keep hooks and config."""
-        for st in self.layers.values():
+        self._stager.clear()
+        for st in self._layers.values():
             st.H_a = st.H_b = st.G_a = st.G_b = None
             st.shared.clear()
             st.forward_calls = st.grad_calls = st.forward_only_calls = st.unmasked_calls = 0
@@ -844,9 +866,9 @@ class Collector:
     def meta(self) -> dict:
         """Configuration and what was (not) collected, for reports."""
         fwd = sum((st.H_a.n if st.H_a is not None else 0) + (st.H_b.n if st.H_b is not None else 0)
-                  for st in self.layers.values())
+                  for st in self._layers.values())
         grad = sum((st.G_a.n if st.G_a is not None else 0) + (st.G_b.n if st.G_b is not None else 0)
-                   for st in self.layers.values())
+                   for st in self._layers.values())
         wanted_grad = any(s in self.streams for s in ("g_a", "g_b"))
         notes = []
         forward_only = bool(fwd > 0 and grad == 0)
@@ -856,13 +878,13 @@ class Collector:
             notes.append("forward streams only: every collected pass ran without gradients "
                          "(torch.no_grad / inference_mode, or nothing required grad); G_a, G_b "
                          "and every relation that needs them are missing")
-        if any(st.kind == "head" for st in self.layers.values()):
+        if any(st.kind == "head" for st in self._layers.values()):
             notes.append("per-head layers have only h_b and g_b: only the forward RGA applies")
-        partial = [st.name for st in self.layers.values() if st.forward_only_calls and st.grad_calls]
+        partial = [st.name for st in self._layers.values() if st.forward_only_calls and st.grad_calls]
         if partial:
             notes.append(f"{len(partial)} layer(s) also saw passes without gradients (their "
                          f"forward streams include rows that have no gradient rows)")
-        unmasked = [st.name for st in self.layers.values() if st.unmasked_calls]
+        unmasked = [st.name for st in self._layers.values() if st.unmasked_calls]
         if unmasked:
             notes.append("the mask did not match the activations of: " + ", ".join(unmasked[:8])
                          + (" ..." if len(unmasked) > 8 else "") + " (collected unmasked)")
@@ -877,9 +899,10 @@ class Collector:
     def state_dict(self) -> dict:
         """Everything needed to resume without loss: every Moments (shared ones once, others
         as aliases), the step count, the ``max_rows`` generator and the configuration."""
+        self._stager.flush()
         layers = {}
         owner_of: Dict[int, Tuple[str, str]] = {}
-        for name, st in self.layers.items():
+        for name, st in self._layers.items():
             entry = {}
             for s in STREAMS:
                 m = getattr(st, _ATTR[s])
@@ -906,20 +929,21 @@ class Collector:
 
     def load_state_dict(self, sd: dict, strict: bool = True) -> None:
         """Restore :meth:`state_dict` output into this collector (same model structure)."""
+        self._stager.clear()  # rows gathered before the restore belong to the replaced states
         if sd.get("format") != _FORMAT:
             raise ValueError(f"not a Collector state dict (format {sd.get('format')!r})")
         cfg = sd["config"]
         for k in ("normalize", "include_bias"):
             if cfg[k] != getattr(self, k):
                 raise ValueError(f"state dict has {k}={cfg[k]}, this collector {getattr(self, k)}")
-        names, mine = set(sd["layers"]), set(self.layers)
+        names, mine = set(sd["layers"]), set(self._layers)
         if strict and names != mine:
             raise KeyError(f"layers differ: missing here {sorted(names - mine)[:5]}, missing in the "
                            f"state dict {sorted(mine - names)[:5]}")
         loaded: Dict[Tuple[str, str], Moments] = {}
         pending = []
         for name, entry in sd["layers"].items():
-            st = self.layers.get(name)
+            st = self._layers.get(name)
             if st is None:
                 continue
             dev = _module_device(st.module)
@@ -954,7 +978,7 @@ class Collector:
 
     def __repr__(self) -> str:
         kinds = {}
-        for st in self.layers.values():
+        for st in self._layers.values():
             kinds[st.kind] = kinds.get(st.kind, 0) + 1
-        return (f"Collector({len(self.layers)} layers {kinds}, streams={self.streams}, "
+        return (f"Collector({len(self._layers)} layers {kinds}, streams={self.streams}, "
                 f"steps={self.steps}, every={self.every}, running={self._running})")
