@@ -29,3 +29,12 @@ def pytest_report_header(config):
 @pytest.fixture
 def device():
     return torch.device(device_under_test())
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module with one torch thread (for test files of tiny tensors)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

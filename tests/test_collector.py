@@ -21,13 +21,8 @@ from crh_kernels.collect import Collector
 RTOL = 2e-4   # fp32 activations/gradients against a float64 reference (SPEC §2: ≤ 1e-4 on cov)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors only: one thread avoids OpenMP barrier stalls on a busy shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny tensors only: one thread avoids OpenMP barrier stalls on a busy shared machine
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------ float64 reference

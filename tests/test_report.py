@@ -16,12 +16,8 @@ from crh_kernels.report import Report
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny tensors only: one thread avoids OpenMP barrier stalls on a busy shared machine
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Net(nn.Module):
