@@ -47,7 +47,7 @@ if torch is not None:
     ext_modules.append(cpp_extension.CppExtension(
         "crh_kernels._C",
         [os.path.join(csrc, "moments_cpu.cpp"), os.path.join(csrc, "bindings.cpp")],
-        depends=[os.path.join(csrc, "moments_cpu.h")],
+        depends=[os.path.join(csrc, "moments_cpu.h"), os.path.join(csrc, "bindings_common.h")],
         extra_compile_args={"cxx": cxx_flags},
         extra_link_args=openmp,
     ))
@@ -73,7 +73,7 @@ if torch is not None:
         ext_modules.append(cpp_extension.CUDAExtension(
             "crh_kernels._C_cuda",
             [os.path.join(csrc, "moments_cuda.cu"), os.path.join(csrc, "bindings_cuda.cpp")],
-            depends=[os.path.join(csrc, "moments_cuda.h")],
+            depends=[os.path.join(csrc, "moments_cuda.h"), os.path.join(csrc, "bindings_common.h")],
             extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
         ))
 

@@ -20,58 +20,40 @@
 #include <optional>
 #include <tuple>
 
+#include "bindings_common.h"
 #include "moments_cpu.h"
 
 namespace {
 
 using crh::cpu::DType;
 
-DType dtype_code(const at::Tensor& x, const char* name) {
+using crh::binding::check_rows;
+using crh::binding::mask_of;
+
+DType dtype_code(const at::Tensor& x) {
   switch (x.scalar_type()) {
-    case at::kFloat: return DType::F32;
     case at::kBFloat16: return DType::BF16;
     case at::kHalf: return DType::F16;
-    default:
-      TORCH_CHECK(false, "crh: ", name, " must be float32, bfloat16 or float16, got ",
-                  x.scalar_type());
+    default: return DType::F32;  // check_rows admitted only these three
   }
 }
 
-void check_rows(const at::Tensor& x, const char* name) {
-  TORCH_CHECK(x.dim() == 2, "crh: ", name, " must be 2-D (N, D), got shape ", x.sizes());
-  TORCH_CHECK(x.size(1) >= 1, "crh: ", name, " must have D >= 1 features, got shape ", x.sizes());
-  TORCH_CHECK(x.device().is_cpu(), "crh: ", name, " must be a CPU tensor here, got ", x.device());
-  TORCH_CHECK(x.layout() == at::kStrided, "crh: ", name, " must be a dense (strided) tensor");
-  dtype_code(x, name);
-}
-
-crh::cpu::View view_of(const at::Tensor& x, const char* name) {
-  return {x.data_ptr(), dtype_code(x, name), x.size(0), x.size(1), x.stride(0), x.stride(1)};
-}
-
-// The mask as a contiguous bool tensor (a view costs nothing; anything else is one small copy).
-at::Tensor mask_of(const std::optional<at::Tensor>& mask, int64_t n) {
-  if (!mask.has_value() || !mask->defined()) return at::Tensor();
-  const at::Tensor& m = *mask;
-  TORCH_CHECK(m.scalar_type() == at::kBool, "crh: mask must be bool, got ", m.scalar_type());
-  TORCH_CHECK(m.dim() == 1 && m.size(0) == n, "crh: mask must have shape (", n, ",), got ",
-              m.sizes());
-  TORCH_CHECK(m.device().is_cpu(), "crh: mask must be on the CPU, got ", m.device());
-  return m.contiguous();
+crh::cpu::View view_of(const at::Tensor& x) {
+  return {x.data_ptr(), dtype_code(x), x.size(0), x.size(1), x.stride(0), x.stride(1)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_stats_cpu(
     const at::Tensor& x, const std::optional<at::Tensor>& mask, bool normalize) {
-  check_rows(x, "x");
+  check_rows(x, "x", c10::DeviceType::CPU);
   const int64_t d = x.size(1);
-  const at::Tensor m = mask_of(mask, x.size(0));
+  const at::Tensor m = mask_of(mask, x);
   auto opts = x.options();
   at::Tensor mean = at::empty({d}, opts.dtype(at::kDouble));
   at::Tensor scatter = at::empty({d, d}, opts.dtype(at::kFloat));
   at::Tensor counts = at::empty({2}, opts.dtype(at::kLong));
   crh::cpu::Counts c{0, 0};
   try {
-    c = crh::cpu::batch_stats(view_of(x, "x"), m.defined() ? m.data_ptr<bool>() : nullptr,
+    c = crh::cpu::batch_stats(view_of(x), m.defined() ? m.data_ptr<bool>() : nullptr,
                               normalize, at::get_num_threads(), mean.data_ptr<double>(),
                               scatter.data_ptr<float>());
   } catch (const std::exception& e) {
@@ -85,12 +67,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_stats_cpu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_stats_cpu(
     const at::Tensor& g, const at::Tensor& h, const std::optional<at::Tensor>& mask,
     bool normalize) {
-  check_rows(g, "g");
-  check_rows(h, "h");
+  check_rows(g, "g", c10::DeviceType::CPU);
+  check_rows(h, "h", c10::DeviceType::CPU);
   TORCH_CHECK(g.size(0) == h.size(0), "crh: g and h must have the same number of rows, got ",
               g.sizes(), " and ", h.sizes());
   const int64_t dg = g.size(1), dh = h.size(1);
-  const at::Tensor m = mask_of(mask, g.size(0));
+  const at::Tensor m = mask_of(mask, g);
   auto opts = g.options();
   at::Tensor mean_g = at::empty({dg}, opts.dtype(at::kDouble));
   at::Tensor mean_h = at::empty({dh}, opts.dtype(at::kDouble));
@@ -98,7 +80,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_stats_cpu(
   at::Tensor counts = at::empty({2}, opts.dtype(at::kLong));
   crh::cpu::Counts c{0, 0};
   try {
-    c = crh::cpu::cross_stats(view_of(g, "g"), view_of(h, "h"),
+    c = crh::cpu::cross_stats(view_of(g), view_of(h),
                               m.defined() ? m.data_ptr<bool>() : nullptr, normalize,
                               at::get_num_threads(), mean_g.data_ptr<double>(),
                               mean_h.data_ptr<double>(), scatter.data_ptr<float>());
@@ -129,10 +111,6 @@ TORCH_LIBRARY_IMPL(crh, CPU, m) {
 // ------------------------------------------------------------------------- Python module
 // Importing the module loads the op registrations above; cpu_isa() says which inner kernel
 // this machine runs ("avx512" or "generic").
-#define CRH_STR2(x) #x
-#define CRH_STR(x) CRH_STR2(x)
-#define CRH_CAT2(a, b) a##b
-#define CRH_CAT(a, b) CRH_CAT2(a, b)
 #ifndef TORCH_EXTENSION_NAME
 #define TORCH_EXTENSION_NAME _C
 #endif

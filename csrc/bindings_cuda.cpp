@@ -14,51 +14,36 @@
 #include <optional>
 #include <tuple>
 
+#include "bindings_common.h"
 #include "moments_cuda.h"
 
 namespace {
 
-int dtype_code(const at::Tensor& x, const char* name) {
+using crh::binding::mask_of;
+
+int dtype_code(const at::Tensor& x) {
   switch (x.scalar_type()) {
-    case at::kFloat: return CRH_CUDA_F32;
     case at::kBFloat16: return CRH_CUDA_BF16;
     case at::kHalf: return CRH_CUDA_F16;
-    default:
-      TORCH_CHECK(false, "crh: ", name, " must be float32, bfloat16 or float16, got ",
-                  x.scalar_type());
+    default: return CRH_CUDA_F32;  // check_rows admitted only these three
   }
 }
 
 // The kernels read rows with unit column stride: anything else is copied once (coalesced
 // loads matter more on the GPU than the copy).
 at::Tensor rows_of(const at::Tensor& x, const char* name) {
-  TORCH_CHECK(x.dim() == 2, "crh: ", name, " must be 2-D (N, D), got shape ", x.sizes());
-  TORCH_CHECK(x.size(1) >= 1, "crh: ", name, " must have D >= 1 features, got shape ", x.sizes());
-  TORCH_CHECK(x.is_cuda(), "crh: ", name, " must be a CUDA tensor here, got ", x.device());
-  TORCH_CHECK(x.layout() == at::kStrided, "crh: ", name, " must be a dense (strided) tensor");
-  dtype_code(x, name);
+  crh::binding::check_rows(x, name, c10::DeviceType::CUDA);
   return (x.stride(1) == 1 || x.size(1) == 1) ? x : x.contiguous();
 }
 
-crh_cuda_view view_of(const at::Tensor& x, const char* name) {
+crh_cuda_view view_of(const at::Tensor& x) {
   crh_cuda_view v;
   v.data = x.data_ptr();
-  v.dtype = dtype_code(x, name);
+  v.dtype = dtype_code(x);
   v.rows = x.size(0);
   v.cols = x.size(1);
   v.stride_row = x.size(0) > 1 ? x.stride(0) : x.size(1);
   return v;
-}
-
-at::Tensor mask_of(const std::optional<at::Tensor>& mask, const at::Tensor& x) {
-  if (!mask.has_value() || !mask->defined()) return at::Tensor();
-  const at::Tensor& m = *mask;
-  TORCH_CHECK(m.scalar_type() == at::kBool, "crh: mask must be bool, got ", m.scalar_type());
-  TORCH_CHECK(m.dim() == 1 && m.size(0) == x.size(0), "crh: mask must have shape (", x.size(0),
-              ",), got ", m.sizes());
-  TORCH_CHECK(m.device() == x.device(), "crh: mask is on ", m.device(), " but x is on ",
-              x.device());
-  return m.contiguous();
 }
 
 const unsigned char* mask_ptr(const at::Tensor& m) {
@@ -78,7 +63,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_stats_cuda(
   const size_t bytes = crh_cuda_batch_workspace(n, d);
   at::Tensor ws = at::empty({static_cast<int64_t>(bytes)}, opts.dtype(at::kByte));
   const cudaError_t err = crh_cuda_batch_stats(
-      view_of(x, "x"), mask_ptr(m), normalize ? 1 : 0, mean.data_ptr<double>(),
+      view_of(x), mask_ptr(m), normalize ? 1 : 0, mean.data_ptr<double>(),
       scatter.data_ptr<float>(), counts.data_ptr<int64_t>(), ws.data_ptr(), bytes,
       c10::cuda::getCurrentCUDAStream(x.device().index()).stream());
   TORCH_CHECK(err == cudaSuccess, "crh::batch_stats (CUDA): ", cudaGetErrorString(err));
@@ -106,7 +91,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_stats_cuda(
   const size_t bytes = crh_cuda_cross_workspace(n, dg, dh);
   at::Tensor ws = at::empty({static_cast<int64_t>(bytes)}, opts.dtype(at::kByte));
   const cudaError_t err = crh_cuda_cross_stats(
-      view_of(g, "g"), view_of(h, "h"), mask_ptr(m), normalize ? 1 : 0, mean_g.data_ptr<double>(),
+      view_of(g), view_of(h), mask_ptr(m), normalize ? 1 : 0, mean_g.data_ptr<double>(),
       mean_h.data_ptr<double>(), scatter.data_ptr<float>(), counts.data_ptr<int64_t>(),
       ws.data_ptr(), bytes, c10::cuda::getCurrentCUDAStream(g.device().index()).stream());
   TORCH_CHECK(err == cudaSuccess, "crh::cross_stats (CUDA): ", cudaGetErrorString(err));
@@ -121,10 +106,6 @@ TORCH_LIBRARY_IMPL(crh, CUDA, m) {
 }
 
 // ------------------------------------------------------------------------- Python module
-#define CRH_STR2(x) #x
-#define CRH_STR(x) CRH_STR2(x)
-#define CRH_CAT2(a, b) a##b
-#define CRH_CAT(a, b) CRH_CAT2(a, b)
 #ifndef TORCH_EXTENSION_NAME
 #define TORCH_EXTENSION_NAME _C_cuda
 #endif
