@@ -104,7 +104,7 @@ class LinearAdapter(Adapter):
         return y.reshape(-1, y.shape[-1]), tuple(y.shape[:-1])
 
     def g_a_from_g_b(self, module, gb, include_bias):
-        out = gb @ module.weight.detach().to(gb.dtype)
+        out = gb @ self.base_weight(module).to(gb.dtype)
         if include_bias and _has_bias(module):
             out = torch.cat([out, gb @ module.bias.detach().to(gb.dtype)[:, None]], dim=1)
         return out
@@ -121,12 +121,6 @@ class Conv1DAdapter(LinearAdapter):
 
     def base_weight(self, module):
         return module.weight.detach().t()
-
-    def g_a_from_g_b(self, module, gb, include_bias):
-        out = gb @ module.weight.detach().to(gb.dtype).t()
-        if include_bias and _has_bias(module):
-            out = torch.cat([out, gb @ module.bias.detach().to(gb.dtype)[:, None]], dim=1)
-        return out
 
 
 class Conv2dAdapter(Adapter):
