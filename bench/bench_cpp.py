@@ -20,6 +20,7 @@ import torch
 
 import crh_kernels
 from crh_kernels.backends import cpp as cpp_backend
+from crh_kernels.selfcheck import bare_mm, pipeline
 
 SHAPES = [(16384, 1024), (65536, 128), (4096, 4096)]
 DTYPES = [torch.float32, torch.bfloat16]
@@ -35,15 +36,8 @@ def _rounds(n, d):
     return max(3, min(15, int(1.0 / max(est, 1e-4))))
 
 
-def pipeline(x):
-    xh = x / x.norm(dim=-1, keepdim=True)
-    mu = xh.mean(0)
-    y = xh - mu
-    return y.T @ y
 
 
-def bare_mm(x):
-    return x.T @ x
 
 
 @pytest.fixture(scope="module", autouse=True)

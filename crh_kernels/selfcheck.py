@@ -1,5 +1,6 @@
 """A quick self-check: every available backend on sample data, accuracy against a float64
-reference, and time per update. Used by ``crh check`` (and printed by CI).
+reference, and time per update. Used by ``crh check``. Also home of the plain-PyTorch
+baselines of SPEC §5 and of that float64 reference, which the benchmarks share.
 """
 from __future__ import annotations
 
@@ -11,7 +12,20 @@ from . import backends as _backends
 from .moments import Moments
 
 
-def _float64_reference(x: torch.Tensor):
+def pipeline(x: torch.Tensor) -> torch.Tensor:
+    """SPEC §5's baseline, plain PyTorch in x's dtype: x̂ = x/||x||, μ = mean, (x̂−μ)ᵀ(x̂−μ)."""
+    xh = x / x.norm(dim=-1, keepdim=True)
+    y = xh - xh.mean(0)
+    return y.T @ y
+
+
+def bare_mm(x: torch.Tensor) -> torch.Tensor:
+    """The bare Gram xᵀx: the full-product cost the symmetric update halves."""
+    return x.T @ x
+
+
+def float64_scatter(x: torch.Tensor):
+    """(μ, C) of the normalized rows of ``x`` (no zero rows), computed in float64."""
     a = x.double()
     a = a / a.norm(dim=1, keepdim=True)
     mu = a.mean(0)
@@ -33,7 +47,7 @@ def run(n: int = 4096, d: int = 256, device: str = "cpu", repeats: int = 3, echo
             continue
         for dtype, bound in bounds.items():
             x = x64.to(dtype).to(device)
-            mu, c = _float64_reference(x.double().cpu())
+            mu, c = float64_scatter(x.cpu())
             best = float("inf")
             for _ in range(repeats):
                 m = Moments(d, backend=name, device=device)
