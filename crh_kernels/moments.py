@@ -332,8 +332,8 @@ def cross_moments(g: torch.Tensor, h: torch.Tensor, *, normalize: bool = True,
     h2, _ = _rows(h, None)
     be = _backends.resolve(backend, g.device, g.dtype)
     if g2.shape[0] == 0:
-        z = torch.zeros
-        return CrossMoments(0, z(g.shape[-1], dtype=torch.float64), z(h.shape[-1], dtype=torch.float64),
-                            z(g.shape[-1], h.shape[-1]))
+        dg, dh, dev = g.shape[-1], h.shape[-1], g.device
+        return CrossMoments(0, torch.zeros(dg, dtype=torch.float64, device=dev),
+                            torch.zeros(dh, dtype=torch.float64, device=dev), torch.zeros(dg, dh, device=dev))
     st = be.cross_stats(g2, h2, m2, normalize, _fp32_precision(fp32_precision))
     return CrossMoments(st.n, st.mean_g, st.mean_h, st.scatter)
