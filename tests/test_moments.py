@@ -316,6 +316,8 @@ def test_empty_input_is_a_no_op():
     m.update(torch.randn(0, 6))
     m.update(torch.randn(3, 0, 6))
     assert m.n == 0 and m.device is None
+    r = crh_kernels.cross_moments(torch.randn(0, 3), torch.randn(0, 5))
+    assert r.n == 0 and r.C_gh.shape == (3, 5) and not r.C_gh.any()
 
 
 def device_under_test_adopted_from_first_update():
