@@ -64,6 +64,14 @@ def test_byte_budget_and_disabled():
     st.feed(a, torch.randn(3, 6), None)
     st.feed(b, torch.randn(3, 6), None)                # no room for a second buffer
     assert (a.n, b.n, st.pending) == (0, 3, 3)
+    # the budget counts row buffers (a mask buffer exists only for masked streams): two
+    # buffers of exactly half the budget both fit, and a masked call still stages
+    st2 = RowStager(100, max_bytes=2 * 100 * 6 * 4)
+    st2.feed(a, torch.randn(3, 6), None)
+    st2.feed(b, torch.randn(3, 6), torch.tensor([True, False, True]))
+    assert (a.n, b.n, st2.pending) == (0, 3, 6)
+    st2.flush()
+    assert (a.n, b.n, st2.pending) == (3, 5, 0)
     off = RowStager(0)
     c = Moments(6)
     off.feed(c, torch.randn(3, 6), None)

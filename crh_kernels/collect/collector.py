@@ -239,7 +239,9 @@ class Collector:
             grows with D², which dominates when N ≲ D); 0 updates on every call. Gathered rows
             reach the states when a buffer fills, on ``stop()``, ``report()``, ``sync()``,
             ``state_dict()`` and whenever ``col.layers`` is read.
-        stage_bytes: bound on the memory of those buffers, all streams together.
+        stage_bytes: bound on the memory of those row buffers, all streams together (the
+            default holds 16 streams of 1024 fp32 features; a stream that does not fit is
+            updated on every call). Masked streams add one byte a row.
     """
 
     STREAMS = STREAMS

@@ -21,14 +21,17 @@ from ..moments import Moments
 
 
 class _Buffer:
-    __slots__ = ("moments", "x", "mask", "filled", "masked")
+    __slots__ = ("moments", "x", "mask", "filled")
 
     def __init__(self, moments: Moments, like: torch.Tensor, rows: int):
         self.moments = moments
         self.x = torch.empty(rows, like.shape[1], dtype=like.dtype, device=like.device)
-        self.mask = torch.ones(rows, dtype=torch.bool, device=like.device)
+        self.mask: Optional[torch.Tensor] = None  # made on the first masked call of a fill
         self.filled = 0
-        self.masked = False
+
+    @property
+    def nbytes(self) -> int:
+        return self.x.numel() * self.x.element_size() + (0 if self.mask is None else self.mask.numel())
 
 
 class RowStager:
@@ -46,7 +49,7 @@ class RowStager:
 
     @property
     def nbytes(self) -> int:
-        return sum(b.x.numel() * b.x.element_size() + b.mask.numel() for b in self._bufs.values())
+        return sum(b.nbytes for b in self._bufs.values())
 
     @property
     def pending(self) -> int:
@@ -70,27 +73,27 @@ class RowStager:
             take = min(self.rows - buf.filled, x.shape[0] - start)
             buf.x[buf.filled:buf.filled + take].copy_(x[start:start + take])
             if mask is not None:
+                if buf.mask is None:
+                    buf.mask = torch.ones(self.rows, dtype=torch.bool, device=buf.x.device)
                 buf.mask[buf.filled:buf.filled + take].copy_(mask[start:start + take])
-                buf.masked = True
+            elif buf.mask is not None:
+                buf.mask[buf.filled:buf.filled + take].fill_(True)
             buf.filled += take
             start += take
             if buf.filled == self.rows:
                 self._flush(buf)
 
     def _room(self, x: torch.Tensor) -> bool:
-        need = self.rows * (x.shape[1] * x.element_size() + 1)
+        # the row buffer only: a mask buffer (1 byte a row) is made for masked streams alone
+        need = self.rows * x.shape[1] * x.element_size()
         return self.nbytes + need <= self.max_bytes
 
     def _flush(self, buf: _Buffer) -> None:
         if buf.filled == 0:
             return
         n, buf.filled = buf.filled, 0
-        mask = buf.mask[:n] if buf.masked else None
-        buf.masked = False
-        try:
-            buf.moments.update(buf.x[:n], mask)
-        finally:
-            buf.mask.fill_(True)
+        mask, buf.mask = (None if buf.mask is None else buf.mask[:n]), None
+        buf.moments.update(buf.x[:n], mask)
 
     def flush(self) -> None:
         """Put every gathered row into its state."""
