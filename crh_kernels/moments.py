@@ -138,8 +138,22 @@ class Moments:
         x2, m2 = _rows(x.detach(), mask)
         if x2.shape[0] == 0:
             return self
+        backend = self._resolve(x)
+        update_state = getattr(backend, "update_state", None)
+        if self._device is not None and update_state is not None:
+            with torch.no_grad():
+                fused = update_state(x2, m2, self.normalize, self.strict, self.n,
+                                             self._mean, self._scatter)
+            if fused is not None:
+                # the kernel has merged the batch into the scatter (or, with strict and a
+                # skipped row, left it untouched: _absorb_skipped raises then)
+                n2, skipped, mean2 = fused
+                self._absorb_skipped(skipped)
+                with torch.no_grad():
+                    self._merge_mean(n2, mean2)
+                return self
         with torch.no_grad():
-            stats = self._resolve(x).batch_stats(x2, m2, self.normalize, self.fp32_precision)
+            stats = backend.batch_stats(x2, m2, self.normalize, self.fp32_precision)
         self._absorb_skipped(stats.n_skipped)
         if self._device is None:
             self._allocate(x.device)
@@ -164,19 +178,27 @@ class Moments:
         """Chan–Golub–LeVeque: n = n1+n2, δ = μ2−μ1, μ = μ1 + δ·n2/n, C = C1 + C2 + δδᵀ·n1·n2/n."""
         if n2 == 0:
             return
-        mean2 = mean2.to(device=self._device, dtype=self.dtype)
         n1 = self.n
-        n = n1 + n2
         if n1 == 0:
-            self._mean.copy_(mean2)
             self._scatter.copy_(c2)
         else:
-            delta = mean2 - self._mean
+            delta = mean2.to(device=self._device, dtype=self.dtype) - self._mean
             # in place and mixed-dtype: no D×D copy of the batch scatter
             self._scatter.add_(c2.to(self._device))
             # outer() then add, not addr_: BLAS ger is not bitwise symmetric, and C must be
-            self._scatter.add_(torch.outer(delta, delta), alpha=n1 * n2 / n)
-            self._mean.add_(delta, alpha=n2 / n)
+            self._scatter.add_(torch.outer(delta, delta), alpha=n1 * n2 / (n1 + n2))
+        self._merge_mean(n2, mean2)
+
+    def _merge_mean(self, n2: int, mean2: torch.Tensor) -> None:
+        """μ = μ1 + (μ2 − μ1)·n2/n and n = n1 + n2 (the scatter has been merged already)."""
+        if n2 == 0:
+            return
+        mean2 = mean2.to(device=self._device, dtype=self.dtype)
+        n = self.n + n2
+        if self.n == 0:
+            self._mean.copy_(mean2)
+        else:
+            self._mean.add_(mean2 - self._mean, alpha=n2 / n)
         self.n = n
 
     def merge(self, other: "Moments") -> "Moments":

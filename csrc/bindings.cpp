@@ -9,6 +9,10 @@
 //   crh::batch_stats(x, mask, normalize) -> (mean f64 (D,), scatter f32 (D, D), counts i64 (2,))
 //   crh::cross_stats(g, h, mask, normalize)
 //       -> (mean_g f64 (Dg,), mean_h f64 (Dh,), scatter f32 (Dg, Dh), counts i64 (2,))
+//   crh::batch_update_(x, mask, normalize, strict, n1, state_mean, state_scatter)
+//       -> (mean f64 (D,), counts i64 (2,)); CPU only: merges the batch into state_scatter
+//       (f32/f64 (D, D), n1 rows so far around state_mean) in place; the caller updates its
+//       mean and count. With strict, a batch with a skipped row leaves the state untouched.
 // counts = [n valid rows, n skipped rows]; scatter = Σ (x̂ − μ)(x̂ − μ)ᵀ, exactly symmetric.
 #include <Python.h>
 
@@ -64,6 +68,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_stats_cpu(
   return {mean, scatter, counts};
 }
 
+// The state is checked here, before anything runs: a bad state is an error, not a corrupted one.
+std::tuple<at::Tensor, at::Tensor> batch_update_cpu(const at::Tensor& x,
+                                                    const std::optional<at::Tensor>& mask,
+                                                    bool normalize, bool strict, int64_t n1,
+                                                    const at::Tensor& state_mean,
+                                                    at::Tensor& state_scatter) {
+  check_rows(x, "x", c10::DeviceType::CPU);
+  const int64_t d = x.size(1);
+  const at::Tensor m = mask_of(mask, x);
+  const auto st = state_scatter.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble,
+              "crh::batch_update_: state_scatter must be float32 or float64, got ", st);
+  TORCH_CHECK(state_mean.scalar_type() == st, "crh::batch_update_: state_mean must have the "
+              "dtype of state_scatter (", st, "), got ", state_mean.scalar_type());
+  TORCH_CHECK(state_scatter.device().is_cpu() && state_mean.device().is_cpu(),
+              "crh::batch_update_: the state must be on the CPU");
+  TORCH_CHECK(state_scatter.dim() == 2 && state_scatter.size(0) == d && state_scatter.size(1) == d
+                  && state_scatter.is_contiguous(),
+              "crh::batch_update_: state_scatter must be a contiguous (", d, ", ", d,
+              ") tensor, got ", state_scatter.sizes());
+  TORCH_CHECK(state_mean.dim() == 1 && state_mean.size(0) == d && state_mean.is_contiguous(),
+              "crh::batch_update_: state_mean must be a contiguous (", d, ",) tensor, got ",
+              state_mean.sizes());
+  TORCH_CHECK(n1 >= 0, "crh::batch_update_: n1 must be >= 0, got ", n1);
+  auto opts = x.options();
+  at::Tensor mean = at::empty({d}, opts.dtype(at::kDouble));
+  at::Tensor counts = at::empty({2}, opts.dtype(at::kLong));
+  const crh::cpu::State state{st == at::kDouble, n1, state_mean.data_ptr(),
+                              state_scatter.data_ptr()};
+  crh::cpu::Counts c{0, 0};
+  try {
+    c = crh::cpu::batch_update(view_of(x), m.defined() ? m.data_ptr<bool>() : nullptr, normalize,
+                               at::get_num_threads(), strict, state, mean.data_ptr<double>());
+  } catch (const std::exception& e) {
+    TORCH_CHECK(false, "crh::batch_update_: ", e.what());
+  }
+  counts.data_ptr<int64_t>()[0] = c.n;
+  counts.data_ptr<int64_t>()[1] = c.n_skipped;
+  return {mean, counts};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_stats_cpu(
     const at::Tensor& g, const at::Tensor& h, const std::optional<at::Tensor>& mask,
     bool normalize) {
@@ -97,6 +142,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_stats_cpu(
 TORCH_LIBRARY(crh, m) {
   m.def("batch_stats(Tensor x, Tensor? mask, bool normalize) -> (Tensor, Tensor, Tensor)",
         {at::Tag::pt2_compliant_tag});
+  // CPU only: the batch merged into a running (mean, scatter) in the kernel's last pass
+  m.def(
+      "batch_update_(Tensor x, Tensor? mask, bool normalize, bool strict, int n1, "
+      "Tensor state_mean, Tensor(a!) state_scatter) -> (Tensor, Tensor)");
   m.def(
       "cross_stats(Tensor g, Tensor h, Tensor? mask, bool normalize) "
       "-> (Tensor, Tensor, Tensor, Tensor)",
@@ -105,6 +154,7 @@ TORCH_LIBRARY(crh, m) {
 
 TORCH_LIBRARY_IMPL(crh, CPU, m) {
   m.impl("batch_stats", &batch_stats_cpu);
+  m.impl("batch_update_", &batch_update_cpu);
   m.impl("cross_stats", &cross_stats_cpu);
 }
 

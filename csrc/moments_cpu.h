@@ -34,6 +34,24 @@ struct Counts {
 Counts batch_stats(const View& x, const bool* mask, bool normalize, int threads,
                    double* mean, float* scatter);
 
+// The running state a batch merges into: n1 rows so far, mean (D,) and scatter (D, D)
+// row-major, exactly symmetric, both float64 (f64) or float32.
+struct State {
+  bool f64;
+  int64_t n1;
+  const void* mean;
+  void* scatter;
+};
+
+// batch_stats merged into st in its final pass (Chan et al.), without a (D, D) batch scatter:
+//   scatter ← scatter + C_b + (n1·n/(n1+n))·δδᵀ with δ = mu − mean1 (scatter ← C_b when n1 == 0),
+//   each entry in float64, rounded once to the state's type, mirrored exactly.
+// mean (D,) float64 receives the batch mean mu; the caller updates its own mean and count.
+// The state is left untouched when no row is valid, or when refuse_skipped and a row was
+// skipped (the counts say which).
+Counts batch_update(const View& x, const bool* mask, bool normalize, int threads,
+                    bool refuse_skipped, const State& st, double* mean);
+
 // Cross moment of paired rows g (N, Dg), h (N, Dh): a row is valid when both rows are valid
 // (and the mask keeps it). mean_g (Dg,), mean_h (Dh,) float64; scatter (Dg, Dh) float32
 // row-major: Σ_i (ĝ_i − mu_g)(ĥ_i − mu_h)ᵀ.

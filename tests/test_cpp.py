@@ -241,6 +241,116 @@ def test_moments_through_backend(ops):
     assert cm.n == reference_cross(xs[0], xs[0][:, :7])[0]
 
 
+def _merge64(parts):
+    """Chan merge, in float64, of reference() results of row blocks: the state after them."""
+    n, mean, c = 0, None, None
+    for n2, _, m2, c2 in parts:
+        if n2 == 0:
+            continue
+        if n == 0:
+            n, mean, c = n2, m2.copy(), c2.copy()
+            continue
+        d = m2 - mean
+        c = c + c2 + np.outer(d, d) * (n * n2 / (n + n2))
+        mean = mean + d * (n2 / (n + n2))
+        n += n2
+    return n, mean, c
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("d", [1, 37, 130])
+def test_batch_update_merges_into_state(ops, isa, state_dtype, dtype, d):
+    """crh::batch_update_ (the batch merged in the kernel's last pass) against float64 Chan
+    merges of independently computed blocks: a fresh state, then blocks whose means drift
+    (mean ≫ spread), a block with no valid row, masks, zero and non-finite rows."""
+    gen = torch.Generator().manual_seed(d)
+    n1, mean = 0, torch.zeros(d, dtype=state_dtype)
+    scatter = torch.full((d, d), float("nan"), dtype=state_dtype)  # fresh: must be overwritten
+    parts = []
+    for i, (n, ratio) in enumerate([(300, 50.0), (1, 50.0), (700, 60.0), (3, 0.0), (1100, 55.0)]):
+        x = hostile(gen, n, d, mean_ratio=ratio, dtype=dtype, zero=n // 100, bad=n // 300)
+        mask = torch.rand(n, generator=gen) > 0.2 if i % 2 else None
+        if i == 3:
+            x = torch.zeros(n, d, dtype=dtype)  # no valid row: state untouched
+        ref = reference(x, mask)
+        before = scatter.clone()
+        mb, counts = ops.batch_update_(x, mask, True, False, n1, mean, scatter)
+        assert counts.tolist() == [ref[0], ref[1]]
+        if ref[0] == 0:
+            assert torch.equal(scatter, before) or (n1 == 0 and scatter.isnan().all())
+            continue
+        assert rel(mb, ref[2]) <= MEAN_TOL
+        parts.append(ref)
+        # the caller's part: mean and count
+        if n1 == 0:
+            mean.copy_(mb.to(state_dtype))
+        else:
+            mean.add_(mb.to(state_dtype) - mean, alpha=ref[0] / (n1 + ref[0]))
+        n1 += ref[0]
+        assert torch.equal(scatter, scatter.T), "the state must stay exactly symmetric"
+        n_ref, mean_ref, c_ref = _merge64(parts)
+        assert n1 == n_ref
+        assert rel(scatter, c_ref) <= COV_TOL[dtype], (i, rel(scatter, c_ref))
+
+
+def test_batch_update_matches_the_two_step_path(ops):
+    """Moments.update through the fused op and through batch_stats + the Python merge agree
+    (to fp32 rounding), for float32 and float64 states."""
+    gen = torch.Generator().manual_seed(11)
+    xs = [hostile(gen, n, 64, mean_ratio=20.0, dtype=torch.float32) for n in (500, 2, 900, 64)]
+
+    class TwoStep(cpp_mod.CppBackend):
+        update_state = None  # hides the fused path: Moments takes batch_stats + _merge_stats
+
+    for sd in (torch.float32, torch.float64):
+        a, b = Moments(64, backend="cpp", dtype=sd), Moments(64, backend="cpp", dtype=sd)
+        for x in xs:
+            a.update(x)
+        real = crh_kernels.backends.resolve
+        try:
+            crh_kernels.backends.resolve = lambda *args, **kw: TwoStep()
+            for x in xs:
+                b.update(x)
+        finally:
+            crh_kernels.backends.resolve = real
+        assert a.n == b.n
+        tol = 1e-5 if sd == torch.float32 else 1e-6
+        assert rel(a.scatter, b.scatter.double().numpy()) <= tol
+        assert rel(a.mean, b.mean.double().numpy()) <= 1e-6
+
+
+def test_batch_update_strict_and_bad_state(ops):
+    """strict: a batch with a skipped row leaves the state bitwise unchanged and raises;
+    a state of the wrong dtype, shape, layout or device is refused before anything runs."""
+    gen = torch.Generator().manual_seed(5)
+    m = Moments(9, backend="cpp", strict=True, dtype=torch.float32)
+    m.update(torch.randn(40, 9, generator=gen))
+    sd = m.state_dict()
+    bad = torch.randn(30, 9, generator=gen)
+    bad[4] = 0.0
+    with pytest.raises(ValueError, match="strict"):
+        m.update(bad)
+    after = m.state_dict()
+    assert m.n == 40 and all(torch.equal(sd[k], after[k]) for k in sd if isinstance(sd[k], torch.Tensor))
+    x = torch.randn(5, 4, generator=gen)
+    mean, sc = torch.zeros(4), torch.zeros(4, 4)
+    cases = [
+        ((mean, sc.half()), "float32 or float64"),
+        ((mean.double(), sc), "dtype of state_scatter"),
+        ((mean, torch.zeros(4, 5)), r"contiguous \(4, 4\)"),
+        ((mean, torch.zeros(4, 8)[:, ::2]), r"contiguous \(4, 4\)"),
+        ((torch.zeros(3), sc), r"contiguous \(4,\)"),
+    ]
+    for (mu, s), msg in cases:
+        keep = s.clone()
+        with pytest.raises(RuntimeError, match=msg):
+            ops.batch_update_(x, None, True, False, 3, mu, s)
+        assert torch.equal(s, keep)
+    with pytest.raises(RuntimeError, match="n1 must be >= 0"):
+        ops.batch_update_(x, None, True, False, -1, mean, sc)
+
+
 def test_cpp_is_the_cpu_default(ops):
     from crh_kernels import backends
 
@@ -259,6 +369,10 @@ def test_opcheck(ops):
         (ops.batch_stats.default, (x.bfloat16(), mask, False)),
         (ops.batch_stats.default, (x.t().contiguous().t().half(), mask, True)),
         (ops.cross_stats.default, (x, torch.randn(50, 3, generator=gen), mask, True)),
+        (ops.batch_update_.default, (x, mask, True, False, 10, torch.randn(7, generator=gen),
+                                     torch.eye(7))),
+        (ops.batch_update_.default, (x.bfloat16(), None, True, True, 0, torch.zeros(7).double(),
+                                     torch.zeros(7, 7).double())),
     ]
     for op, args in samples:
         result = torch.library.opcheck(op, args)

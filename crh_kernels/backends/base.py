@@ -38,7 +38,10 @@ class CrossStats(NamedTuple):
 
 
 class Backend:
-    """Base class; subclasses set ``name`` and implement the three methods."""
+    """Base class; subclasses set ``name`` and implement the three methods. A backend may
+    also offer ``update_state(x, mask, normalize, strict, n1, mean, scatter)``, merging the
+    batch into a running state in place (see :class:`crh_kernels.backends.cpp.CppBackend`);
+    :class:`crh_kernels.Moments` uses it when present and falls back to ``batch_stats``."""
 
     name: str = "?"
     #: dtypes of ``x`` the backend accepts

@@ -13,6 +13,9 @@ Ops (registered by ``TORCH_LIBRARY(crh)`` in csrc/bindings.cpp)::
     torch.ops.crh.cross_stats(g (N, Dg), h (N, Dh), mask | None, normalize)
         -> mean_g f64 (Dg,), mean_h f64 (Dh,), scatter f32 (Dg, Dh), counts i64 [n, n_skipped]
 
+    torch.ops.crh.batch_update_(x, mask | None, normalize, strict, n1, state_mean, state_scatter)
+        -> mean f64 (D,), counts     (CPU only: the batch merged into state_scatter in place)
+
 ``fp32_precision`` is accepted and ignored: fp32 operands always take the IEEE fp32 path.
 """
 from __future__ import annotations
@@ -67,6 +70,11 @@ def _register_fakes() -> None:
         return (x.new_empty((d,), dtype=torch.float64), x.new_empty((d, d), dtype=torch.float32),
                 x.new_empty((2,), dtype=torch.int64))
 
+    @torch.library.register_fake("crh::batch_update_")
+    def _batch_update_fake(x, mask, normalize, strict, n1, state_mean, state_scatter):
+        d = x.shape[1]
+        return x.new_empty((d,), dtype=torch.float64), x.new_empty((2,), dtype=torch.int64)
+
     @torch.library.register_fake("crh::cross_stats")
     def _cross_stats_fake(g, h, mask, normalize):
         dg, dh = g.shape[1], h.shape[1]
@@ -100,6 +108,20 @@ class CppBackend(_OpsBackend):
     has it, a portable one elsewhere); uses ``torch.get_num_threads()`` threads."""
 
     name = "cpp"
+
+    def update_state(self, x: torch.Tensor, mask: Optional[torch.Tensor], normalize: bool,
+                     strict: bool, n1: int, mean: torch.Tensor, scatter: torch.Tensor
+                     ) -> Optional[Tuple[int, int, torch.Tensor]]:
+        """Merge the batch into a CPU state in the kernel's last pass (no (D, D) batch
+        scatter, no separate merge). Returns ``(n, n_skipped, batch mean)``, or None when the
+        state is not one the kernel takes (then use :meth:`batch_stats`)."""
+        if (scatter.device.type != "cpu" or scatter.dtype not in (torch.float32, torch.float64)
+                or not scatter.is_contiguous() or not mean.is_contiguous()):
+            return None
+        mean_b, counts = torch.ops.crh.batch_update_(x, mask, bool(normalize), bool(strict),
+                                                     int(n1), mean, scatter)
+        n, skipped = (int(v) for v in counts.tolist())
+        return n, skipped, mean_b
 
     def availability(self) -> Tuple[bool, str]:
         module, how = _load("cpu")
