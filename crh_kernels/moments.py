@@ -142,8 +142,8 @@ class Moments:
         update_state = getattr(backend, "update_state", None)
         if self._device is not None and update_state is not None:
             with torch.no_grad():
-                fused = update_state(x2, m2, self.normalize, self.strict, self.n,
-                                             self._mean, self._scatter)
+                fused = update_state(x2, m2, self.normalize, self.strict, self.n, self._mean,
+                                     self._scatter)
             if fused is not None:
                 # the kernel has merged the batch into the scatter (or, with strict and a
                 # skipped row, left it untouched: _absorb_skipped raises then)

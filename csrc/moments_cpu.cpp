@@ -745,27 +745,10 @@ struct Block {
   int64_t i0, i1, j0, j1;
 };
 
-// scatter = the batch's sums.
-struct StoreScatter {
-  float* out;
-  int64_t d;
-  void operator()(const Block& k, const float* v) const {
-    for (int64_t i = k.i0; i < k.i1; ++i) {
-      const float* b = v + (i - k.i0) * kB - k.j0;
-      float* o = out + i * d;
-#pragma omp simd
-      for (int64_t j = std::max(i, k.j0); j < k.j1; ++j) o[j] = b[j];
-    }
-    for (int64_t j = k.j0; j < k.j1; ++j) {
-      float* o = out + j * d;
-      for (int64_t i = k.i0; i < std::min(k.i1, j); ++i) o[i] = v[(i - k.i0) * kB + (j - k.j0)];
-    }
-  }
-};
-
 // The running scatter S (float or double) takes the batch (Chan et al.):
-//   S ← S + C_b + f·δδᵀ  (f = n1·n_b/(n1+n_b), δ = μ_b − μ_1),  or S ← C_b for an empty state,
-// each entry in float64 and rounded once; the lower triangle copies the upper.
+//   S ← S + C_b + f·δδᵀ  (f = n1·n_b/(n1+n_b), δ = μ_b − μ_1),  or S ← C_b when fresh
+// (an empty state, or batch_stats' own output; delta is not read then), each entry in
+// float64 and rounded once; the lower triangle copies the upper.
 template <class S>
 struct MergeScatter {
   S* s;
@@ -779,12 +762,12 @@ struct MergeScatter {
       const float* b = v + (i - k.i0) * kB - k.j0;
       S* row = s + i * d;
       S* w = nb + (i - k.i0) * kB - k.j0;
-      const double fi = f * delta[i];
       const int64_t jlo = std::max(i, k.j0);
       if (fresh) {
 #pragma omp simd
         for (int64_t j = jlo; j < k.j1; ++j) row[j] = w[j] = S(b[j]);
       } else {
+        const double fi = f * delta[i];
 #pragma omp simd
         for (int64_t j = jlo; j < k.j1; ++j)
           row[j] = w[j] = S(double(row[j]) + double(b[j]) + fi * delta[j]);
@@ -928,7 +911,7 @@ Counts batch_stats_t(const View& x, const bool* mask, bool normalize, int thread
     std::fill(scatter, scatter + d * d, 0.0f);
     return {0, p.rs.n_skipped};
   }
-  scatter_upper<T>(p.k, x, p.rs, p.mu.get(), threads, StoreScatter{scatter, d});
+  scatter_upper<T>(p.k, x, p.rs, p.mu.get(), threads, MergeScatter<float>{scatter, d, nullptr, 0.0, true});
   return {n, p.rs.n_skipped};
 }
 
