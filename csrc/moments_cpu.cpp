@@ -234,6 +234,18 @@ enum : uint8_t { kMasked = 0, kSkipped = 1, kValid = 2 };
 // 1/sqrt(sq) rounded once (through float64), for a finite sq > 0.
 CRH_INLINE float inv_sqrt(float sq) { return float(1.0 / std::sqrt(double(sq))); }
 
+// The row rule (crh_kernels/backends/base.py) from a live row's fp32 squared norm: its status
+// and scale, one definition for every pass-1 path. True when the row is valid.
+CRH_INLINE bool row_rule(float sq, bool normalize, float& scale, uint8_t& status) {
+  if (!std::isfinite(sq) || (normalize && !(sq > 0.0f))) {
+    status = kSkipped;
+    return false;
+  }
+  scale = normalize ? inv_sqrt(sq) : 1.0f;
+  status = kValid;
+  return true;
+}
+
 // Squared norm (fp32) of row i, then status and scale; with acc != nullptr also
 // acc += s·x_i in float64 (the row is still in L1 from the norm loop).
 template <DType T>
@@ -263,14 +275,8 @@ void row_pass_range(const View& x, const bool* mask, bool normalize, int64_t r0,
     }
     for (int w = 16; w > 0; w /= 2)
       for (int l = 0; l < w; ++l) lanes[l] += lanes[l + w];
-    const float sq = lanes[0];
-    if (!std::isfinite(sq) || (normalize && !(sq > 0.0f))) {
-      status[i] = kSkipped;
-      continue;
-    }
-    const float s = normalize ? inv_sqrt(sq) : 1.0f;
-    status[i] = kValid;
-    scale[i] = s;
+    if (!row_rule(lanes[0], normalize, scale[i], status[i])) continue;
+    const float s = scale[i];
     if (acc != nullptr) {
       if (sc == 1) {
 #pragma omp simd
@@ -356,15 +362,8 @@ CRH_TARGET_AVX512 void row_pass_avx512(const View& x, const bool* mask, bool nor
       q1 = _mm512_fmadd_ps(a, a, q1);
     }
     const float sq = _mm512_reduce_add_ps(_mm512_add_ps(q0, q1));
-    if (!std::isfinite(sq) || (normalize && !(sq > 0.0f))) {
-      status[i] = kSkipped;
-      continue;
-    }
-    const float sf = normalize ? inv_sqrt(sq) : 1.0f;
-    status[i] = kValid;
-    scale[i] = sf;
-    if (acc == nullptr) continue;
-    const __m512 s = _mm512_set1_ps(sf);
+    if (!row_rule(sq, normalize, scale[i], status[i]) || acc == nullptr) continue;
+    const __m512 s = _mm512_set1_ps(scale[i]);
     for (j = 0; j < full; j += 16) {
       const __m512 y = _mm512_mul_ps(load16<T>(row + j, 0xffff), s);
       const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(y));
