@@ -161,6 +161,26 @@ class Moments:
             self._merge_stats(stats.n, stats.mean, stats.scatter)
         return self
 
+    def _update_staged(self, x: torch.Tensor, scale: torch.Tensor, status: torch.Tensor,
+                       sum_: torch.Tensor) -> "Moments":
+        """The end of :meth:`update` for rows that the backend's ``stage_rows`` staged (x (R, D)
+        with their status, scale and Σ s_i x_i): for :class:`crh_kernels.collect.RowStager`.
+        Same state, errors and warnings as ``update(x, mask)``."""
+        self._check_device(x)
+        backend = self._resolve(x)
+        if self._device is None:
+            self._allocate(x.device)
+        with torch.no_grad():
+            fused = backend.update_staged(x, scale, status, sum_, self.strict, self.n, self._mean,
+                                          self._scatter)
+        if fused is None:  # a state the kernel does not take: the plain path (status 0 = masked)
+            return self.update(x, status != 0)
+        n2, skipped, mean2 = fused
+        self._absorb_skipped(skipped)
+        with torch.no_grad():
+            self._merge_mean(n2, mean2)
+        return self
+
     def _absorb_skipped(self, k: int) -> None:
         if k == 0:
             return

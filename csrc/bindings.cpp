@@ -13,6 +13,13 @@
 //       -> (mean f64 (D,), counts i64 (2,)); CPU only: merges the batch into state_scatter
 //       (f32/f64 (D, D), n1 rows so far around state_mean) in place; the caller updates its
 //       mean and count. With strict, a batch with a skipped row leaves the state untouched.
+//   crh::stage_rows_(x, mask, normalize, buf, scale, status, sum) -> (); CPU only: x's rows copied
+//       into buf (x's shape and dtype) with pass 1 done on the way: status u8 (N,), scale f32
+//       (N,), sum f64 (D,) += Σ s_i x_i (crh::batch_update_staged_ finishes the batch later)
+//   crh::batch_update_staged_(x, scale, status, sum, strict, n1, state_mean, state_scatter)
+//       -> (mean, counts); batch_update_ of staged rows
+//   crh::matmul_rows(x (N, K) f32, w (K, M) f32) -> (N, M) f32; CPU only: x·w in fp32 with the
+//       covariance's inner kernels (the collector's g_a = g_b·W).
 // counts = [n valid rows, n skipped rows]; scatter = Σ (x̂ − μ)(x̂ − μ)ᵀ, exactly symmetric.
 #include <Python.h>
 
@@ -69,6 +76,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_stats_cpu(
 }
 
 // The state is checked here, before anything runs: a bad state is an error, not a corrupted one.
+crh::cpu::State state_of(const char* op, int64_t d, int64_t n1, const at::Tensor& state_mean,
+                         at::Tensor& state_scatter) {
+  const auto st = state_scatter.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble,
+              op, ": state_scatter must be float32 or float64, got ", st);
+  TORCH_CHECK(state_mean.scalar_type() == st, op, ": state_mean must have the "
+              "dtype of state_scatter (", st, "), got ", state_mean.scalar_type());
+  TORCH_CHECK(state_scatter.device().is_cpu() && state_mean.device().is_cpu(),
+              op, ": the state must be on the CPU");
+  TORCH_CHECK(state_scatter.dim() == 2 && state_scatter.size(0) == d && state_scatter.size(1) == d
+                  && state_scatter.is_contiguous(),
+              op, ": state_scatter must be a contiguous (", d, ", ", d, ") tensor, got ",
+              state_scatter.sizes());
+  TORCH_CHECK(state_mean.dim() == 1 && state_mean.size(0) == d && state_mean.is_contiguous(),
+              op, ": state_mean must be a contiguous (", d, ",) tensor, got ", state_mean.sizes());
+  TORCH_CHECK(n1 >= 0, op, ": n1 must be >= 0, got ", n1);
+  return {st == at::kDouble, n1, state_mean.data_ptr(), state_scatter.data_ptr()};
+}
+
 std::tuple<at::Tensor, at::Tensor> batch_update_cpu(const at::Tensor& x,
                                                     const std::optional<at::Tensor>& mask,
                                                     bool normalize, bool strict, int64_t n1,
@@ -77,32 +103,79 @@ std::tuple<at::Tensor, at::Tensor> batch_update_cpu(const at::Tensor& x,
   check_rows(x, "x", c10::DeviceType::CPU);
   const int64_t d = x.size(1);
   const at::Tensor m = mask_of(mask, x);
-  const auto st = state_scatter.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble,
-              "crh::batch_update_: state_scatter must be float32 or float64, got ", st);
-  TORCH_CHECK(state_mean.scalar_type() == st, "crh::batch_update_: state_mean must have the "
-              "dtype of state_scatter (", st, "), got ", state_mean.scalar_type());
-  TORCH_CHECK(state_scatter.device().is_cpu() && state_mean.device().is_cpu(),
-              "crh::batch_update_: the state must be on the CPU");
-  TORCH_CHECK(state_scatter.dim() == 2 && state_scatter.size(0) == d && state_scatter.size(1) == d
-                  && state_scatter.is_contiguous(),
-              "crh::batch_update_: state_scatter must be a contiguous (", d, ", ", d,
-              ") tensor, got ", state_scatter.sizes());
-  TORCH_CHECK(state_mean.dim() == 1 && state_mean.size(0) == d && state_mean.is_contiguous(),
-              "crh::batch_update_: state_mean must be a contiguous (", d, ",) tensor, got ",
-              state_mean.sizes());
-  TORCH_CHECK(n1 >= 0, "crh::batch_update_: n1 must be >= 0, got ", n1);
+  const crh::cpu::State state = state_of("crh::batch_update_", d, n1, state_mean, state_scatter);
   auto opts = x.options();
   at::Tensor mean = at::empty({d}, opts.dtype(at::kDouble));
   at::Tensor counts = at::empty({2}, opts.dtype(at::kLong));
-  const crh::cpu::State state{st == at::kDouble, n1, state_mean.data_ptr(),
-                              state_scatter.data_ptr()};
   crh::cpu::Counts c{0, 0};
   try {
     c = crh::cpu::batch_update(view_of(x), m.defined() ? m.data_ptr<bool>() : nullptr, normalize,
                                at::get_num_threads(), strict, state, mean.data_ptr<double>());
   } catch (const std::exception& e) {
     TORCH_CHECK(false, "crh::batch_update_: ", e.what());
+  }
+  counts.data_ptr<int64_t>()[0] = c.n;
+  counts.data_ptr<int64_t>()[1] = c.n_skipped;
+  return {mean, counts};
+}
+
+// Row statistics of a staged block: scale f32 (R,), status u8 (R,), sum f64 (D,), all contiguous.
+void check_staged(const char* op, const at::Tensor& x, const at::Tensor& scale,
+                  const at::Tensor& status, const at::Tensor& sum) {
+  const int64_t r = x.size(0), d = x.size(1);
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.dim() == 1 && scale.size(0) == r
+                  && scale.is_contiguous() && scale.device().is_cpu(),
+              op, ": scale must be a contiguous float32 CPU tensor of shape (", r, ",), got ",
+              scale.scalar_type(), " ", scale.sizes());
+  TORCH_CHECK(status.scalar_type() == at::kByte && status.dim() == 1 && status.size(0) == r
+                  && status.is_contiguous() && status.device().is_cpu(),
+              op, ": status must be a contiguous uint8 CPU tensor of shape (", r, ",), got ",
+              status.scalar_type(), " ", status.sizes());
+  TORCH_CHECK(sum.scalar_type() == at::kDouble && sum.dim() == 1 && sum.size(0) == d
+                  && sum.is_contiguous() && sum.device().is_cpu(),
+              op, ": sum must be a contiguous float64 CPU tensor of shape (", d, ",), got ",
+              sum.scalar_type(), " ", sum.sizes());
+}
+
+void stage_rows_cpu(const at::Tensor& x, const std::optional<at::Tensor>& mask, bool normalize,
+                    at::Tensor& buf, at::Tensor& scale, at::Tensor& status, at::Tensor& sum) {
+  check_rows(x, "x", c10::DeviceType::CPU);
+  const at::Tensor m = mask_of(mask, x);
+  TORCH_CHECK(buf.scalar_type() == x.scalar_type() && buf.device().is_cpu() && buf.dim() == 2
+                  && buf.size(0) == x.size(0) && buf.size(1) == x.size(1)
+                  && (buf.stride(1) == 1 || buf.size(1) == 1),
+              "crh::stage_rows_: buf must be a ", x.scalar_type(), " CPU tensor of shape (",
+              x.size(0), ", ", x.size(1), ") with unit column stride, got ", buf.scalar_type(),
+              " ", buf.sizes(), " strides ", buf.strides());
+  check_staged("crh::stage_rows_", x, scale, status, sum);
+  try {
+    crh::cpu::stage_rows(view_of(x), m.defined() ? m.data_ptr<bool>() : nullptr, normalize,
+                         at::get_num_threads(), buf.data_ptr(), buf.stride(0),
+                         scale.data_ptr<float>(), status.data_ptr<uint8_t>(),
+                         sum.data_ptr<double>());
+  } catch (const std::exception& e) {
+    TORCH_CHECK(false, "crh::stage_rows_: ", e.what());
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> batch_update_staged_cpu(
+    const at::Tensor& x, const at::Tensor& scale, const at::Tensor& status, const at::Tensor& sum,
+    bool strict, int64_t n1, const at::Tensor& state_mean, at::Tensor& state_scatter) {
+  check_rows(x, "x", c10::DeviceType::CPU);
+  check_staged("crh::batch_update_staged_", x, scale, status, sum);
+  const int64_t d = x.size(1);
+  const crh::cpu::State state =
+      state_of("crh::batch_update_staged_", d, n1, state_mean, state_scatter);
+  auto opts = x.options();
+  at::Tensor mean = at::empty({d}, opts.dtype(at::kDouble));
+  at::Tensor counts = at::empty({2}, opts.dtype(at::kLong));
+  crh::cpu::Counts c{0, 0};
+  try {
+    c = crh::cpu::batch_update_staged(view_of(x), scale.data_ptr<float>(),
+                                      status.data_ptr<uint8_t>(), sum.data_ptr<double>(),
+                                      at::get_num_threads(), strict, state, mean.data_ptr<double>());
+  } catch (const std::exception& e) {
+    TORCH_CHECK(false, "crh::batch_update_staged_: ", e.what());
   }
   counts.data_ptr<int64_t>()[0] = c.n;
   counts.data_ptr<int64_t>()[1] = c.n_skipped;
@@ -137,6 +210,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_stats_cpu(
   return {mean_g, mean_h, scatter, counts};
 }
 
+// x (N, K) · w (K, M), both float32 on the CPU, any strides: a new contiguous (N, M) float32.
+at::Tensor matmul_rows_cpu(const at::Tensor& x, const at::Tensor& w) {
+  check_rows(x, "x", c10::DeviceType::CPU);
+  check_rows(w, "w", c10::DeviceType::CPU);
+  TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat,
+              "crh::matmul_rows: x and w must be float32, got ", x.scalar_type(), " and ",
+              w.scalar_type());
+  TORCH_CHECK(x.size(1) == w.size(0), "crh::matmul_rows: w must have ", x.size(1),
+              " rows (x's columns), got shape ", w.sizes());
+  at::Tensor out = at::empty({x.size(0), w.size(1)}, x.options());
+  try {
+    crh::cpu::matmul_rows(view_of(x), view_of(w), at::get_num_threads(), out.data_ptr<float>());
+  } catch (const std::exception& e) {
+    TORCH_CHECK(false, "crh::matmul_rows: ", e.what());
+  }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(crh, m) {
@@ -150,12 +241,24 @@ TORCH_LIBRARY(crh, m) {
       "cross_stats(Tensor g, Tensor h, Tensor? mask, bool normalize) "
       "-> (Tensor, Tensor, Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
+  // CPU only: pass 1 while staging rows for a later batch_update_staged_
+  m.def(
+      "stage_rows_(Tensor x, Tensor? mask, bool normalize, Tensor(a!) buf, Tensor(b!) scale, "
+      "Tensor(c!) status, Tensor(d!) sum) -> ()");
+  m.def(
+      "batch_update_staged_(Tensor x, Tensor scale, Tensor status, Tensor sum, bool strict, "
+      "int n1, Tensor state_mean, Tensor(a!) state_scatter) -> (Tensor, Tensor)");
+  // CPU only: rows times a matrix with the covariance's inner kernels (g_a = g_b·W)
+  m.def("matmul_rows(Tensor x, Tensor w) -> Tensor", {at::Tag::pt2_compliant_tag});
 }
 
 TORCH_LIBRARY_IMPL(crh, CPU, m) {
   m.impl("batch_stats", &batch_stats_cpu);
   m.impl("batch_update_", &batch_update_cpu);
   m.impl("cross_stats", &cross_stats_cpu);
+  m.impl("matmul_rows", &matmul_rows_cpu);
+  m.impl("stage_rows_", &stage_rows_cpu);
+  m.impl("batch_update_staged_", &batch_update_staged_cpu);
 }
 
 // ------------------------------------------------------------------------- Python module

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstddef>
 
 namespace crh {
 namespace cpu {
@@ -52,11 +53,27 @@ struct State {
 Counts batch_update(const View& x, const bool* mask, bool normalize, int threads,
                     bool refuse_skipped, const State& st, double* mean);
 
+// Pass 1 of batch_update done while staging rows for a later call: the rows of x are copied
+// into dst (row stride ld elements, unit column stride, x's dtype); row i's status (0 masked,
+// 1 skipped, 2 valid) and scale go to status[i] and scale[i]; sum (D,) float64 += Σ s_i x_i over
+// the valid rows. Stagings of consecutive blocks of rows add up to pass 1 of their union.
+void stage_rows(const View& x, const bool* mask, bool normalize, int threads, void* dst,
+                int64_t ld, float* scale, uint8_t* status, double* sum);
+
+// batch_update of staged rows x with the status, scale and sum that stage_rows gave them.
+Counts batch_update_staged(const View& x, const float* scale, const uint8_t* status,
+                           const double* sum, int threads, bool refuse_skipped, const State& st,
+                           double* mean);
+
 // Cross moment of paired rows g (N, Dg), h (N, Dh): a row is valid when both rows are valid
 // (and the mask keeps it). mean_g (Dg,), mean_h (Dh,) float64; scatter (Dg, Dh) float32
 // row-major: Σ_i (ĝ_i − mu_g)(ĥ_i − mu_h)ᵀ.
 Counts cross_stats(const View& g, const View& h, const bool* mask, bool normalize, int threads,
                    double* mean_g, double* mean_h, float* scatter);
+
+// out (N, M) float32 row-major = x (N, K) · w (K, M), both float32 (any strides), accumulated
+// in fp32 by the inner kernels of the covariance (the collector's g_a = g_b·W on the CPU).
+void matmul_rows(const View& x, const View& w, int threads, float* out);
 
 // Which inner kernel this machine runs: "avx512" or "generic".
 const char* isa();

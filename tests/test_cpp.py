@@ -351,6 +351,177 @@ def test_batch_update_strict_and_bad_state(ops):
         ops.batch_update_(x, None, True, False, -1, mean, sc)
 
 
+# ------------------------------------------------------- staging: pass 1 at copy time
+def _stage(ops, blocks, d, dtype, normalize=True):
+    """Stage (x, mask) blocks one after another into one buffer, as RowStager does."""
+    rows = sum(b[0].shape[0] for b in blocks)
+    buf = torch.full((rows, d), float("nan"), dtype=dtype)
+    scale = torch.full((rows,), -1.0)
+    status = torch.full((rows,), 7, dtype=torch.uint8)
+    sum_ = torch.zeros(d, dtype=torch.float64)
+    at = 0
+    for x, mask in blocks:
+        r = x.shape[0]
+        ops.stage_rows_(x, mask, normalize, buf[at:at + r], scale[at:at + r], status[at:at + r], sum_)
+        at += r
+    return buf, scale, status, sum_
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("d", [1, 37, 130])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "row_gap"])
+def test_stage_rows_is_pass_one(ops, isa, dtype, d, layout):
+    """crh::stage_rows_ copies the rows exactly and gives each row the status and scale of the
+    row rule, and Σ s_i x_i over the valid rows, against float64 numpy; blocks of 1 to 700 rows,
+    masks, zero, non-finite and fp32-overflowing rows, mean ≫ spread, strided inputs."""
+    gen = torch.Generator().manual_seed(d)
+    blocks = []
+    for i, n in enumerate((1, 300, 2, 700)):
+        x = hostile(gen, n, d, mean_ratio=80.0, dtype=dtype, zero=n // 50, bad=n // 100,
+                    overflow=n // 150, layout=layout)
+        mask = torch.rand(n, generator=gen) > 0.25 if i % 2 else None
+        blocks.append((x, mask))
+    for normalize in (True, False):
+        buf, scale, status, sum_ = _stage(ops, blocks, d, dtype, normalize)
+        x = torch.cat([b[0] for b in blocks])
+        mask = torch.cat([b[1] if b[1] is not None else torch.ones(b[0].shape[0], dtype=torch.bool)
+                          for b in blocks])
+        assert torch.equal(buf.float().nan_to_num(0.5), x.float().nan_to_num(0.5))
+        live, ok = _valid_rows(x, mask, normalize)
+        want = np.where(~live, 0, np.where(ok, 2, 1))
+        assert status.numpy().tolist() == want.tolist()
+        valid = live & ok
+        rows = x.double().numpy()[valid]
+        s_ref = 1.0 / np.linalg.norm(rows, axis=1) if normalize else np.ones(len(rows))
+        assert np.allclose(scale.numpy()[valid], s_ref, rtol=1e-6, atol=0)
+        assert (scale.numpy()[~valid] == 0).all()
+        ref_sum = (rows * s_ref[:, None]).sum(axis=0)
+        assert rel(sum_, ref_sum) <= 1e-6
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_batch_update_staged_merges_into_state(ops, isa, state_dtype, dtype):
+    """Staged batches (several staged blocks each) merged by crh::batch_update_staged_ give the
+    float64 Chan merge of the batches computed independently, and agree with crh::batch_update_
+    on the same rows; a staged batch with no valid row leaves the state as it was."""
+    d = 45
+    gen = torch.Generator().manual_seed(3)
+    n1 = 0
+    mean, scatter = torch.zeros(d, dtype=state_dtype), torch.zeros(d, d, dtype=state_dtype)
+    mean_b, scatter_b = mean.clone(), scatter.clone()
+    parts = []
+    for j, ratio in enumerate((40.0, 45.0, 0.0, 60.0)):
+        blocks = []
+        for i, n in enumerate((200, 1, 333)):
+            x = hostile(gen, n, d, mean_ratio=ratio, dtype=dtype, zero=n // 40, bad=n // 90)
+            if j == 2:
+                x = torch.zeros(n, d, dtype=dtype)
+            blocks.append((x, torch.rand(n, generator=gen) > 0.3 if i == 2 else None))
+        buf, scale, status, sum_ = _stage(ops, blocks, d, dtype)
+        x = torch.cat([b[0] for b in blocks])
+        mask = torch.cat([b[1] if b[1] is not None else torch.ones(b[0].shape[0], dtype=torch.bool)
+                          for b in blocks])
+        ref = reference(x, mask)
+        before = scatter.clone()
+        mb, counts = ops.batch_update_staged_(buf, scale, status, sum_, False, n1, mean, scatter)
+        mb2, counts2 = ops.batch_update_(x, mask, True, False, n1, mean_b, scatter_b)
+        assert counts.tolist() == counts2.tolist() == [ref[0], ref[1]]
+        if ref[0] == 0:
+            assert torch.equal(scatter, before)
+            continue
+        assert rel(mb, ref[2]) <= MEAN_TOL and rel(mb, mb2.numpy()) <= 1e-12
+        parts.append(ref)
+        for mu, m_new in ((mean, mb), (mean_b, mb2)):
+            if n1 == 0:
+                mu.copy_(m_new.to(state_dtype))
+            else:
+                mu.add_(m_new.to(state_dtype) - mu, alpha=ref[0] / (n1 + ref[0]))
+        n1 += ref[0]
+        assert torch.equal(scatter, scatter.T)
+        _, _, c_ref = _merge64(parts)
+        assert rel(scatter, c_ref) <= COV_TOL[dtype]
+        assert rel(scatter, scatter_b.double().numpy()) <= 1e-5
+
+
+def test_staged_strict_and_argument_checks(ops):
+    """strict: a staged batch with a skipped row leaves the state bitwise unchanged (and
+    Moments raises); bad buffers are refused, naming the argument, before anything is written."""
+    gen = torch.Generator().manual_seed(8)
+    m = Moments(6, backend="cpp", strict=True, dtype=torch.float32)
+    m.update(torch.randn(20, 6, generator=gen))
+    sd = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in m.state_dict().items()}
+    x = torch.randn(10, 6, generator=gen)
+    x[3] = 0.0
+    buf, scale, status, sum_ = _stage(ops, [(x, None)], 6, torch.float32)
+    with pytest.raises(ValueError, match="strict"):
+        m._update_staged(buf, scale, status, sum_)
+    after = m.state_dict()
+    assert all(torch.equal(sd[k], after[k]) for k in sd if isinstance(sd[k], torch.Tensor))
+    assert m.n == 20
+    x = torch.randn(5, 4, generator=gen)
+    good = dict(buf=torch.empty(5, 4), scale=torch.empty(5), status=torch.empty(5, dtype=torch.uint8),
+                sum_=torch.zeros(4, dtype=torch.float64))
+    cases = [
+        ("buf", torch.empty(5, 4, dtype=torch.float64), "buf must be a Float"),
+        ("buf", torch.empty(5, 3), "buf must be"),
+        ("buf", torch.empty(4, 5).t(), "unit column stride"),
+        ("scale", torch.empty(5, dtype=torch.float64), "scale must be"),
+        ("scale", torch.empty(4), "scale must be"),
+        ("status", torch.empty(5), "status must be"),
+        ("sum_", torch.zeros(5, dtype=torch.float64), "sum must be"),
+        ("sum_", torch.zeros(4), "sum must be"),
+    ]
+    for name, value, msg in cases:
+        args = dict(good, **{name: value})
+        keep = {k: v.clone() for k, v in args.items()}
+        with pytest.raises(RuntimeError, match=msg):
+            ops.stage_rows_(x, None, True, args["buf"], args["scale"], args["status"], args["sum_"])
+        assert torch.equal(args["sum_"], keep["sum_"])
+    with pytest.raises(RuntimeError, match="mask must have shape"):
+        ops.stage_rows_(x, torch.ones(4, dtype=torch.bool), True, *good.values())
+    with pytest.raises(RuntimeError, match="status must be"):
+        ops.batch_update_staged_(x, good["scale"], torch.empty(4, dtype=torch.uint8), good["sum_"],
+                                 False, 0, torch.zeros(4), torch.zeros(4, 4))
+
+
+# ------------------------------------------------------------------ matmul_rows (g_b · W)
+@pytest.mark.parametrize("n,k,m", [(1, 1, 1), (1, 37, 1000), (37, 5, 33), (300, 130, 70),
+                                   (1030, 257, 96)], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_matmul_rows(ops, isa, n, k, m, layout):
+    """crh::matmul_rows against float64 numpy, fp32 accumulation over K: odd shapes (edge
+    tiles in both directions, K not a multiple of the chunk), strided operands, zero rows and
+    rows of mean ≫ spread."""
+    gen = torch.Generator().manual_seed(n + k + m)
+    x = torch.randn(n, k, generator=gen) + 30.0
+    x[:: max(1, n // 3)] = 0.0
+    w = torch.randn(k, m, generator=gen)
+    if layout == "transposed":
+        x, w = x.t().contiguous().t(), w.t().contiguous().t()
+    out = ops.matmul_rows(x, w)
+    ref = x.double().numpy() @ w.double().numpy()
+    assert out.shape == (n, m) and out.dtype == torch.float32 and out.is_contiguous()
+    # fp32 sums of K products: |error| ≤ ~K·eps·Σ|x||w| per entry
+    bound = 4 * k * 1.2e-7 * (np.abs(x.double().numpy()) @ np.abs(w.double().numpy())) + 1e-30
+    assert (np.abs(out.double().numpy() - ref) <= bound).all()
+    assert (out[:: max(1, n // 3)] == 0).all()
+
+
+def test_matmul_rows_checks_and_dispatch(ops):
+    x, w = torch.randn(4, 3), torch.randn(3, 5)
+    for a, b, msg in [(x.double(), w, "must be float32"), (x, w.half(), "must be float32"),
+                      (x, torch.randn(4, 5), "w must have 3 rows"), (x[0], w, "must be 2-D")]:
+        with pytest.raises(RuntimeError, match=msg):
+            ops.matmul_rows(a, b)
+    # the Python helper: the op where it applies, torch's matmul elsewhere (autograd, dtypes)
+    assert torch.allclose(cpp_mod.matmul_rows(x, w), x @ w, rtol=1e-5, atol=1e-6)
+    xg = x.clone().requires_grad_()
+    y = cpp_mod.matmul_rows(xg, w)
+    assert y.requires_grad and y.grad_fn is not None
+    assert cpp_mod.matmul_rows(x.double(), w.double()).dtype == torch.float64
+
+
 def test_cpp_is_the_cpu_default(ops):
     from crh_kernels import backends
 
@@ -373,6 +544,15 @@ def test_opcheck(ops):
                                      torch.eye(7))),
         (ops.batch_update_.default, (x.bfloat16(), None, True, True, 0, torch.zeros(7).double(),
                                      torch.zeros(7, 7).double())),
+        (ops.stage_rows_.default, (x, mask, True, torch.empty(50, 7), torch.empty(50),
+                                   torch.empty(50, dtype=torch.uint8),
+                                   torch.zeros(7, dtype=torch.float64))),
+        (ops.batch_update_staged_.default,
+         (x, torch.rand(50, generator=gen), torch.full((50,), 2, dtype=torch.uint8),
+          torch.randn(7, dtype=torch.float64, generator=gen), False, 5, torch.zeros(7),
+          torch.eye(7))),
+        (ops.matmul_rows.default, (x, torch.randn(7, 9, generator=gen))),
+        (ops.matmul_rows.default, (x.t().contiguous().t(), torch.randn(9, 7, generator=gen).t())),
     ]
     for op, args in samples:
         result = torch.library.opcheck(op, args)
@@ -391,6 +571,12 @@ def test_fake_kernels(ops):
         g, h = torch.empty(10, 3), torch.empty(10, 4)
         out = ops.cross_stats(g, h, torch.empty(10, dtype=torch.bool), False)
         assert [t.shape for t in out] == [(3,), (4,), (3, 4), (2,)]
+        mm = ops.matmul_rows(g, torch.empty(3, 8))
+        assert (mm.shape, mm.dtype) == ((10, 8), torch.float32)
+        mb, counts = ops.batch_update_staged_(x, torch.empty(10), torch.empty(10, dtype=torch.uint8),
+                                              torch.empty(5, dtype=torch.float64), False, 0,
+                                              torch.empty(5), torch.empty(5, 5))
+        assert (mb.shape, mb.dtype, counts.shape) == ((5,), torch.float64, (2,))
 
 
 @pytest.mark.parametrize("bad", ["1d", "float64", "int", "mask_shape", "mask_dtype", "rows"])

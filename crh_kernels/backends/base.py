@@ -41,7 +41,9 @@ class Backend:
     """Base class; subclasses set ``name`` and implement the three methods. A backend may
     also offer ``update_state(x, mask, normalize, strict, n1, mean, scatter)``, merging the
     batch into a running state in place (see :class:`crh_kernels.backends.cpp.CppBackend`);
-    :class:`crh_kernels.Moments` uses it when present and falls back to ``batch_stats``."""
+    :class:`crh_kernels.Moments` uses it when present and falls back to ``batch_stats``. With
+    ``stage_rows`` and ``update_staged`` as well, the collector's row stager does pass 1 while
+    it copies rows (:mod:`crh_kernels.collect.staging`)."""
 
     name: str = "?"
     #: dtypes of ``x`` the backend accepts

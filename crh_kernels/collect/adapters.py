@@ -31,6 +31,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..backends.cpp import matmul_rows
+
 __all__ = ["Adapter", "LinearAdapter", "Conv1DAdapter", "Conv2dAdapter", "adapter_for",
            "is_hf_conv1d", "head_dim_of", "LinearSpy"]
 
@@ -104,7 +106,7 @@ class LinearAdapter(Adapter):
         return y.reshape(-1, y.shape[-1]), tuple(y.shape[:-1])
 
     def g_a_from_g_b(self, module, gb, include_bias):
-        out = gb @ self.base_weight(module).to(gb.dtype)
+        out = matmul_rows(gb, self.base_weight(module).to(gb.dtype))
         if include_bias and _has_bias(module):
             out = torch.cat([out, gb @ module.bias.detach().to(gb.dtype)[:, None]], dim=1)
         return out

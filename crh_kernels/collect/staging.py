@@ -10,10 +10,15 @@ rows into a preallocated buffer per Moments and runs ``Moments.update`` once the
 Copies are taken at once: activations may be modified in place after the hook returns.
 A call with ``rows`` rows or more, 3-D rows, or a buffer that would exceed the byte budget
 goes straight to ``Moments.update``.
+
+Where the Moments' backend offers ``stage_rows`` (the C++ CPU kernels), the copy does pass 1
+of the update on the way, while the rows are in cache (row status and scale, the sum for the
+mean): the flush then starts at the product (``Moments._update_staged``) instead of reading
+the whole buffer back from memory once more.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Optional, Union
 
 import torch
 
@@ -21,6 +26,7 @@ from ..moments import Moments
 
 
 class _Buffer:
+    """Rows (and a mask once a masked call comes) copied as they are."""
     __slots__ = ("moments", "x", "mask", "filled")
 
     def __init__(self, moments: Moments, like: torch.Tensor, rows: int):
@@ -33,10 +39,58 @@ class _Buffer:
     def nbytes(self) -> int:
         return self.x.numel() * self.x.element_size() + (0 if self.mask is None else self.mask.numel())
 
+    def put(self, x: torch.Tensor, mask: Optional[torch.Tensor], rows: int) -> None:
+        lo, hi = self.filled, self.filled + x.shape[0]
+        self.x[lo:hi].copy_(x)
+        if mask is not None:
+            if self.mask is None:
+                self.mask = torch.ones(rows, dtype=torch.bool, device=self.x.device)
+            self.mask[lo:hi].copy_(mask)
+        elif self.mask is not None:
+            self.mask[lo:hi].fill_(True)
+        self.filled = hi
+
+    def drain(self) -> None:
+        n, self.filled = self.filled, 0
+        mask, self.mask = (None if self.mask is None else self.mask[:n]), None
+        self.moments.update(self.x[:n], mask)
+
+
+class _StagedBuffer:
+    """Rows copied by the backend's ``stage_rows`` with pass 1 done on the way."""
+    __slots__ = ("moments", "backend", "x", "scale", "status", "sum", "filled")
+
+    def __init__(self, moments: Moments, backend, like: torch.Tensor, rows: int):
+        self.moments = moments
+        self.backend = backend
+        self.x = torch.empty(rows, like.shape[1], dtype=like.dtype, device=like.device)
+        self.scale = torch.empty(rows, dtype=torch.float32, device=like.device)
+        self.status = torch.empty(rows, dtype=torch.uint8, device=like.device)
+        self.sum = torch.zeros(like.shape[1], dtype=torch.float64, device=like.device)
+        self.filled = 0
+
+    @property
+    def nbytes(self) -> int:
+        return (self.x.numel() * self.x.element_size() + 5 * self.scale.numel()
+                + 8 * self.sum.numel())
+
+    def put(self, x: torch.Tensor, mask: Optional[torch.Tensor], rows: int) -> None:
+        lo, hi = self.filled, self.filled + x.shape[0]
+        self.backend.stage_rows(x, mask, self.moments.normalize, self.x[lo:hi], self.scale[lo:hi],
+                                self.status[lo:hi], self.sum)
+        self.filled = hi
+
+    def drain(self) -> None:
+        n, self.filled = self.filled, 0
+        try:
+            self.moments._update_staged(self.x[:n], self.scale[:n], self.status[:n], self.sum)
+        finally:
+            self.sum.zero_()
+
 
 class RowStager:
     """Stage rows per :class:`Moments` until ``rows`` are gathered (0 disables staging);
-    buffers never take more than ``max_bytes`` together."""
+    row buffers never take more than ``max_bytes`` together."""
 
     def __init__(self, rows: int = 4096, max_bytes: int = 256 << 20):
         if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
@@ -45,7 +99,7 @@ class RowStager:
             raise ValueError(f"stage_bytes must be a non-negative int, got {max_bytes!r}")
         self.rows = rows
         self.max_bytes = max_bytes
-        self._bufs: Dict[int, _Buffer] = {}
+        self._bufs: Dict[int, Union[_Buffer, _StagedBuffer]] = {}
 
     @property
     def nbytes(self) -> int:
@@ -67,33 +121,31 @@ class RowStager:
             if x.dim() != 2 or x.shape[0] >= self.rows or not self._room(x):
                 m.update(x, mask)
                 return
-            buf = self._bufs[id(m)] = _Buffer(m, x, self.rows)
+            buf = self._bufs[id(m)] = self._new_buffer(m, x)
         start = 0
         while start < x.shape[0]:
             take = min(self.rows - buf.filled, x.shape[0] - start)
-            buf.x[buf.filled:buf.filled + take].copy_(x[start:start + take])
-            if mask is not None:
-                if buf.mask is None:
-                    buf.mask = torch.ones(self.rows, dtype=torch.bool, device=buf.x.device)
-                buf.mask[buf.filled:buf.filled + take].copy_(mask[start:start + take])
-            elif buf.mask is not None:
-                buf.mask[buf.filled:buf.filled + take].fill_(True)
-            buf.filled += take
+            buf.put(x[start:start + take], None if mask is None else mask[start:start + take],
+                    self.rows)
             start += take
             if buf.filled == self.rows:
                 self._flush(buf)
 
-    def _room(self, x: torch.Tensor) -> bool:
-        # the row buffer only: a mask buffer (1 byte a row) is made for masked streams alone
-        need = self.rows * x.shape[1] * x.element_size()
-        return self.nbytes + need <= self.max_bytes
+    def _new_buffer(self, m: Moments, x: torch.Tensor):
+        backend = m._resolve(x)
+        if x.device.type == "cpu" and hasattr(backend, "stage_rows"):
+            return _StagedBuffer(m, backend, x, self.rows)
+        return _Buffer(m, x, self.rows)
 
-    def _flush(self, buf: _Buffer) -> None:
-        if buf.filled == 0:
-            return
-        n, buf.filled = buf.filled, 0
-        mask, buf.mask = (None if buf.mask is None else buf.mask[:n]), None
-        buf.moments.update(buf.x[:n], mask)
+    def _room(self, x: torch.Tensor) -> bool:
+        # row buffers only: the per-row extras (a mask, or status and scale) are < 1 % of them
+        need = self.rows * x.shape[1] * x.element_size()
+        have = sum(b.x.numel() * b.x.element_size() for b in self._bufs.values())
+        return have + need <= self.max_bytes
+
+    def _flush(self, buf) -> None:
+        if buf.filled:
+            buf.drain()
 
     def flush(self) -> None:
         """Put every gathered row into its state."""
