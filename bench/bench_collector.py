@@ -20,7 +20,10 @@ round so that a noisy neighbour hits every variant alike:
 
 Overhead = t(variant) − t(its baseline), with t the median and the min over the rounds (on a
 shared machine the min, best of N, is the stable one); the target is
-``collector overhead ≤ 0.5 × naive overhead``. ``CRH_BENCH_THREADS=1`` pins torch to one thread
+``collector overhead ≤ 0.5 × naive overhead``. Also reported, paired by round: each round's
+own ratio (t_collector − t_baseline) / (t_naive − t_baseline), their median, the worst round
+and how many rounds meet the target (a round runs every variant once, in a shuffled order,
+so a slow spell of the machine hits a round's variants together). ``CRH_BENCH_THREADS=1`` pins torch to one thread
 (reproducible on a busy 2-core box). Run::
 
     python -m pytest bench/bench_collector.py -q -s            # ~2-3 min on 2 cores
@@ -259,6 +262,17 @@ def _run(rounds: int) -> dict:
                                          if k not in ("naive", "naive_f64")}
         out[f"ratio_vs_naive_f64_{stat}"] = {k: v / ov["naive_f64"] for k, v in ov.items()
                                              if k.startswith("collector")}
+    # paired: each round ran every variant once, close in time; the ratio within a round
+    # cancels the machine's slow drifts (a busy neighbour slows a whole round, not one variant)
+    paired = {}
+    for k in cols_here + (["kfac"] if "kfac" in times else []):
+        base_k = "fwdbwd" if k == "kfac" else "baseline"
+        per_round = [(times[k][i] - times[base_k][i]) / (times["naive"][i] - times["baseline"][i])
+                     for i in range(rounds)]
+        paired[k] = {"median": statistics.median(per_round), "max": max(per_round),
+                     "rounds_at_or_below_0.5": sum(r <= 0.5 for r in per_round)}
+    out["ratio_vs_naive_paired"] = paired
+    out["round_ms"] = {k: [1e3 * v for v in vs] for k, vs in times.items()}
     out["kfac_note"] = why or "curvlinops KFACLinearOperator.compute_kronecker_factors, empirical Fisher"
     import crh_kernels.backends as B
     out["collector_backend"] = B.resolve(None, torch.device("cpu"), torch.float32).name
@@ -281,6 +295,9 @@ def format_result(r: dict) -> str:
                 "collector_torch": "collector (torch backend)", "kfac": "KFAC factors (peer)"}[k]
         target = "  (target ≤ 0.5)" if k.startswith("collector") else ""
         lines.append(f"  {what:38s} overhead / naive overhead = {rm[k]:.3f} / {rn[k]:.3f}{target}")
+    for k, p in r.get("ratio_vs_naive_paired", {}).items():
+        lines.append(f"  {k:38s} paired by round: median {p['median']:.3f}, worst {p['max']:.3f}, "
+                     f"{p['rounds_at_or_below_0.5']}/{c['rounds']} rounds ≤ 0.5")
     fm, fn = r["ratio_vs_naive_f64_median"], r["ratio_vs_naive_f64_min"]
     for k in fm:
         lines.append(f"  {k:38s} overhead / naive_f64 overhead = {fm[k]:.3f} / {fn[k]:.3f}")
