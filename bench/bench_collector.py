@@ -327,7 +327,9 @@ def test_collector_overhead(benchmark):
     finally:
         torch.set_num_threads(prev)
     if os.environ.get("CRH_BENCH_ASSERT") == "1":
-        assert r["ratio_vs_naive_min"]["collector"] <= 0.5, format_result(r)
+        # the paired median: each round's collector against the same round's naive recipe (the
+        # min of each variant's rounds pairs two different rounds' luck; NOTES.md, session 3)
+        assert r["ratio_vs_naive_paired"]["collector"]["median"] <= 0.5, format_result(r)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 // CPU kernels of crh_kernels (C++17, OpenMP): the fused symmetric covariance update of SPEC §2.
 //
-// Owns: the row-statistics pass, the packing prologue (scale + center + fp32, in cache), the
-// register-blocked inner kernels (AVX-512 and a portable one), the upper-triangle drivers, the
-// cross moment, and the final exact mirror. No torch here (see moments_cpu.h); bindings.cpp
-// turns tensors into View and calls batch_stats / cross_stats.
+// Owns: the row-statistics pass (also run at staging time, stage_rows), the packing prologue
+// (scale + center + fp32, in cache), the register-blocked inner kernels (AVX-512 and a portable
+// one), the upper-triangle drivers, the merge into a running state, the cross moment, the final
+// exact mirror, and matmul_rows (the collector's g_a = g_b·W on the same inner kernels). No
+// torch here (see moments_cpu.h); bindings.cpp turns tensors into View and calls these.
 //
 // Math (N rows, D features, n valid rows):
 //   pass 1   s_i = 1/||x_i||  (fp32 squared norm; invalid rows are dropped)  and
