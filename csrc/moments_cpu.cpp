@@ -22,8 +22,10 @@
 //
 // Threads: with many rows each thread owns a share of them, its own P and its own copy of C
 // (no synchronisation until the final sum) while the copies fit in ~L3; otherwise the threads
-// share one C and split its micro-rows chunk by chunk. Results depend on the thread count (the
-// row split) but not on scheduling: each entry of each C is summed by one thread, in row order.
+// share one C and split its micro-rows chunk by chunk. A thread done early computes bands of
+// another's last chunk into a side buffer, added where the owner would have added them.
+// Results depend on the thread count (the row split) but not on scheduling: each entry of each
+// C is the same fp32 sum, in row order, whichever thread formed which part of it.
 #include "moments_cpu.h"
 
 #include <algorithm>
@@ -34,6 +36,7 @@
 #include <new>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 #ifdef _OPENMP
@@ -841,6 +844,36 @@ struct MergeScatter {
   }
 };
 
+// Bands of a last chunk: [lo, hi) still open, packed as lo << 32 | hi. The owner claims from
+// the top (lo), helpers from the bottom (hi, the short rows of the triangle). -1: none left.
+int64_t claim(std::atomic<uint64_t>& open, bool top) {
+  uint64_t v = open.load(std::memory_order_relaxed);
+  for (;;) {
+    const uint64_t lo = v >> 32, hi = v & 0xffffffffu;
+    if (lo >= hi) return -1;
+    const uint64_t next = top ? ((lo + 1) << 32) | hi : (lo << 32) | (hi - 1);
+    if (open.compare_exchange_weak(v, next, std::memory_order_acq_rel, std::memory_order_relaxed))
+      return int64_t(top ? lo : hi - 1);
+  }
+}
+bool bands_left(const std::atomic<uint64_t>& open) {
+  const uint64_t v = open.load(std::memory_order_relaxed);
+  return (v >> 32) < (v & 0xffffffffu);
+}
+
+// CRH_CPU_HELP=0 turns the last-chunk help off (A/B measurements, tests).
+bool help_enabled() {
+  const char* v = std::getenv("CRH_CPU_HELP");
+  return v == nullptr || std::string(v) != "0";
+}
+
+// Tests only: CRH_CPU_SLOW_THREAD=t makes thread t sleep 30 ms before its last chunk, so that
+// the others certainly help with it (-1: unset).
+int slow_thread_for_tests() {
+  const char* v = std::getenv("CRH_CPU_SLOW_THREAD");
+  return v == nullptr ? -1 : std::atoi(v);
+}
+
 // Pass 2: Σ over the valid rows of YᵀY (upper tiles only), summed over threads and mirrored
 // into the exactly symmetric (d × d) out.
 //   Many rows: each thread owns a contiguous share of the rows, its own packed chunk and its
@@ -864,6 +897,20 @@ void scatter_upper(const KernelChoice& k, const View& x, const RowSet& rs, const
   for (float*& p : ps) p = scratch.take(size_t(kc) * dp);
   const int64_t* rows = rs.rows.data();
   const float* sc = rs.rscale.data();
+  // Help with the last chunk: a thread done with its rows computes micro-row bands of another
+  // thread's last chunk, claimed from the bottom while the owner claims from the top, into the
+  // owner's temporary H_t; the finisher adds H_t to C_t. The inner kernel adds its zero-started
+  // accumulators to C once, so C_t + H_t is the very sum the owner would have formed: results
+  // do not depend on who did which band (the threads' finish times differ by ~1 ms a call on
+  // a busy machine; this absorbs up to one chunk of it).
+  const int64_t nbands = dp / k.mr;
+  const bool help = replicas && help_enabled() && size_t(2 * nrep) * cbytes <= kReplicaBudget;
+  std::vector<float*> hs(help ? nrep : 0);
+  for (float*& h : hs) h = scratch.take(size_t(dp) * dp);
+  std::unique_ptr<std::atomic<uint64_t>[]> open(new std::atomic<uint64_t>[nrep]);
+  for (int t = 0; t < nrep; ++t) open[t].store(uint64_t(nbands));  // bands [0, nbands) open
+  std::vector<uint8_t> helped(help ? size_t(nrep) * nbands : 0, 0);
+  const int slow = slow_thread_for_tests();
 
   // One parallel region (every join is a wait for the slowest thread, and on a shared
   // machine for the scheduler): products, barrier, then the blocked sum + mirror.
@@ -875,10 +922,30 @@ void scatter_upper(const KernelChoice& k, const View& x, const RowSet& rs, const
       const Split s = split(n, nrep, t);
       zero_upper(k, cs[t], 0, dp, dp);
       float* P = ps[t];
+      const int64_t last = s.begin + (s.end - s.begin - 1) / kc * kc;
       for (int64_t c0 = s.begin; c0 < s.end; c0 += kc) {
         const int64_t m = std::min(kc, s.end - c0), prow = panel_rows(k, m);
+        if (c0 == last && t == slow) std::this_thread::sleep_for(std::chrono::milliseconds(30));
         pack_units<T>(k, x, rows + c0, sc + c0, 0, prow, m, mu, dp, P);
-        syrk_chunk(k, P, prow, dp, cs[t], 0, dp);
+        if (!help || c0 != last) {
+          syrk_chunk(k, P, prow, dp, cs[t], 0, dp);
+          continue;
+        }
+        for (int64_t b; (b = claim(open[t], true)) >= 0;)
+          syrk_chunk(k, P, prow, dp, cs[t], b * k.mr, (b + 1) * k.mr);
+      }
+      for (int o = 1; help && o < nrep; ++o) {
+        const int u = (t + o) % nrep;
+        if (!bands_left(open[u])) continue;
+        const Split su = split(n, nrep, u);
+        const int64_t lu = su.begin + (su.end - su.begin - 1) / kc * kc;
+        const int64_t m = su.end - lu, prow = panel_rows(k, m);
+        pack_units<T>(k, x, rows + lu, sc + lu, 0, prow, m, mu, dp, P);
+        for (int64_t b; (b = claim(open[u], false)) >= 0;) {
+          zero_upper(k, hs[u], b * k.mr, (b + 1) * k.mr, dp);
+          syrk_chunk(k, P, prow, dp, hs[u], b * k.mr, (b + 1) * k.mr);
+          helped[size_t(u) * nbands + b] = 1;
+        }
       }
 #pragma omp barrier
     } else {
@@ -904,14 +971,24 @@ void scatter_upper(const KernelChoice& k, const View& x, const RowSet& rs, const
       alignas(64) float blk_v[kB * kB];
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t jlo = std::max(i, j0);
-        const float* c0 = cs[0] + i * dp;
         float* b = blk_v + (i - i0) * kB - j0;
-#pragma omp simd
-        for (int64_t j = jlo; j < j1; ++j) b[j] = c0[j];
-        for (int t = 1; t < nrep; ++t) {
+        for (int t = 0; t < nrep; ++t) {
           const float* ct = cs[t] + i * dp;
+          // C_t's row, with a helper's band of t's last chunk added as the owner would have
+          const float* ht = help && helped[size_t(t) * nbands + i / k.mr] ? hs[t] + i * dp : nullptr;
+          if (t == 0 && ht == nullptr) {
 #pragma omp simd
-          for (int64_t j = jlo; j < j1; ++j) b[j] += ct[j];
+            for (int64_t j = jlo; j < j1; ++j) b[j] = ct[j];
+          } else if (t == 0) {
+#pragma omp simd
+            for (int64_t j = jlo; j < j1; ++j) b[j] = ct[j] + ht[j];
+          } else if (ht == nullptr) {
+#pragma omp simd
+            for (int64_t j = jlo; j < j1; ++j) b[j] += ct[j];
+          } else {
+#pragma omp simd
+            for (int64_t j = jlo; j < j1; ++j) b[j] += ct[j] + ht[j];
+          }
         }
       }
       finish(Block{i0, i1, j0, j1}, blk_v);

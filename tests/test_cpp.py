@@ -320,6 +320,38 @@ def test_batch_update_matches_the_two_step_path(ops):
         assert rel(a.mean, b.mean.double().numpy()) <= 1e-6
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+def test_last_chunk_help_changes_no_bit(ops, monkeypatch, threads):
+    """A thread done with its rows computes bands of another thread's last chunk
+    (CRH_CPU_SLOW_THREAD=t delays thread t before its last chunk, so the others take all of
+    it): batch_stats and batch_update_ give bit-for-bit the results of the unhelped kernel
+    (CRH_CPU_HELP=0), and the float64 reference."""
+    gen = torch.Generator().manual_seed(threads)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for n, d, dtype in [(4096, 64, torch.float32), (3000, 130, torch.bfloat16),
+                            (2049, 256, torch.float32)]:
+            x = hostile(gen, n, d, mean_ratio=30.0, dtype=dtype, zero=5, bad=3)
+            mask = torch.rand(n, generator=gen) > 0.1
+            runs = {}
+            for mode in ("off", "on", "slow0", "slow_last"):
+                monkeypatch.setenv("CRH_CPU_HELP", "0" if mode == "off" else "1")
+                monkeypatch.delenv("CRH_CPU_SLOW_THREAD", raising=False)
+                if mode.startswith("slow"):
+                    monkeypatch.setenv("CRH_CPU_SLOW_THREAD", "0" if mode == "slow0" else str(threads - 1))
+                _, sc, _ = ops.batch_stats(x, mask, True)
+                mu, st = torch.ones(d, dtype=torch.float64), torch.eye(d, dtype=torch.float64)
+                ops.batch_update_(x, mask, True, False, 7, mu, st)
+                runs[mode] = (sc, st)
+            for mode, (sc, st) in runs.items():
+                assert torch.equal(sc, runs["off"][0]) and torch.equal(st, runs["off"][1]), mode
+            ref = reference(x, mask)
+            assert rel(runs["slow0"][0], ref[3]) <= COV_TOL[dtype]
+    finally:
+        torch.set_num_threads(prev)
+
+
 def test_batch_update_strict_and_bad_state(ops):
     """strict: a batch with a skipped row leaves the state bitwise unchanged and raises;
     a state of the wrong dtype, shape, layout or device is refused before anything runs."""
