@@ -95,6 +95,24 @@ crh::cpu::State state_of(const char* op, int64_t d, int64_t n1, const at::Tensor
   return {st == at::kDouble, n1, state_mean.data_ptr(), state_scatter.data_ptr()};
 }
 
+// The common end of the two update ops: the batch mean (D,) f64 and counts [n, n_skipped],
+// with run(mean) -> Counts calling the kernel; its errors carry the op's name.
+template <class Run>
+std::tuple<at::Tensor, at::Tensor> update_outputs(const char* op, const at::Tensor& x, Run&& run) {
+  auto opts = x.options();
+  at::Tensor mean = at::empty({x.size(1)}, opts.dtype(at::kDouble));
+  at::Tensor counts = at::empty({2}, opts.dtype(at::kLong));
+  crh::cpu::Counts c{0, 0};
+  try {
+    c = run(mean.data_ptr<double>());
+  } catch (const std::exception& e) {
+    TORCH_CHECK(false, op, ": ", e.what());
+  }
+  counts.data_ptr<int64_t>()[0] = c.n;
+  counts.data_ptr<int64_t>()[1] = c.n_skipped;
+  return {mean, counts};
+}
+
 std::tuple<at::Tensor, at::Tensor> batch_update_cpu(const at::Tensor& x,
                                                     const std::optional<at::Tensor>& mask,
                                                     bool normalize, bool strict, int64_t n1,
@@ -104,19 +122,10 @@ std::tuple<at::Tensor, at::Tensor> batch_update_cpu(const at::Tensor& x,
   const int64_t d = x.size(1);
   const at::Tensor m = mask_of(mask, x);
   const crh::cpu::State state = state_of("crh::batch_update_", d, n1, state_mean, state_scatter);
-  auto opts = x.options();
-  at::Tensor mean = at::empty({d}, opts.dtype(at::kDouble));
-  at::Tensor counts = at::empty({2}, opts.dtype(at::kLong));
-  crh::cpu::Counts c{0, 0};
-  try {
-    c = crh::cpu::batch_update(view_of(x), m.defined() ? m.data_ptr<bool>() : nullptr, normalize,
-                               at::get_num_threads(), strict, state, mean.data_ptr<double>());
-  } catch (const std::exception& e) {
-    TORCH_CHECK(false, "crh::batch_update_: ", e.what());
-  }
-  counts.data_ptr<int64_t>()[0] = c.n;
-  counts.data_ptr<int64_t>()[1] = c.n_skipped;
-  return {mean, counts};
+  return update_outputs("crh::batch_update_", x, [&](double* mean) {
+    return crh::cpu::batch_update(view_of(x), m.defined() ? m.data_ptr<bool>() : nullptr,
+                                  normalize, at::get_num_threads(), strict, state, mean);
+  });
 }
 
 // Row statistics of a staged block: scale f32 (R,), status u8 (R,), sum f64 (D,), all contiguous.
@@ -166,20 +175,11 @@ std::tuple<at::Tensor, at::Tensor> batch_update_staged_cpu(
   const int64_t d = x.size(1);
   const crh::cpu::State state =
       state_of("crh::batch_update_staged_", d, n1, state_mean, state_scatter);
-  auto opts = x.options();
-  at::Tensor mean = at::empty({d}, opts.dtype(at::kDouble));
-  at::Tensor counts = at::empty({2}, opts.dtype(at::kLong));
-  crh::cpu::Counts c{0, 0};
-  try {
-    c = crh::cpu::batch_update_staged(view_of(x), scale.data_ptr<float>(),
-                                      status.data_ptr<uint8_t>(), sum.data_ptr<double>(),
-                                      at::get_num_threads(), strict, state, mean.data_ptr<double>());
-  } catch (const std::exception& e) {
-    TORCH_CHECK(false, "crh::batch_update_staged_: ", e.what());
-  }
-  counts.data_ptr<int64_t>()[0] = c.n;
-  counts.data_ptr<int64_t>()[1] = c.n_skipped;
-  return {mean, counts};
+  return update_outputs("crh::batch_update_staged_", x, [&](double* mean) {
+    return crh::cpu::batch_update_staged(view_of(x), scale.data_ptr<float>(),
+                                         status.data_ptr<uint8_t>(), sum.data_ptr<double>(),
+                                         at::get_num_threads(), strict, state, mean);
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_stats_cpu(

@@ -1358,6 +1358,20 @@ void check_view(const View& x, const char* name) {
     throw std::invalid_argument(std::string("crh: ") + name + " has no data");
 }
 
+void check_state(const State& st) {
+  if (st.n1 < 0) throw std::invalid_argument("crh: the state's count must be >= 0");
+  if (st.mean == nullptr || st.scatter == nullptr)
+    throw std::invalid_argument("crh: the state has no data");
+}
+
+// f(Tag<T>{}, S{}) for x's dtype T and the state's element type S (double or float).
+template <class F>
+Counts dispatch_update(DType dtype, const State& st, F&& f) {
+  Counts out{0, 0};
+  dispatch(dtype, [&](auto tag) { out = st.f64 ? f(tag, double{}) : f(tag, float{}); });
+  return out;
+}
+
 }  // namespace
 
 // ==================================================================================== API
@@ -1375,17 +1389,12 @@ Counts batch_stats(const View& x, const bool* mask, bool normalize, int threads,
 Counts batch_update(const View& x, const bool* mask, bool normalize, int threads,
                     bool refuse_skipped, const State& st, double* mean) {
   check_view(x, "x");
-  if (st.n1 < 0) throw std::invalid_argument("crh: the state's count must be >= 0");
-  if (st.mean == nullptr || st.scatter == nullptr)
-    throw std::invalid_argument("crh: the state has no data");
+  check_state(st);
   threads = std::max(1, threads);
-  Counts out{0, 0};
-  dispatch(x.dtype, [&](auto tag) {
-    constexpr DType T = decltype(tag)::value;
-    out = st.f64 ? batch_update_t<T, double>(x, mask, normalize, threads, refuse_skipped, st, mean)
-                 : batch_update_t<T, float>(x, mask, normalize, threads, refuse_skipped, st, mean);
+  return dispatch_update(x.dtype, st, [&](auto tag, auto s) {
+    return batch_update_t<decltype(tag)::value, decltype(s)>(x, mask, normalize, threads,
+                                                             refuse_skipped, st, mean);
   });
-  return out;
 }
 
 void stage_rows(const View& x, const bool* mask, bool normalize, int threads, void* dst,
@@ -1404,19 +1413,12 @@ Counts batch_update_staged(const View& x, const float* scale, const uint8_t* sta
                            const double* sum, int threads, bool refuse_skipped, const State& st,
                            double* mean) {
   check_view(x, "x");
-  if (st.n1 < 0) throw std::invalid_argument("crh: the state's count must be >= 0");
-  if (st.mean == nullptr || st.scatter == nullptr)
-    throw std::invalid_argument("crh: the state has no data");
+  check_state(st);
   threads = std::max(1, threads);
-  Counts out{0, 0};
-  dispatch(x.dtype, [&](auto tag) {
-    constexpr DType T = decltype(tag)::value;
-    out = st.f64 ? batch_update_staged_t<T, double>(x, scale, status, sum, threads, refuse_skipped,
-                                                    st, mean)
-                 : batch_update_staged_t<T, float>(x, scale, status, sum, threads, refuse_skipped,
-                                                   st, mean);
+  return dispatch_update(x.dtype, st, [&](auto tag, auto s) {
+    return batch_update_staged_t<decltype(tag)::value, decltype(s)>(x, scale, status, sum, threads,
+                                                                    refuse_skipped, st, mean);
   });
-  return out;
 }
 
 Counts cross_stats(const View& g, const View& h, const bool* mask, bool normalize, int threads,
