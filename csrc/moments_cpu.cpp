@@ -758,13 +758,15 @@ struct RowSet {
   int64_t n_skipped = 0;
 };
 
-// Pass 1 over x: status and scale of every row and, with mean_sum, Σ s_i x_i in float64.
+// Pass 1 over x: status[i] and scale[i] of every row and, with mean_sum, mean_sum += Σ s_i x_i
+// in float64 (per-thread partials added in thread order: depends on the thread count only).
+// With dst, the rows are also copied to dst (row stride ld, unit column stride, x's dtype)
+// block by block, while still in L1 from the norm loop: pass 1 at staging time.
 template <DType T>
-void pass1(Isa isa, const View& x, const bool* mask, bool normalize, int threads,
-           std::vector<float>& scale, std::vector<uint8_t>& status, double* mean_sum) {
+void pass1(Isa isa, const View& x, const bool* mask, bool normalize, int threads, float* scale,
+           uint8_t* status, double* mean_sum, void* dst = nullptr, int64_t ld = 0) {
+  using E = typename Elem<T>::type;
   const int64_t n = x.rows, d = x.cols;
-  scale.assign(n, 0.0f);
-  status.assign(n, kMasked);
   std::vector<Buf<double>> accs(threads);
   if (mean_sum != nullptr)
     for (int t = 0; t < threads; ++t) accs[t] = alloc<double>(d, true);
@@ -772,19 +774,33 @@ void pass1(Isa isa, const View& x, const bool* mask, bool normalize, int threads
   for (int t = 0; t < threads; ++t) {
     const Split s = split(n, threads, t);
     double* acc = mean_sum != nullptr ? accs[t].get() : nullptr;
+    const int64_t block = dst != nullptr ? 16 : std::max<int64_t>(1, s.end - s.begin);
+    for (int64_t r0 = s.begin; r0 < s.end; r0 += block) {
+      const int64_t r1 = std::min(s.end, r0 + block);
 #if CRH_HAVE_AVX512_PATH
-    if (isa >= Isa::Avx512 && x.stride_col == 1) {
-      row_pass_avx512<T>(x, mask, normalize, s.begin, s.end, scale.data(), status.data(), acc);
-      continue;
-    }
+      if (isa >= Isa::Avx512 && x.stride_col == 1)
+        row_pass_avx512<T>(x, mask, normalize, r0, r1, scale, status, acc);
+      else
+        row_pass_range<T>(x, mask, normalize, r0, r1, scale, status, acc);
 #else
-    (void)isa;
+      (void)isa;
+      row_pass_range<T>(x, mask, normalize, r0, r1, scale, status, acc);
 #endif
-    row_pass_range<T>(x, mask, normalize, s.begin, s.end, scale.data(), status.data(), acc);
+      for (int64_t i = r0; dst != nullptr && i < r1; ++i) {
+        const E* row = static_cast<const E*>(x.data) + i * x.stride_row;
+        E* o = static_cast<E*>(dst) + i * ld;
+        if (x.stride_col == 1) {
+          stream_copy(o, row, size_t(d) * sizeof(E));
+        } else {
+          for (int64_t j = 0; j < d; ++j) o[j] = row[j * x.stride_col];
+        }
+      }
+    }
+    if (dst != nullptr) store_fence();  // this thread's streamed rows are ordered before the rest
   }
   if (mean_sum != nullptr) {
-    for (int64_t j = 0; j < d; ++j) {  // fixed order: depends on the thread count only
-      double v = 0.0;
+    for (int64_t j = 0; j < d; ++j) {
+      double v = mean_sum[j];
       for (int t = 0; t < threads; ++t) v += accs[t][j];
       mean_sum[j] = v;
     }
@@ -1036,60 +1052,22 @@ Prepared prepared_from(const View& x, const uint8_t* status, const float* scale,
 
 template <DType T>
 Prepared prepare(const View& x, const bool* mask, bool normalize, int threads, double* mean) {
-  std::vector<float> scale;
-  std::vector<uint8_t> status;
+  std::vector<float> scale(x.rows);
+  std::vector<uint8_t> status(x.rows);
   std::vector<double> sum(x.cols, 0.0);
-  pass1<T>(call_isa(), x, mask, normalize, threads, scale, status, sum.data());
+  pass1<T>(call_isa(), x, mask, normalize, threads, scale.data(), status.data(), sum.data());
   return prepared_from<T>(x, status.data(), scale.data(), sum.data(), mean);
 }
 
 
-// Pass 1 at staging time: rows of x copied to dst (row stride ld, unit column stride, same
-// dtype) block by block while still in L1 from the norm loop; status and scale of row i go to
-// status[i], scale[i]; sum += Σ s_i x_i (float64, per-thread partials added in thread order).
+// Pass 1 at staging time (pass1 with a copy destination), on as many threads as the rows are
+// worth (the copy is memory-bound: ~2^18 elements a thread).
 template <DType T>
 void stage_t(const View& x, const bool* mask, bool normalize, int threads, void* dst, int64_t ld,
              float* scale, uint8_t* status, double* sum) {
-  using E = typename Elem<T>::type;
-  const Isa isa = call_isa();
-  const int64_t n = x.rows, d = x.cols;
-  threads = int(std::max<double>(1.0, std::min<double>(threads, double(n) * double(d) / double(1 << 18))));
-  std::vector<Buf<double>> accs(threads);
-  for (int t = 0; t < threads; ++t) accs[t] = alloc<double>(d, true);
-  constexpr int64_t kRowsBlock = 16;
-#pragma omp parallel for num_threads(threads) schedule(static, 1)
-  for (int t = 0; t < threads; ++t) {
-    const Split s = split(n, threads, t);
-    for (int64_t r0 = s.begin; r0 < s.end; r0 += kRowsBlock) {
-      const int64_t r1 = std::min(s.end, r0 + kRowsBlock);
-#if CRH_HAVE_AVX512_PATH
-      if (isa >= Isa::Avx512 && x.stride_col == 1)
-        row_pass_avx512<T>(x, mask, normalize, r0, r1, scale, status, accs[t].get());
-      else
-        row_pass_range<T>(x, mask, normalize, r0, r1, scale, status, accs[t].get());
-#else
-      (void)isa;
-      row_pass_range<T>(x, mask, normalize, r0, r1, scale, status, accs[t].get());
-#endif
-      const E* src = static_cast<const E*>(x.data);
-      E* out = static_cast<E*>(dst);
-      for (int64_t i = r0; i < r1; ++i) {
-        const E* row = src + i * x.stride_row;
-        E* o = out + i * ld;
-        if (x.stride_col == 1) {
-          stream_copy(o, row, size_t(d) * sizeof(E));
-        } else {
-          for (int64_t j = 0; j < d; ++j) o[j] = row[j * x.stride_col];
-        }
-      }
-    }
-    store_fence();  // this thread's streamed rows are ordered before anything that follows
-  }
-  for (int64_t j = 0; j < d; ++j) {
-    double v = sum[j];
-    for (int t = 0; t < threads; ++t) v += accs[t][j];
-    sum[j] = v;
-  }
+  threads = int(std::max<double>(1.0, std::min<double>(threads, double(x.rows) * double(x.cols) /
+                                                                    double(1 << 18))));
+  pass1<T>(call_isa(), x, mask, normalize, threads, scale, status, sum, dst, ld);
 }
 
 template <DType T>
@@ -1208,10 +1186,10 @@ Counts cross_stats_t(const View& g, const View& h, const bool* mask, bool normal
   const Isa isa = call_isa();
   threads = useful_threads(threads, g.rows, std::max(g.cols, h.cols));
   const int64_t N = g.rows, dg = g.cols, dh = h.cols;
-  std::vector<float> scg, sch;
-  std::vector<uint8_t> stg, sth;
-  pass1<TG>(isa, g, mask, normalize, threads, scg, stg, nullptr);
-  pass1<TH>(isa, h, mask, normalize, threads, sch, sth, nullptr);
+  std::vector<float> scg(N), sch(N);
+  std::vector<uint8_t> stg(N), sth(N);
+  pass1<TG>(isa, g, mask, normalize, threads, scg.data(), stg.data(), nullptr);
+  pass1<TH>(isa, h, mask, normalize, threads, sch.data(), sth.data(), nullptr);
   RowSet rs;
   std::vector<float> rsg, rsh;
   for (int64_t i = 0; i < N; ++i) {
