@@ -26,7 +26,7 @@ and how many rounds meet the target (a round runs every variant once, in a shuff
 so a slow spell of the machine hits a round's variants together). ``CRH_BENCH_THREADS=1`` pins torch to one thread
 (reproducible on a busy 2-core box). Run::
 
-    python -m pytest bench/bench_collector.py -q -s            # ~2-3 min on 2 cores
+    python -m pytest bench/bench_collector.py -q -s
     CRH_BENCH_ROUNDS=15 python -m pytest bench/bench_collector.py -q -s
 
 curvlinops-for-pytorch pulls torchvision (through backpack-for-pytorch), which does not import

@@ -35,6 +35,6 @@ TAIL=6 step tests 300 python -m pytest -q -x -p no:cacheprovider tests/test_mome
 TAIL=40 step table 240 python bench/gpu_table.py --json "$OUT/gpu_table.json"
 TAIL=12 step check 60 python -m crh_kernels check --device cuda --n 16384 --d 1024
 # GPT-2-small step (124M parameters, 8×1024 tokens), all four streams on every block Linear
-TAIL=12 step gpt2_step 240 python -m crh_kernels.experiments.bench_step --device cuda --json "$OUT/gpt2_step.json"
+TAIL=12 step gpt2_step 240 python bench/bench_step.py --device cuda --json "$OUT/gpt2_step.json"
 echo "== done (status $status); logs in $OUT"
 exit $status

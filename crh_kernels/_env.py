@@ -8,7 +8,8 @@
 | ``CRH_REQUIRE_CPP`` | ``1``: failing to build/load the C++ extension is an error instead of a fallback |
 | ``CRH_SKIP_CUDA_BUILD`` / ``CRH_FORCE_CUDA_BUILD`` | build-time switches of ``setup.py`` (read there: the package is not importable before it is built) |
 | ``CRH_CUDA_ARCHS`` | GPU architectures to build for, e.g. ``8.0;9.0`` (``setup.py`` and the JIT build) |
-| ``CRH_CPU_ISA`` | ``generic`` or ``avx512``: cap the C++ CPU inner kernel (read by ``csrc/moments_cpu.cpp``; the tests use it) |
+| ``CRH_CPU_ISA`` | ``generic`` or ``avx512``: cap the C++ CPU inner kernel (read by the C++ code in ``csrc/``; the tests use it) |
+| ``CRH_CPU_HELP`` | ``0``: a C++ CPU thread done with its rows does not help with another thread's last chunk (read in ``csrc/``; same sums bit for bit, for A/B timing) |
 | ``TRITON_INTERPRET`` | ``1``: Triton kernels run on CPU tensors through Triton's interpreter (set before import) |
 """
 from __future__ import annotations

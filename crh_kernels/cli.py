@@ -2,7 +2,7 @@
 
 Argument parsing and progress bars only; the work lives in :mod:`crh_kernels.experiments`.
 
-    crh run fc1                         # the main job: ≈ 2 minutes on a laptop CPU
+    crh run fc1                         # the main job (CPU settings)
     crh run fc2 --steps 20000 --seed 1
     crh run transformer --device cuda   # full-scale settings on a GPU
     crh run minilm --set n_texts=512
@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-EXPERIMENT_NAMES = ("fc1", "fc2", "resnet", "transformer", "minilm")
+from .experiments import EXPERIMENTS
 
 
 def _positive_int(text: str) -> int:
@@ -45,7 +45,7 @@ def _int(text: str) -> int:
 
 
 def _size(text: str) -> int:
-    from .experiments.common import parse_bytes
+    from .experiments.runs import parse_bytes
     try:
         v = parse_bytes(text)
     except ValueError as exc:
@@ -59,7 +59,7 @@ def _setting(text: str):
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     key, value = text.split("=", 1)
-    from .experiments.common import parse_value
+    from .experiments.runs import parse_value
     return key.strip(), parse_value(value.strip())
 
 
@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="crh",
         description="Measure the Canonical Representation Hypothesis (CRH) and the Polynomial "
                     "Alignment Hypothesis (PAH) of Ziyin et al.: reproduce the paper's experiments "
-                    "(fc1, fc2, resnet, transformer) and measure a real pretrained transformer (minilm).",
+                    "and measure a real pretrained transformer (experiments: "
+                    f"{', '.join(EXPERIMENTS)}; `crh list` describes each).",
         epilog="Start with `crh run fc1` (≈ 2 minutes on a CPU). `crh run EXPERIMENT --help` lists "
                "the run options; `crh list` the experiments and their settings.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -78,8 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run an experiment: train (where it trains), measure every chosen "
                                    "layer with the Collector, write DIR/report.json, DIR/table.txt, "
                                    "DIR/claims.md and DIR/figures/*.png, and print the claims table.")
-    r.add_argument("experiment", choices=EXPERIMENT_NAMES, metavar="EXPERIMENT",
-                   help=f"one of: {', '.join(EXPERIMENT_NAMES)}")
+    r.add_argument("experiment", choices=EXPERIMENTS, metavar="EXPERIMENT",
+                   help=f"one of: {', '.join(EXPERIMENTS)}")
     r.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cpu (default; CPU-sized settings) or cuda (full-scale settings of the paper)")
     r.add_argument("--steps", type=_positive_int, metavar="N",
@@ -124,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _progress(quiet: bool):
     if quiet:
-        from .experiments.common import null_progress
+        from .experiments.runs import null_progress
         return null_progress
     from tqdm.auto import tqdm
 
@@ -143,7 +144,7 @@ def _log(quiet: bool):
 
 def _cmd_list() -> int:
     from .experiments import get
-    for name in EXPERIMENT_NAMES:
+    for name in EXPERIMENTS:
         mod = get(name)
         print(f"{name}: {mod.DESCRIPTION}")
         print(f"  profiles: {', '.join(mod.PROFILES)}")
@@ -156,7 +157,7 @@ def _cmd_run(args, parser) -> int:
     import torch
     from .experiments import (ExperimentError, MissingData, profile_config, run_experiment)
     from .experiments import claims as C
-    from .experiments.common import Context, default_max_memory, human_bytes
+    from .experiments.runs import Context, default_max_memory, human_bytes
 
     run_parser = parser.commands["run"]
     if args.device == "cuda" and not torch.cuda.is_available():

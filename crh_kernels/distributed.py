@@ -17,16 +17,18 @@ triangles (``bucket_bytes`` each, ``dtype`` on the wire). The public entry point
 :func:`all_reduce_moments` (alias :func:`sync_moments`); ``Moments.all_reduce`` and
 ``Collector.sync`` call it. :func:`full_weight` gathers a sharded weight (FSDP2, tensor
 parallel) so that ``Z = WᵀW`` sees the whole matrix.
+
+This module does not import :mod:`crh_kernels.moments` (which imports it for
+``Moments.all_reduce``): it works on any object with the attributes of
+:class:`MomentsState`, which :class:`crh_kernels.Moments` has.
 """
 from __future__ import annotations
 
 import hashlib
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional, Protocol
 
 import torch
 import torch.distributed as dist
-
-from .moments import Moments
 
 __all__ = ["all_reduce_moments", "sync_moments", "full_weight", "DEFAULT_BUCKET_BYTES"]
 
@@ -35,6 +37,42 @@ __all__ = ["all_reduce_moments", "sync_moments", "full_weight", "DEFAULT_BUCKET_
 DEFAULT_BUCKET_BYTES = 32 * 1024 * 1024
 
 _WIRE_DTYPES = (torch.float64, torch.float32)
+
+
+class MomentsState(Protocol):
+    """What the reduction reads and writes of a state: the part of :class:`crh_kernels.Moments`
+    it uses (types only; checked at run time by :func:`_is_state`)."""
+
+    dim: int
+    normalize: bool
+    n: int
+    n_skipped: int
+
+    @property
+    def mean(self) -> torch.Tensor: ...
+
+    @property
+    def scatter(self) -> torch.Tensor: ...
+
+    @property
+    def device(self) -> Optional[torch.device]: ...
+
+    def load_packed(self, mean: torch.Tensor, packed: torch.Tensor) -> None: ...
+
+    def reset(self) -> object: ...
+
+
+_STATE_FIELDS = ("dim", "normalize", "n", "n_skipped")
+_STATE_MEMBERS = ("mean", "scatter", "device", "load_packed", "reset")
+
+
+def _is_state(obj) -> bool:
+    """Whether ``obj`` has every attribute of :class:`MomentsState`. Properties are looked up on
+    the class, never read: reading ``scatter`` of an unallocated state would allocate D×D."""
+    cls = type(obj)
+    fields = getattr(obj, "__dict__", {})
+    return (all(hasattr(cls, a) for a in _STATE_MEMBERS)
+            and all(a in fields or hasattr(cls, a) for a in _STATE_FIELDS))
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -68,14 +106,14 @@ def _comm_device(group, device) -> torch.device:
     return torch.device("cpu")
 
 
-def _signature(moments: List[Moments], wire: torch.dtype, chunk: int) -> int:
+def _signature(moments: List[MomentsState], wire: torch.dtype, chunk: int) -> int:
     """48-bit digest of everything that fixes the message sizes and the meaning of the sum;
     48 bits so that it is exact in the float64 check vector."""
     text = repr((str(wire), chunk, [(m.dim, m.normalize) for m in moments]))
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=6).digest(), "big")
 
 
-def _check_agreement(moments: List[Moments], wire: torch.dtype, chunk: int, total: int,
+def _check_agreement(moments: List[MomentsState], wire: torch.dtype, chunk: int, total: int,
                      group, dev: torch.device) -> None:
     """One fixed-size collective (MAX of ``[s, −s, k, −k, t, −t]``) so that every rank learns
     whether all ranks passed the same list. Its size never depends on the list, so a mismatch
@@ -115,10 +153,10 @@ def _triu_mask(dim: int, device: torch.device, cache: Dict) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- public
-def all_reduce_moments(moments: Iterable[Optional[Moments]], group=None, *,
+def all_reduce_moments(moments: Iterable[Optional[MomentsState]], group=None, *,
                        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
                        dtype: torch.dtype = torch.float64,
-                       device=None) -> List[Moments]:
+                       device=None) -> List[MomentsState]:
     """Merge each Moments exactly across the ranks of ``group``, in place: afterwards every
     rank holds, for each Moments, the state over all ranks' rows (bitwise the same on every
     rank).
@@ -150,14 +188,14 @@ def all_reduce_moments(moments: Iterable[Optional[Moments]], group=None, *,
     the packed triangles of all Moments in ``dtype`` (≈ half the states) plus one
     ``D × D`` float64 temporary at a time. If a collective fails, no state is changed.
     """
-    if isinstance(moments, Moments):
+    if _is_state(moments):
         moments = [moments]
     try:
         items = [m for m in moments if m is not None]
     except TypeError:
         raise TypeError(f"moments must be an iterable of Moments, got {type(moments).__name__}") from None
     for i, m in enumerate(items):
-        if not isinstance(m, Moments):
+        if not _is_state(m):
             raise TypeError(f"moments[{i}] must be a Moments, got {type(m).__name__}")
     if len({id(m) for m in items}) != len(items):
         raise ValueError("moments lists the same Moments object more than once; its rows would "

@@ -13,6 +13,8 @@ import torch
 
 from . import _env
 from . import backends as _backends
+from . import distributed as _distributed
+from .backends.base import ROW_MASKED
 
 _INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -61,13 +63,14 @@ class Moments:
         device: where the state lives; ``None`` adopts the device of the first update.
         backend: ``"torch"``, ``"triton"``, ``"cpp"``, ``"cuda"`` or ``None`` (choice rule of
             :mod:`crh_kernels.backends`).
-        strict: raise on rows that would be left out (zero norm, non-finite) instead of
+        strict: raise on rows that would be skipped (zero norm, non-finite) instead of
             skipping them with a warning.
         dtype: dtype of the stored state (float64 default; float32 halves memory).
         fp32_precision: ``"ieee"`` or ``"tf32"`` for fp32 operands on GPUs.
 
-    State: ``n`` rows counted, ``n_skipped`` rows left out, ``mean`` (D,) and
-    ``scatter`` ``C = Σ (x̂ − μ)(x̂ − μ)ᵀ`` (D, D), exactly symmetric.
+    State: ``n`` rows counted, ``n_skipped`` rows skipped, ``mean`` (D,) and
+    ``scatter`` ``C = Σ (x̂ − μ)(x̂ − μ)ᵀ`` (D, D), exactly symmetric. Masked rows count
+    nowhere (vocabulary of :mod:`crh_kernels.backends.base`).
     """
 
     def __init__(self, dim: int, *, normalize: bool = True, device=None, backend: Optional[str] = None,
@@ -118,7 +121,10 @@ class Moments:
             return torch.zeros(self.dim, self.dim, dtype=self.dtype)
         return self._scatter
 
-    def _resolve(self, x: torch.Tensor):
+    def backend_for(self, x: torch.Tensor) -> _backends.Backend:
+        """Internal: for the row stager in :mod:`crh_kernels.collect.staging`. The backend that
+        :meth:`update` uses for rows like ``x`` (its device and dtype), by the choice rule of
+        :mod:`crh_kernels.backends`; raises as :meth:`update` would when none can."""
         return _backends.resolve(self.backend, x.device, x.dtype)
 
     def _check_device(self, x: torch.Tensor, name: str = "x") -> None:
@@ -138,12 +144,11 @@ class Moments:
         x2, m2 = _rows(x.detach(), mask)
         if x2.shape[0] == 0:
             return self
-        backend = self._resolve(x)
-        update_state = getattr(backend, "update_state", None)
-        if self._device is not None and update_state is not None:
+        backend = self.backend_for(x)
+        if self._device is not None and backend.fused_update:
             with torch.no_grad():
-                fused = update_state(x2, m2, self.normalize, self.strict, self.n, self._mean,
-                                     self._scatter)
+                fused = backend.update_state(x2, m2, self.normalize, self.strict, self.n,
+                                             self._mean, self._scatter)
             if fused is not None:
                 # the kernel has merged the batch into the scatter (or, with strict and a
                 # skipped row, left it untouched: _absorb_skipped raises then)
@@ -161,20 +166,24 @@ class Moments:
             self._merge_stats(stats.n, stats.mean, stats.scatter)
         return self
 
-    def _update_staged(self, x: torch.Tensor, scale: torch.Tensor, status: torch.Tensor,
-                       sum_: torch.Tensor) -> "Moments":
-        """The end of :meth:`update` for rows that the backend's ``stage_rows`` staged (x (R, D)
-        with their status, scale and Σ s_i x_i): for :class:`crh_kernels.collect.RowStager`.
-        Same state, errors and warnings as ``update(x, mask)``."""
+    def update_staged(self, x: torch.Tensor, scale: torch.Tensor, status: torch.Tensor,
+                      sum_: torch.Tensor) -> "Moments":
+        """Internal: for the row stager in :mod:`crh_kernels.collect.staging`.
+
+        The end of :meth:`update` for rows ``x`` (R, D) that the backend of
+        :meth:`backend_for` staged with ``stage_rows`` (capability ``row_staging``): their
+        ``status`` uint8 (R,), ``scale`` fp32 (R,) and ``sum_`` = Σ scale_i·x_i float64 (D,).
+        Same state, errors and warnings as ``update(x, status != ROW_MASKED)``. Returns
+        ``self``."""
         self._check_device(x)
-        backend = self._resolve(x)
+        backend = self.backend_for(x)
         if self._device is None:
             self._allocate(x.device)
         with torch.no_grad():
             fused = backend.update_staged(x, scale, status, sum_, self.strict, self.n, self._mean,
                                           self._scatter)
-        if fused is None:  # a state the kernel does not take: the plain path (status 0 = masked)
-            return self.update(x, status != 0)
+        if fused is None:  # a state the kernel does not take: the plain path
+            return self.update(x, status != ROW_MASKED)
         n2, skipped, mean2 = fused
         self._absorb_skipped(skipped)
         with torch.no_grad():
@@ -190,7 +199,7 @@ class Moments:
         self.n_skipped += k
         if not self._warned:
             self._warned = True
-            warnings.warn(f"Moments(dim={self.dim}): left out {k} {what} row(s); they are counted "
+            warnings.warn(f"Moments(dim={self.dim}): skipped {k} {what} row(s); they are counted "
                           f"in n_skipped (further occurrences are not reported)", RuntimeWarning,
                           stacklevel=3)
 
@@ -259,8 +268,7 @@ class Moments:
     def all_reduce(self, group=None) -> "Moments":
         """Exact merge of this state across the ranks of ``group`` (torch.distributed), in place:
         every rank ends with the state over all ranks' rows. See :mod:`crh_kernels.distributed`."""
-        from .distributed import all_reduce_moments
-        all_reduce_moments([self], group=group)
+        _distributed.all_reduce_moments([self], group=group)
         return self
 
     # ------------------------------------------------------------------ views

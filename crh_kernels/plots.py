@@ -1,7 +1,10 @@
 """Figures of a :class:`crh_kernels.report.Report` (matplotlib, imported lazily, Agg canvas).
 
-Nothing else in the package imports this module; it uses matplotlib's object API with an Agg
-canvas (never ``pyplot``), so it neither needs a display nor changes a notebook's backend.
+Imported by :meth:`Report.plot` (lazily) and by the experiments' own figures (:func:`figure`,
+:func:`save_figure`); it reads a report duck-typed and takes every fit from
+:mod:`crh_kernels.analysis`, never importing :mod:`crh_kernels.report`. It uses matplotlib's
+object API with an Agg canvas (never ``pyplot``), so it neither needs a display nor changes a
+notebook's backend.
 
 * ``alpha.png`` — the six α per layer (paper Figs. 5, 18): one line per relation, covariance
   and second-moment panels; per-head layers are grouped by module (mean, min–max band).
@@ -22,10 +25,12 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from .analysis import LINES, PHASES, RELATIONS, pairing_fit
+
 __all__ = ["plot_report", "plot_alpha", "plot_spectra", "plot_exponents", "plot_phase",
            "plot_heatmaps"]
 
-_REL = ("forward_RGA", "forward_RWA", "forward_GWA", "backward_RGA", "backward_RWA", "backward_GWA")
+_REL = RELATIONS
 _COLORS = {"forward_RGA": "#d62728", "forward_RWA": "#ff7f0e", "forward_GWA": "#bcbd22",
            "backward_RGA": "#1f77b4", "backward_RWA": "#17becf", "backward_GWA": "#9467bd"}
 
@@ -142,7 +147,6 @@ def plot_spectra(rep, path: str, max_panels: Optional[int] = 24) -> str:
         pass
     for k, (gname, members) in enumerate(groups):
         ax = fig.add_subplot(nrow, ncol, k + 1)
-        from .report import pairing_fit
         slopes, side = [], "b"
         for c, name in enumerate(members):
             sp = rep.spectra(name)
@@ -219,7 +223,6 @@ def plot_exponents(rep, path: str, max_panels: Optional[int] = 24) -> str:
 
 # ------------------------------------------------------------------------------ phase diagram
 def plot_phase(rep, path: str) -> str:
-    from .analysis import LINES, PHASES
     fig = figure(6.4, 5.6)
     ax = fig.add_subplot(1, 1, 1)
     pts = [(n, e["p"], e["q"]) for n, e in rep.layers.items()

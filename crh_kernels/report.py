@@ -44,6 +44,8 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
+from ._version import __version__
+
 __all__ = ["Report"]
 
 _FORMAT = "crh_kernels.Report/1"
@@ -113,29 +115,6 @@ class _View:
         return self._gram("Z_b")
 
 
-def pairing_fit(lam_h, lam_g, floor: float = 1e-6):
-    """``(slope, intercept)`` of log λ_H,i against log λ_G,i over the sorted spectra (the paper's
-    Fig. 3 scatter), over the ranks where both are finite and above ``floor`` times their maximum;
-    None with fewer than 3 such ranks or a flat λ_G."""
-    h = np.asarray(lam_h, dtype=float)
-    g = np.asarray(lam_g, dtype=float)
-    k = min(h.size, g.size)
-    if k == 0:
-        return None
-    h, g = h[:k], g[:k]
-    ok = np.isfinite(h) & np.isfinite(g) & (h > 0) & (g > 0)
-    if ok.sum() < 3:
-        return None
-    ok &= (h > floor * h[ok].max()) & (g > floor * g[ok].max())
-    if ok.sum() < 3:
-        return None
-    x, y = np.log(g[ok]), np.log(h[ok])
-    if float(x.max() - x.min()) <= 1e-9:
-        return None
-    slope, intercept = np.polyfit(x, y, 1)
-    return float(slope), float(intercept)
-
-
 class Report:
     """Per-layer CRH numbers; build with ``Collector.report()`` or :meth:`from_json`.
 
@@ -183,11 +162,7 @@ class Report:
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "torch": torch.__version__,
         })
-        try:
-            from . import __version__ as v
-            meta["crh_kernels"] = v
-        except Exception:  # pragma: no cover - partial installs
-            pass
+        meta["crh_kernels"] = __version__
         return cls(layers, _clean(meta), matrices)
 
     @staticmethod
@@ -262,7 +237,7 @@ class Report:
             "H_b": exps.pairing.get("lambda_Hb"), "G_b": exps.pairing.get("lambda_Gb")})
         fit = None
         if lam.get("H_b") is not None and lam.get("G_b") is not None:
-            fit = pairing_fit(lam["H_b"], lam["G_b"], floor)
+            fit = A.pairing_fit(lam["H_b"], lam["G_b"], floor)
         entry["pairing_slope"] = None if fit is None else fit[0]
         if entry["forward_slope"] is None and fit is not None and st.kind == "head":
             entry["forward_slope"], entry["forward_slope_source"] = fit[0], "sorted spectra"

@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 from crh_kernels import Moments
 from crh_kernels.analysis import (FORWARD_SLOPE, LINES, PHASES, RELATIONS, alignment,
                                   classify_phase, commutation_error, effective_rank, eigh,
-                                  fit_exponents, is_flat, line_distances, phase_point,
-                                  random_baseline, six_alignments)
+                                  fit_exponents, is_flat, line_distances, pairing_fit,
+                                  phase_point, random_baseline, six_alignments)
 from crh_kernels.analysis import spectra as spectra_mod
 
 SEEDS = st.integers(0, 2**32 - 1)
@@ -624,3 +624,17 @@ def test_fit_exponents_on_device(device):
     W, H_a, G_a, H_b, G_b = build_point_phase(2.0, 2.0, 16, 16, 0)
     fit = fit_exponents(*(m.to(device) for m in (W, H_a, G_a, H_b, G_b)))
     assert (fit.p.slope, fit.q.slope, fit.forward.slope) == pytest.approx((2, 2, 3), abs=1e-8)
+
+
+def test_pairing_fit():
+    """The sorted-spectrum slope (paper Fig. 3) lives in analysis: exact on a power law, ranks
+    below the floor or non-finite left out, None when it cannot be fitted."""
+    lam_g = np.array([1.0, 0.5, 0.25, 0.1, 0.01])
+    slope, intercept = pairing_fit(3.0 * lam_g ** 2, lam_g)
+    assert slope == pytest.approx(2.0) and math.exp(intercept) == pytest.approx(3.0)
+    lam_h = lam_g ** 2
+    lam_h[-1] = 1e-30                                     # below floor × max: left out
+    assert pairing_fit(np.append(lam_h, np.nan), np.append(lam_g, 1.0))[0] == pytest.approx(2.0)
+    assert pairing_fit([1.0, 0.5], [1.0, 0.5]) is None    # fewer than 3 ranks
+    assert pairing_fit([1.0, 0.5, 0.2], [1.0, 1.0, 1.0]) is None  # flat λ_G
+    assert pairing_fit([], []) is None

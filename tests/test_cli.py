@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from crh_kernels.cli import main
+from crh_kernels.experiments import EXPERIMENTS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,7 +65,7 @@ def test_help(capsys):
 def test_list(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    for name in ("fc1", "fc2", "resnet", "transformer", "minilm"):
+    for name in EXPERIMENTS:
         assert f"{name}:" in out
 
 

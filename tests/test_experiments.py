@@ -14,7 +14,7 @@ from crh_kernels.experiments import (EXPERIMENTS, Context, ExperimentError, Memo
                                      get, profile_config, rebuild, run_experiment)
 from crh_kernels.experiments import claims as C
 from crh_kernels.experiments import data as D
-from crh_kernels.experiments.common import merge_config, parse_bytes, parse_value
+from crh_kernels.experiments.runs import merge_config, parse_bytes, parse_value
 from crh_kernels.experiments.models import GPT, FCNet, ResNet18
 
 
@@ -131,6 +131,8 @@ def test_memory_plan_refuses_with_names_and_options(tmp_path):
 
 
 def test_profiles_and_settings():
+    # the registry is the one list (CLI choices, `crh list`, test_cli derive from it): pin it here
+    assert EXPERIMENTS == ("fc1", "fc2", "resnet", "transformer", "minilm")
     for name in EXPERIMENTS:
         mod = get(name)
         assert {"tiny", "cpu", "cuda"} <= set(mod.PROFILES)

@@ -122,12 +122,12 @@ def test_pass_one_at_staging_equals_plain_staging(dtype):
         chunks.append((x, torch.rand(n, generator=gen) > 0.3 if n % 2 else None))
     fast, plain = RowStager(64), RowStager(64)
     a, b = Moments(19, backend="cpp"), Moments(19, backend="cpp")
-    with pytest.warns(RuntimeWarning, match="left out"):
+    with pytest.warns(RuntimeWarning, match="skipped [0-9]+ "):
         _feed_all(fast, a, chunks)
         fast.flush()
     assert isinstance(fast._bufs[id(a)], staging._StagedBuffer)
     plain._new_buffer = lambda m, x: staging._Buffer(m, x, plain.rows)
-    with pytest.warns(RuntimeWarning, match="left out"):
+    with pytest.warns(RuntimeWarning, match="skipped [0-9]+ "):
         _feed_all(plain, b, chunks)
         plain.flush()
     assert isinstance(plain._bufs[id(b)], staging._Buffer)

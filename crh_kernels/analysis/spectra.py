@@ -2,9 +2,11 @@
 
 Owns: the robust symmetric eigendecomposition :func:`eigh` (float64, descending, CPU fallback),
 :func:`effective_rank`, the exponent fit :func:`fit_exponents` (``h ~ z^p``, ``g ~ z^q`` in W's
-singular basis, plus the forward slope and the sorted-spectrum pairing the paper plots), and
-:func:`commutation_error` (how far the exponents can be trusted). It only measures; naming the
-phase a measured ``(p, q)`` belongs to is :mod:`crh_kernels.analysis.phases`.
+singular basis, plus the forward slope and the sorted-spectrum pairing the paper plots), the
+pairing slope :func:`pairing_fit` (log λ_H against log λ_G by rank, the paper's Fig. 3), and
+:func:`commutation_error` (how far the exponents can be trusted). Every fit of the package
+lives here: the report and the figures call these and fit nothing themselves. It only measures;
+naming the phase a measured ``(p, q)`` belongs to is :mod:`crh_kernels.analysis.phases`.
 
 All logs are natural logs; all arithmetic is float64, on the inputs' device when it works.
 """
@@ -20,7 +22,7 @@ import torch
 
 from .align import _as_f64
 
-__all__ = ["eigh", "effective_rank", "fit_exponents", "commutation_error", "LineFit",
+__all__ = ["eigh", "effective_rank", "fit_exponents", "pairing_fit", "commutation_error", "LineFit",
            "ExponentFit"]
 
 
@@ -283,6 +285,30 @@ def fit_exponents(W, H_a, G_a, H_b=None, G_b=None, *, floor: float = 1e-6,
     return ExponentFit(p=p, q=q, forward=forward, pairing=pairing, z=z, h=h, g=g,
                        commutation=commutation_error(w, mats["H_a"], side="a"),
                        support=support, hb=hb, gb=gb)
+
+
+# --------------------------------------------------------------------------- spectrum pairing
+def pairing_fit(lam_h, lam_g, floor: float = 1e-6):
+    """``(slope, intercept)`` of log λ_H,i against log λ_G,i over the sorted spectra (the paper's
+    Fig. 3 scatter), over the ranks where both are finite and above ``floor`` times their maximum;
+    None with fewer than 3 such ranks or a flat λ_G."""
+    h = np.asarray(lam_h, dtype=float)
+    g = np.asarray(lam_g, dtype=float)
+    k = min(h.size, g.size)
+    if k == 0:
+        return None
+    h, g = h[:k], g[:k]
+    ok = np.isfinite(h) & np.isfinite(g) & (h > 0) & (g > 0)
+    if ok.sum() < 3:
+        return None
+    ok &= (h > floor * h[ok].max()) & (g > floor * g[ok].max())
+    if ok.sum() < 3:
+        return None
+    x, y = np.log(g[ok]), np.log(h[ok])
+    if float(x.max() - x.min()) <= 1e-9:
+        return None
+    slope, intercept = np.polyfit(x, y, 1)
+    return float(slope), float(intercept)
 
 
 # ---------------------------------------------------------------------------- commutation

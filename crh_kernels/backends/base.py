@@ -1,25 +1,52 @@
-"""The contract every backend implements: batch statistics of one call (SPEC §2).
+"""The backend protocol: what every backend computes, and what some may offer besides (SPEC §2).
 
-A backend never sees the running state. It receives a 2-D view ``x`` of shape (N, D)
-(any strides), an optional boolean row mask of shape (N,), and returns the batch's
-``(n_b, n_skipped, μ_b, C_b)``; :class:`crh_kernels.Moments` merges that into the state.
+A backend never owns the running state. Its required methods receive a 2-D view ``x`` of
+shape (N, D) (any strides) and an optional boolean row mask of shape (N,), and return the
+batch's ``(n_b, n_skipped, μ_b, C_b)``; :class:`crh_kernels.Moments` merges that into the
+state.
 
-Row rule, identical on every backend:
-  * a row is *masked* when ``mask[i]`` is False: it counts nowhere, not even as skipped;
-  * otherwise it is *skipped* (left out and counted in ``n_skipped``) when its squared
-    norm, summed in fp32 (fp64 for fp64 input), is not finite, or, with
-    ``normalize=True``, is zero;
-  * every other row is *valid*: ``x̂ = x/||x||`` (or ``x`` when ``normalize=False``).
+Row vocabulary, identical on every backend (Triton, C++, CUDA, torch):
+  * a row is **masked** when ``mask[i]`` is False: it counts nowhere, not even in
+    ``n_skipped``;
+  * otherwise it is **skipped** (counted in ``n_skipped`` only) when its squared norm, summed
+    in fp32 (fp64 for fp64 input), is not finite, or, with ``normalize=True``, is zero;
+  * every other row is **valid**: ``x̂ = x/||x||`` (or ``x`` when ``normalize=False``).
 
-Returned: ``mean`` float64 (D,), ``scatter`` (D, D) exactly symmetric,
-``Σ_valid (x̂ − μ_b)(x̂ − μ_b)ᵀ`` in fp32 or better. With no valid row, ``mean`` and
-``scatter`` are zeros.
+Where a kernel stores the outcome per row it is a uint8 ``status`` with the encoding
+:data:`ROW_MASKED` = 0, :data:`ROW_SKIPPED` = 1, :data:`ROW_VALID` = 2 (the same numbers in
+``csrc/`` and in the Triton kernel ``row_stats``).
+
+Required methods (every backend): :meth:`Backend.availability`, :meth:`Backend.supports`,
+:meth:`Backend.batch_stats`, :meth:`Backend.cross_stats`. ``mean`` is float64 (D,),
+``scatter`` (D, D) exactly symmetric, ``Σ_valid (x̂ − μ_b)(x̂ − μ_b)ᵀ`` in fp32 or better.
+With no valid row, ``mean`` and ``scatter`` are zeros.
+
+Optional capabilities: a class flag says whether the backend offers them; the base methods
+raise ``NotImplementedError`` naming the backend and the capability. Callers test the flag,
+never the presence of a method.
+
+  ============  ==========================================  ===================================
+  flag          methods                                     used by
+  ============  ==========================================  ===================================
+  fused_update  :meth:`Backend.update_state`                ``Moments.update``
+  row_staging   :meth:`Backend.stage_rows`,                 the row stager
+                :meth:`Backend.update_staged`               (:mod:`crh_kernels.collect.staging`)
+  row_matmul    :meth:`Backend.matmul_rows`                 :func:`crh_kernels.backends.matmul_rows`
+  ============  ==========================================  ===================================
 """
 from __future__ import annotations
 
 from typing import NamedTuple, Optional, Tuple
 
 import torch
+
+#: ``status`` of a row whose mask entry is False: it counts nowhere.
+ROW_MASKED = 0
+#: ``status`` of a live row with a non-finite (or, normalizing, zero) squared norm: counted in
+#: ``n_skipped`` only.
+ROW_SKIPPED = 1
+#: ``status`` of a row that enters the mean and the scatter.
+ROW_VALID = 2
 
 
 class BatchStats(NamedTuple):
@@ -37,32 +64,107 @@ class CrossStats(NamedTuple):
     scatter: torch.Tensor  # (Dg, Dh), Σ (ĝ − μ_g)(ĥ − μ_h)ᵀ, not symmetric
 
 
+#: the fused result of :meth:`Backend.update_state` / :meth:`Backend.update_staged`:
+#: ``(n_b, n_skipped, μ_b)`` with μ_b float64 (D,)
+FusedResult = Tuple[int, int, torch.Tensor]
+
+
 class Backend:
-    """Base class; subclasses set ``name`` and implement the three methods. A backend may
-    also offer ``update_state(x, mask, normalize, strict, n1, mean, scatter)``, merging the
-    batch into a running state in place (see :class:`crh_kernels.backends.cpp.CppBackend`);
-    :class:`crh_kernels.Moments` uses it when present and falls back to ``batch_stats``. With
-    ``stage_rows`` and ``update_staged`` as well, the collector's row stager does pass 1 while
-    it copies rows (:mod:`crh_kernels.collect.staging`)."""
+    """Base class of every backend: subclasses set ``name`` (and ``dtypes``), implement the four
+    required methods, and set a capability flag to True for each optional capability whose
+    methods they override."""
 
     name: str = "?"
     #: dtypes of ``x`` the backend accepts
     dtypes: Tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
 
+    #: offers :meth:`update_state` (the batch merged into the running state in the kernel)
+    fused_update: bool = False
+    #: offers :meth:`stage_rows` and :meth:`update_staged` (pass 1 done while rows are copied)
+    row_staging: bool = False
+    #: offers :meth:`matmul_rows` (``x @ w`` on the backend's own inner kernels)
+    row_matmul: bool = False
+
+    # ------------------------------------------------------------------ required
     def availability(self) -> Tuple[bool, str]:
-        raise NotImplementedError
+        """``(usable, reason)``: whether the backend can run in this process, and a one-line
+        description (how it was loaded) or the reason it cannot."""
+        raise NotImplementedError(f"backend {self.name!r} does not implement availability()")
 
     def supports(self, device: torch.device) -> Tuple[bool, str]:
         """Whether tensors on ``device`` can be handled; the reason when not."""
-        raise NotImplementedError
+        raise NotImplementedError(f"backend {self.name!r} does not implement supports()")
 
     def batch_stats(self, x: torch.Tensor, mask: Optional[torch.Tensor], normalize: bool,
                     fp32_precision: str = "ieee") -> BatchStats:
-        raise NotImplementedError
+        """Statistics of the rows of ``x`` (N, D) under ``mask`` (N,) bool or None:
+        ``n`` valid rows, ``n_skipped``, ``mean`` f64 (D,) = Σ_valid x̂_i / n and
+        ``scatter`` (D, D) = Σ_valid (x̂_i − mean)(x̂_i − mean)ᵀ, exactly symmetric.
+        ``fp32_precision`` ("ieee" or "tf32") says how fp32 operands enter matrix units."""
+        raise NotImplementedError(f"backend {self.name!r} does not implement batch_stats()")
 
     def cross_stats(self, g: torch.Tensor, h: torch.Tensor, mask: Optional[torch.Tensor],
                     normalize: bool, fp32_precision: str = "ieee") -> CrossStats:
-        raise NotImplementedError
+        """Cross statistics of row pairs ``g`` (N, Dg), ``h`` (N, Dh): a row is valid only when
+        both its g and h rows are; ``n``, ``n_skipped`` (live rows that are not valid), means
+        f64 (Dg,), (Dh,), and ``scatter`` (Dg, Dh) = Σ_valid (ĝ_i − μ_g)(ĥ_i − μ_h)ᵀ."""
+        raise NotImplementedError(f"backend {self.name!r} does not implement cross_stats()")
+
+    # ------------------------------------------------------- optional capabilities
+    def _unsupported(self, method: str, flag: str) -> NotImplementedError:
+        return NotImplementedError(
+            f"backend {self.name!r} does not offer {method}() (capability {flag!r} is False)")
+
+    def update_state(self, x: torch.Tensor, mask: Optional[torch.Tensor], normalize: bool,
+                     strict: bool, n1: int, mean: torch.Tensor, scatter: torch.Tensor
+                     ) -> Optional[FusedResult]:
+        """Capability ``fused_update``: merge the batch into a running state in the kernel.
+
+        ``x`` (N, D), ``mask`` (N,) bool or None; the state is ``n1`` rows with ``mean`` (D,)
+        and ``scatter`` (D, D), float32 or float64. The kernel adds, in place,
+
+            scatter ← scatter + C_b + δδᵀ · n1·n_b/(n1 + n_b),   δ = μ_b − mean
+            (scatter ← C_b when n1 = 0)
+
+        (Chan–Golub–LeVeque; C_b is never materialised) and leaves ``mean`` to the caller.
+        With ``strict`` and a skipped row, the state is left untouched. Returns
+        ``(n_b, n_skipped, μ_b)`` (μ_b float64 (D,)), or None when the state is not one the
+        kernel takes (then the caller uses :meth:`batch_stats`).
+        """
+        raise self._unsupported("update_state", "fused_update")
+
+    def stage_rows(self, x: torch.Tensor, mask: Optional[torch.Tensor], normalize: bool,
+                   buf: torch.Tensor, scale: torch.Tensor, status: torch.Tensor,
+                   sum_: torch.Tensor) -> None:
+        """Capability ``row_staging``: copy the rows of ``x`` (R, D) into ``buf`` (R, D) and do
+        pass 1 of the update on the way: per row ``status`` uint8 (R,)
+        (:data:`ROW_MASKED` / :data:`ROW_SKIPPED` / :data:`ROW_VALID`), ``scale`` fp32 (R,)
+        (``1/||x_i||``, or 1 without normalizing, 0 unless valid), and
+        ``sum_ += Σ_valid scale_i · x_i`` (float64 (D,)). :meth:`update_staged` finishes."""
+        raise self._unsupported("stage_rows", "row_staging")
+
+    def update_staged(self, x: torch.Tensor, scale: torch.Tensor, status: torch.Tensor,
+                      sum_: torch.Tensor, strict: bool, n1: int, mean: torch.Tensor,
+                      scatter: torch.Tensor) -> Optional[FusedResult]:
+        """Capability ``row_staging``: :meth:`update_state` of rows ``x`` (R, D) that
+        :meth:`stage_rows` staged (their ``status``, ``scale`` and ``sum_``), without reading
+        them for pass 1 again. Same state, result and None case as :meth:`update_state`."""
+        raise self._unsupported("update_staged", "row_staging")
+
+    def matmul_rows(self, x: torch.Tensor, w: torch.Tensor) -> Optional[torch.Tensor]:
+        """Capability ``row_matmul``: ``x @ w`` for 2-D float32 ``x`` (N, K) and ``w`` (K, M)
+        on the backend's device, fp32 accumulation over K, outside autograd (the caller
+        checks all that). Returns None while the backend is not loaded: it never loads or
+        builds anything to answer. Call it through :func:`crh_kernels.backends.matmul_rows`."""
+        raise self._unsupported("matmul_rows", "row_matmul")
+
+
+#: capability flag -> the methods a backend declaring it overrides
+CAPABILITIES = {
+    "fused_update": ("update_state",),
+    "row_staging": ("stage_rows", "update_staged"),
+    "row_matmul": ("matmul_rows",),
+}
 
 
 def mirror_upper(c: torch.Tensor) -> torch.Tensor:

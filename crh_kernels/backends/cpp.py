@@ -1,10 +1,12 @@
-"""The ``cpp`` (CPU) and ``cuda`` backends: the compiled ``crh::`` ops of ``csrc/``.
+"""The ``cpp`` backend (CPU): the compiled ``crh::`` ops of ``csrc/``, and their loading.
 
-Owns: loading the extensions (prebuilt by setup.py, else a JIT build on first use, else a
-one-line reason), the fake (meta) kernels of the ops, and the two Backend classes. The
-kernels themselves are in ``csrc/`` (moments_cpu.cpp, moments_cuda.cu); both follow the row
-rule of :mod:`crh_kernels.backends.base` and SPEC §2: fp32 row norms, shift by the batch mean
-in fp32 before the product, upper-triangle tiles only, fp32 accumulation, exact mirror.
+Owns: loading the C++ extensions (prebuilt by setup.py, else a JIT build on first use, else a
+one-line reason; :mod:`crh_kernels.backends.cuda` loads the CUDA one through
+:func:`load_extension` too), the fake (meta) kernels of the ops, the op wrappers both compiled
+backends share (:class:`OpsBackend`) and :class:`CppBackend`. The kernels themselves are in
+``csrc/``; they follow the row rule of :mod:`crh_kernels.backends.base` and SPEC §2: fp32 row
+norms, shift by the batch mean in fp32 before the product, upper-triangle tiles only, fp32
+accumulation, exact mirror.
 
 Ops (registered by ``TORCH_LIBRARY(crh)`` in csrc/bindings.cpp)::
 
@@ -17,11 +19,14 @@ Ops (registered by ``TORCH_LIBRARY(crh)`` in csrc/bindings.cpp)::
         -> mean f64 (D,), counts     (CPU only: the batch merged into state_scatter in place)
     torch.ops.crh.stage_rows_(x (R, D), mask | None, normalize, buf (R, D), scale f32 (R,),
                               status u8 (R,), sum f64 (D,)) -> None
-        (CPU only: x copied into buf with pass 1 on the way; sum += Σ s_i x_i)
+        (CPU only: x copied into buf with pass 1 on the way; sum += Σ s_i x_i;
+         status 0 masked, 1 skipped, 2 valid: ROW_MASKED, ROW_SKIPPED, ROW_VALID of base.py)
     torch.ops.crh.batch_update_staged_(x, scale, status, sum, strict, n1, state_mean, state_scatter)
         -> mean f64 (D,), counts     (CPU only: batch_update_ of rows staged by stage_rows_)
     torch.ops.crh.matmul_rows(x (N, K) f32, w (K, M) f32) -> (N, M) f32   (CPU only)
 
+:class:`CppBackend` offers every optional capability: ``fused_update`` (batch_update_),
+``row_staging`` (stage_rows_, batch_update_staged_) and ``row_matmul`` (matmul_rows).
 ``fp32_precision`` is accepted and ignored: fp32 operands always take the IEEE fp32 path.
 """
 from __future__ import annotations
@@ -32,7 +37,7 @@ from typing import Optional, Tuple
 import torch
 
 from .. import _env
-from .base import Backend, BatchStats, CrossStats
+from .base import Backend, BatchStats, CrossStats, FusedResult
 
 _LOCK = threading.Lock()
 # name -> (module or None, how it was loaded or why it was not)
@@ -44,27 +49,39 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _load(kind: str):
-    """Import the ``kind`` ("cpu" or "cuda") extension: prebuilt, else JIT. Cached per process."""
+# kind -> (prebuilt module under crh_kernels, name of its JIT builder in crh_kernels._build)
+_EXTENSIONS = {"cpu": ("_C", "jit_cpu"), "cuda": ("_C_cuda", "jit_cuda")}
+
+
+def load_extension(kind: str):
+    """``(module or None, how it was loaded or why it was not)`` for the ``kind`` ("cpu" or
+    "cuda") extension: prebuilt, else JIT-built. Cached per process; the first successful
+    CPU load registers the ops' fake kernels."""
     with _LOCK:
         if kind in _LOADED:
             return _LOADED[kind]
         from .. import _build
 
-        prebuilt, jit = ("_C", _build.jit_cpu) if kind == "cpu" else ("_C_cuda", _build.jit_cuda)
+        prebuilt, builder = _EXTENSIONS[kind]
         try:
             module = __import__(f"crh_kernels.{prebuilt}", fromlist=["_"])
             result = (module, "prebuilt")
         except ImportError as exc:
             why = f"no prebuilt crh_kernels.{prebuilt} ({_first_line(exc)})"
             try:
-                result = (jit(), "JIT-built")
+                result = (getattr(_build, builder)(), "JIT-built")
             except Exception as jexc:  # compiler, ninja or headers missing; a compile error
                 result = (None, f"{why}; JIT build failed: {_first_line(jexc)}")
         if kind == "cpu" and result[0] is not None:
             _register_fakes()
         _LOADED[kind] = result
         return result
+
+
+def extension_loaded(kind: str) -> bool:
+    """Whether the ``kind`` extension is loaded already; never loads or builds it."""
+    loaded = _LOADED.get(kind)
+    return loaded is not None and loaded[0] is not None
 
 
 def _register_fakes() -> None:
@@ -103,10 +120,13 @@ def _register_fakes() -> None:
 
 def cpu_extension():
     """The loaded CPU extension module, or None; loads it on first call."""
-    return _load("cpu")[0]
+    return load_extension("cpu")[0]
 
 
-class _OpsBackend(Backend):
+class OpsBackend(Backend):
+    """The required methods on the ``crh::`` ops, whose device dispatch picks the CPU or the
+    CUDA kernels: the base of :class:`CppBackend` and of the ``cuda`` backend."""
+
     dtypes = (torch.float32, torch.bfloat16, torch.float16)
 
     def batch_stats(self, x: torch.Tensor, mask: Optional[torch.Tensor], normalize: bool,
@@ -122,15 +142,18 @@ class _OpsBackend(Backend):
         return CrossStats(n, skipped, mean_g, mean_h, scatter)
 
 
-class CppBackend(_OpsBackend):
+class CppBackend(OpsBackend):
     """CPU tensors: blocked, OpenMP-parallel C++ kernels (AVX-512 inner kernel where the CPU
     has it, a portable one elsewhere); uses ``torch.get_num_threads()`` threads."""
 
     name = "cpp"
+    fused_update = True
+    row_staging = True
+    row_matmul = True
 
     def update_state(self, x: torch.Tensor, mask: Optional[torch.Tensor], normalize: bool,
                      strict: bool, n1: int, mean: torch.Tensor, scatter: torch.Tensor
-                     ) -> Optional[Tuple[int, int, torch.Tensor]]:
+                     ) -> Optional[FusedResult]:
         """Merge the batch into a CPU state in the kernel's last pass (no (D, D) batch
         scatter, no separate merge). Returns ``(n, n_skipped, batch mean)``, or None when the
         state is not one the kernel takes (then use :meth:`batch_stats`)."""
@@ -145,12 +168,13 @@ class CppBackend(_OpsBackend):
                    buf: torch.Tensor, scale: torch.Tensor, status: torch.Tensor,
                    sum_: torch.Tensor) -> None:
         """Copy the rows of x into buf and do pass 1 of the update on the way (row status and
-        scale, ``sum_ += Σ s_i x_i``): :meth:`update_staged` finishes the staged rows later."""
+        scale, ``sum_ += Σ s_i x_i``): :meth:`update_staged` finishes the staged rows later.
+        CPU tensors only (the op checks every argument)."""
         torch.ops.crh.stage_rows_(x, mask, bool(normalize), buf, scale, status, sum_)
 
     def update_staged(self, x: torch.Tensor, scale: torch.Tensor, status: torch.Tensor,
                       sum_: torch.Tensor, strict: bool, n1: int, mean: torch.Tensor,
-                      scatter: torch.Tensor) -> Optional[Tuple[int, int, torch.Tensor]]:
+                      scatter: torch.Tensor) -> Optional[FusedResult]:
         """:meth:`update_state` of rows that :meth:`stage_rows` staged (its status, scale and
         sum); None when the state is not one the kernel takes."""
         if not self._takes_state(mean, scatter):
@@ -165,8 +189,16 @@ class CppBackend(_OpsBackend):
         return (scatter.device.type == "cpu" and scatter.dtype in (torch.float32, torch.float64)
                 and scatter.is_contiguous() and mean.is_contiguous())
 
+    def matmul_rows(self, x: torch.Tensor, w: torch.Tensor) -> Optional[torch.Tensor]:
+        """``x @ w`` (2-D float32 CPU tensors) through the covariance's inner kernels
+        (``crh::matmul_rows``); None while the CPU extension is not loaded (by a cpp-backed
+        Moments): it is never loaded or built here."""
+        if not extension_loaded("cpu"):
+            return None
+        return torch.ops.crh.matmul_rows(x, w)
+
     def availability(self) -> Tuple[bool, str]:
-        module, how = _load("cpu")
+        module, how = load_extension("cpu")
         if module is None:
             if _env.require_cpp():
                 how += " (CRH_REQUIRE_CPP=1: this is an error, not a fallback)"
@@ -178,51 +210,3 @@ class CppBackend(_OpsBackend):
         if torch.device(device).type == "cpu":
             return True, ""
         return False, "the cpp backend handles CPU tensors (use 'cuda' or 'triton' on GPUs)"
-
-
-class CudaBackend(_OpsBackend):
-    """CUDA tensors: tiled CUDA kernels (tensor-core MMA for bf16/fp16, fp32 FMA for fp32), for
-    GPUs or setups where Triton is unavailable."""
-
-    name = "cuda"
-
-    def __init__(self):
-        self._ok: Optional[Tuple[bool, str]] = None
-
-    def availability(self) -> Tuple[bool, str]:
-        if self._ok is None:
-            self._ok = self._probe()
-        return self._ok
-
-    @staticmethod
-    def _probe() -> Tuple[bool, str]:
-        if torch.version.cuda is None:
-            return False, "torch is a CPU build (torch.version.cuda is None)"
-        cpu, how = _load("cpu")
-        if cpu is None:  # it defines the op schemas the CUDA kernels implement
-            return False, f"needs the C++ extension, which defines the crh:: ops: {how}"
-        module, how = _load("cuda")
-        if module is None:
-            return False, how
-        if not torch.cuda.is_available():
-            return False, "no CUDA device visible (torch.cuda.is_available() is False)"
-        return True, f"CUDA extension ({how}), CUDA {torch.version.cuda}"
-
-    def supports(self, device) -> Tuple[bool, str]:
-        if torch.device(device).type == "cuda":
-            return True, ""
-        return False, "the cuda backend handles CUDA tensors (use 'cpp' or 'torch' on the CPU)"
-
-
-def matmul_rows(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``x @ w``; for 2-D float32 CPU tensors outside autograd, through the covariance's inner
-    kernels when the CPU extension is already loaded (by a cpp-backed Moments; never loaded or
-    built here). On AVX-512 machines where MKL takes its AVX2 path this beats torch's sgemm
-    (1024³ on 2 Zen 4 cores: ~10.5 against ~11.3 ms)."""
-    loaded = _LOADED.get("cpu")
-    if (loaded is not None and loaded[0] is not None and x.device.type == "cpu"
-            and w.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32
-            and x.dim() == 2 and w.dim() == 2
-            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
-        return torch.ops.crh.matmul_rows(x, w)
-    return x @ w

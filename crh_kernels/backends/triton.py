@@ -14,10 +14,10 @@ import triton
 import triton.language as tl
 
 from .. import _env
-from ..kernels.cross import _cross_fwd_kernel
+from ..kernels.cross import _cross_scatter_kernel
 from ..kernels.row_stats import _row_stats_kernel
-from ..kernels.syrk import _moments_fwd_kernel
-from .base import Backend, BatchStats, CrossStats, mirror_upper
+from ..kernels.syrk import _scatter_upper_kernel
+from .base import ROW_SKIPPED, ROW_VALID, Backend, BatchStats, CrossStats, mirror_upper
 
 INTERPRET = _env.triton_interpret()
 
@@ -55,8 +55,8 @@ def _compiled(kernel, key):
             for bits, cfgs in _GPU_MM_CONFIGS.items()}
 
 
-_syrk = _compiled(_moments_fwd_kernel, ["D", "INPUT_PRECISION", "USE_ATOMIC"])
-_cross = _compiled(_cross_fwd_kernel, ["DG", "DH", "INPUT_PRECISION"])
+_syrk = _compiled(_scatter_upper_kernel, ["D", "INPUT_PRECISION", "USE_ATOMIC"])
+_cross = _compiled(_cross_scatter_kernel, ["DG", "DH", "INPUT_PRECISION"])
 
 
 def _bits(dtype: torch.dtype) -> int:
@@ -90,11 +90,12 @@ def _num_splits(n: int, tiles: int, d_out: int, device: torch.device) -> int:
 
 def row_stats(x: torch.Tensor, mask: Optional[torch.Tensor], normalize: bool,
               gate: Optional[torch.Tensor] = None, with_sum: bool = True):
-    """Per-row scale and flag, and partial column sums of the scaled valid rows.
+    """Per-row scale and status, and partial column sums of the scaled valid rows.
 
     x: (N, D) fp32/bf16/fp16, any strides; mask: (N,) bool or None; gate: (N,) fp32 or None
-    (rows with gate == 0 do not count). Returns ``scale`` (N,) fp32 (0 for rows that do not
-    count), ``flag`` (N,) int8 (0 valid, 1 masked, 2 left out), ``psum`` (P, D) fp32.
+    (rows with gate == 0 do not count: they are skipped). Returns ``scale`` (N,) fp32 (0 for
+    rows that do not count), ``status`` (N,) uint8 (ROW_MASKED 0, ROW_SKIPPED 1, ROW_VALID 2
+    of :mod:`crh_kernels.backends.base`), ``psum`` (P, D) fp32.
     """
     _check_matrix(x, "x")
     n, d = x.shape
@@ -105,17 +106,17 @@ def row_stats(x: torch.Tensor, mask: Optional[torch.Tensor], normalize: bool,
     cfg = _INTERP_ROWS if INTERPRET else _GPU_ROWS
     programs = triton.cdiv(n, cfg["BLOCK_N"])
     scale = torch.empty(n, dtype=torch.float32, device=x.device)
-    flag = torch.empty(n, dtype=torch.int8, device=x.device)
+    status = torch.empty(n, dtype=torch.uint8, device=x.device)
     psum = torch.empty(programs if with_sum else 1, d, dtype=torch.float32, device=x.device)
     # the interpreter cannot read a bool tensor through a pointer: pass uint8
     mask_arg = scale if mask is None else mask.view(torch.uint8)
     _row_stats_kernel[(programs,)](
-        x, mask_arg, scale if gate is None else gate, scale, flag, psum,
+        x, mask_arg, scale if gate is None else gate, scale, status, psum,
         n, d, x.stride(0), x.stride(1),
         HAS_MASK=mask is not None, HAS_GATE=gate is not None, NORMALIZE=bool(normalize),
         WITH_SUM=with_sum, **cfg,
     )
-    return scale, flag, psum
+    return scale, status, psum
 
 
 def _dot_args(dtype: torch.dtype, fp32_precision: str):
@@ -187,9 +188,10 @@ def cross_update(g, h, scale_g, scale_h, shift_g, shift_h, fp32_precision: str =
     return out[0] if splits == 1 else out.sum(dim=0)
 
 
-def _counts(flag: torch.Tensor) -> torch.Tensor:
-    """(2,) int64 on the device: rows counted, rows left out. No host sync."""
-    return torch.bincount(flag.to(torch.int64), minlength=3)[0::2].contiguous()
+def _counts(status: torch.Tensor) -> torch.Tensor:
+    """(2,) int64 on the device: valid rows, skipped rows (``n``, ``n_skipped``). No host sync."""
+    per_status = torch.bincount(status.to(torch.int64), minlength=3)
+    return torch.stack((per_status[ROW_VALID], per_status[ROW_SKIPPED]))
 
 
 def _mean_from(psum: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
@@ -209,8 +211,8 @@ def moments_op(x: torch.Tensor, mask: Optional[torch.Tensor], normalize: bool,
                fp32_precision: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Batch statistics of the fused update: ``counts`` (2,) int64 = (n, n_skipped),
     ``mean`` (D,) float64, ``scatter`` (D, D) float32 = Σ_valid (x̂ − μ)(x̂ − μ)ᵀ."""
-    scale, flag, psum = row_stats(x, mask, normalize)
-    counts = _counts(flag)
+    scale, status, psum = row_stats(x, mask, normalize)
+    counts = _counts(status)
     mean = _mean_from(psum, counts[0])
     shift = mean.to(torch.float32)
     scatter = syrk_update(x, scale, shift, fp32_precision)
@@ -230,9 +232,9 @@ def cross_moments_op(g: torch.Tensor, h: torch.Tensor, mask: Optional[torch.Tens
     """``counts`` (2,), ``mean_g`` (Dg,), ``mean_h`` (Dh,) float64 and ``C_gh`` (Dg, Dh) float32;
     a row counts only when both its g and h rows are valid."""
     scale_h0, _, _ = row_stats(h, mask, normalize, with_sum=False)
-    scale_g, flag_g, psum_g = row_stats(g, mask, normalize, gate=scale_h0)
+    scale_g, status_g, psum_g = row_stats(g, mask, normalize, gate=scale_h0)
     scale_h, _, psum_h = row_stats(h, mask, normalize, gate=scale_g)
-    counts = _counts(flag_g)
+    counts = _counts(status_g)
     mean_g = _mean_from(psum_g, counts[0])
     mean_h = _mean_from(psum_h, counts[0])
     kg, kh = mean_g.to(torch.float32), mean_h.to(torch.float32)

@@ -17,9 +17,9 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from ..kernels.cross import _cross_fwd_kernel
+from ..kernels.cross import _cross_scatter_kernel
 from ..kernels.row_stats import _row_stats_kernel
-from ..kernels.syrk import _moments_fwd_kernel
+from ..kernels.syrk import _scatter_upper_kernel
 
 _PTR = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16"}
 _TL = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}
@@ -45,16 +45,16 @@ def _mm_spec(kernel, dtype, precision, cfg):
     if kernel == "syrk":
         sig = {"x_ptr": x, "scale_ptr": "*fp32", "shift_ptr": "*fp32", "out_ptr": "*fp32",
                "N": "i32", "D": "i32", "stride_xn": "i32", "stride_xd": "i32"}
-        return _moments_fwd_kernel, sig, dict(common, USE_ATOMIC=cfg.get("USE_ATOMIC", False))
+        return _scatter_upper_kernel, sig, dict(common, USE_ATOMIC=cfg.get("USE_ATOMIC", False))
     sig = {"g_ptr": x, "h_ptr": x, "sg_ptr": "*fp32", "sh_ptr": "*fp32", "kg_ptr": "*fp32",
            "kh_ptr": "*fp32", "out_ptr": "*fp32", "N": "i32", "DG": "i32", "DH": "i32",
            "stride_gn": "i32", "stride_gd": "i32", "stride_hn": "i32", "stride_hd": "i32"}
-    return _cross_fwd_kernel, sig, common
+    return _cross_scatter_kernel, sig, common
 
 
 def _rows_spec(dtype, cfg):
     sig = {"x_ptr": _PTR[dtype], "mask_ptr": "*u8", "gate_ptr": "*fp32", "scale_ptr": "*fp32",
-           "flag_ptr": "*i8", "psum_ptr": "*fp32", "N": "i32", "D": "i32",
+           "status_ptr": "*u8", "psum_ptr": "*fp32", "N": "i32", "D": "i32",
            "stride_xn": "i32", "stride_xd": "i32"}
     const = {"HAS_MASK": True, "HAS_GATE": False, "NORMALIZE": True, "WITH_SUM": True,
              "BLOCK_N": cfg["BLOCK_N"], "BLOCK_D": cfg["BLOCK_D"]}

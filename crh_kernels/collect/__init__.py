@@ -1,7 +1,12 @@
 """Hooks that feed :class:`crh_kernels.Moments` from a model: :class:`Collector`.
 
-``collector.py`` owns module selection, the hook life cycle, step/every, masks and checkpoints;
-``adapters.py`` says how each module kind (Linear, Conv2d, HF Conv1D, heads) yields its rows.
+One module per concept: ``collector.py`` is the facade (life cycle, step/every, masks,
+subsampling, gradient scale, report, sync); ``selection.py`` picks the layers and plans their
+memory; ``hooks.py`` holds the forward/gradient hooks of weight layers and the shared-input
+dedup; ``attention.py`` the per-head streams and ``nn.MultiheadAttention``; ``checkpoint.py``
+the ``state_dict`` format; ``layer.py`` :class:`LayerStats`; ``adapters.py`` says how each module
+kind (Linear, Conv2d, HF Conv1D) yields its rows; ``staging.py`` gathers small calls' rows into
+fewer updates.
 """
 from .collector import STREAMS, Collector, LayerStats
 

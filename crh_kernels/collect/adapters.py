@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..backends.cpp import matmul_rows
+from ..backends import matmul_rows
 
 __all__ = ["Adapter", "LinearAdapter", "Conv1DAdapter", "Conv2dAdapter", "adapter_for",
            "is_hf_conv1d", "head_dim_of", "LinearSpy"]

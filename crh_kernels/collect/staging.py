@@ -11,10 +11,10 @@ Copies are taken at once: activations may be modified in place after the hook re
 A call with ``rows`` rows or more, 3-D rows, or a buffer that would exceed the byte budget
 goes straight to ``Moments.update``.
 
-Where the Moments' backend offers ``stage_rows`` (the C++ CPU kernels), the copy does pass 1
-of the update on the way, while the rows are in cache (row status and scale, the sum for the
-mean): the flush then starts at the product (``Moments._update_staged``) instead of reading
-the whole buffer back from memory once more.
+Where the Moments' backend declares the ``row_staging`` capability (the C++ CPU kernels), the
+copy does pass 1 of the update on the way, while the rows are in cache (row status, masked /
+skipped / valid, and scale; the sum for the mean): the flush then starts at the product
+(``Moments.update_staged``) instead of reading the whole buffer back from memory once more.
 """
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ class _StagedBuffer:
     def drain(self) -> None:
         n, self.filled = self.filled, 0
         try:
-            self.moments._update_staged(self.x[:n], self.scale[:n], self.status[:n], self.sum)
+            self.moments.update_staged(self.x[:n], self.scale[:n], self.status[:n], self.sum)
         finally:
             self.sum.zero_()
 
@@ -132,8 +132,8 @@ class RowStager:
                 self._flush(buf)
 
     def _new_buffer(self, m: Moments, x: torch.Tensor):
-        backend = m._resolve(x)
-        if x.device.type == "cpu" and hasattr(backend, "stage_rows"):
+        backend = m.backend_for(x)
+        if x.device.type == "cpu" and backend.row_staging:
             return _StagedBuffer(m, backend, x, self.rows)
         return _Buffer(m, x, self.rows)
 

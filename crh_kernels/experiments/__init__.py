@@ -2,9 +2,12 @@
 
 Each experiment module has ``NAME``, ``DESCRIPTION``, ``PROFILES`` (``tiny`` for tests, ``cpu``
 the default on a CPU, ``cuda`` full-scale settings), ``run(cfg, ctx) -> RunResult``,
-``claims(report, extras, cfg)`` and ``figures(report, extras, cfg, out_dir)``. This module
-runs one end to end (:func:`run_experiment`) and rebuilds a saved run (:func:`rebuild`);
-``crh`` (:mod:`crh_kernels.cli`) only parses arguments and shows progress.
+``claims(report, extras, cfg)`` and ``figures(report, extras, cfg, out_dir)``. This module is
+the registry: the experiment list (:data:`EXPERIMENTS`, defined here only), running one end to
+end (:func:`run_experiment`) and rebuilding a saved run (:func:`rebuild`). How a run is carried
+out and saved is :mod:`.runs`; claims tables and the rules they share are :mod:`.claims`;
+``crh`` (:mod:`crh_kernels.cli`) only parses arguments and shows progress. Benchmarks are not
+experiments: they live in ``bench/``.
 """
 from __future__ import annotations
 
@@ -16,10 +19,12 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from . import claims as C
-from .common import (Context, ExperimentError, MemoryPlanError, RunResult, load_run, merge_config,
-                     save_run, seed_everything, write_outputs)
 from .data import MissingData
+from .runs import (Context, ExperimentError, MemoryPlanError, RunResult, load_run, merge_config,
+                   save_run, seed_everything, write_outputs)
 
+#: The experiments, in the order ``crh list`` shows them: the one list (the CLI's choices, its
+#: help and ``crh list`` are built from it; each name is a module of this package).
 EXPERIMENTS = ("fc1", "fc2", "resnet", "transformer", "minilm")
 
 __all__ = ["EXPERIMENTS", "get", "profile_config", "run_experiment", "rebuild", "Context",

@@ -2,16 +2,20 @@
 
 A claim is evaluated by a stated threshold on numbers measured in this run; one that
 cannot be evaluated (too few layers, NaN values) says so (``holds = None``) instead of
-passing. Nothing here decides what the paper claims: each experiment writes its rows.
+passing. Each experiment writes its own rows; here live the record and its renderings, the
+statistics the rules use, what the rows read off a :class:`~crh_kernels.report.Report`
+(α, per-layer summaries, exponents) and the rules several experiments share (monotone trend,
+exponent range, random-projection baseline).
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence
 
-RELATIONS = ("forward_RGA", "forward_RWA", "forward_GWA", "backward_RGA", "backward_RWA", "backward_GWA")
+from ..analysis import RELATIONS  # noqa: F401  (the six relations, in the report's order)
 
 
 @dataclass
@@ -159,6 +163,74 @@ def fmt_list(values: Sequence, digits: int = 2) -> str:
     return "[" + ", ".join(fmt(v, digits) for v in values) + "]"
 
 
+# ----------------------------------------------------------------------------- reading a report
+def alpha(rep, layer: str, relation: str, kind: str = "cov") -> float:
+    e = rep.layers.get(layer) if hasattr(rep, "layers") else rep.get(layer)
+    if e is None:
+        return float("nan")
+    v = (e.get("alpha_cov" if kind == "cov" else "alpha_second") or {}).get(relation)
+    return float("nan") if v is None else float(v)
+
+
+def layer_summary(rep, layers: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, Any]]:
+    """The compact per-layer numbers a sweep keeps: six α (cov), effective ranks, dims, p, q,
+    forward slope, phase."""
+    out = {}
+    for name, e in rep.layers.items():
+        if layers is not None and name not in layers:
+            continue
+        out[name] = {
+            "alpha": {r: (e.get("alpha_cov") or {}).get(r) for r in RELATIONS},
+            "alpha_second": {r: (e.get("alpha_second") or {}).get(r) for r in RELATIONS},
+            "effective_rank_h": e.get("effective_rank_h"),
+            "effective_rank_g": e.get("effective_rank_g"),
+            "dims": e.get("dims"),
+            "p": e.get("p"), "q": e.get("q"),
+            "forward_slope": e.get("forward_slope"),
+            "pairing_slope": e.get("pairing_slope"),
+            "phase": e.get("phase"),
+        }
+    return out
+
+
+def rga(summary_layer: Dict[str, Any]) -> float:
+    """Mean of the forward and backward RGA of a layer summary (finite ones)."""
+    a = summary_layer["alpha"]
+    return mean([a.get("forward_RGA"), a.get("backward_RGA")])
+
+
+def mean_alpha(summary_layer: Dict[str, Any]) -> float:
+    return mean(summary_layer["alpha"].values())
+
+
+def exponent_values(rep, layers: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
+    """Every power-law exponent the report holds, as ``{layer, what, value, r2}``: p (h vs z),
+    q (g vs z), p/q (h vs g, backward), the forward slope (H_b vs G_b in W's basis) and the
+    sorted-spectrum pairing slope (paper Fig. 3)."""
+    out = []
+    for name, e in rep.layers.items():
+        if layers is not None and name not in layers:
+            continue
+        ex = e.get("exponents") or {}
+        r2 = {"p": (ex.get("p") or {}).get("r2"), "q": (ex.get("q") or {}).get("r2"),
+              "forward_slope": (ex.get("forward") or {}).get("r2")}
+        p, q = e.get("p"), e.get("q")
+        vals = [("p", p, r2["p"]), ("q", q, r2["q"])]
+        if p is not None and q is not None and abs(q) > 1e-12:
+            vals.append(("p/q", p / q, None))
+        vals.append(("forward_slope", e.get("forward_slope"), r2["forward_slope"]))
+        vals.append(("pairing_slope", e.get("pairing_slope"), None))
+        for what, v, r in vals:
+            if v is not None and math.isfinite(float(v)):
+                out.append({"layer": name, "what": what, "value": float(v), "r2": r})
+    return out
+
+
+def nan(v) -> float:
+    return float("nan") if v is None else float(v)
+
+
+# ----------------------------------------------------------------------------- shared rules
 def monotone_claim(claim: str, source: str, xs: Sequence[float], ys: Sequence[float], *,
                    x_name: str, y_name: str, increasing: bool = True, min_rho: float = 0.8,
                    digits: int = 2) -> Claim:
@@ -173,3 +245,68 @@ def monotone_claim(claim: str, source: str, xs: Sequence[float], ys: Sequence[fl
         return Claim(claim, source, measured + " (too few finite points)", rule, None, rho)
     holds = rho >= min_rho if increasing else rho <= -min_rho
     return Claim(claim, source, measured, rule, holds, rho)
+
+
+def exponent_range_claim(rep, layers: Optional[Sequence[str]] = None, *, eps: float = 0.1,
+                         min_fraction: float = 0.8, source: str = "§5, §6, C.8 (PAH)",
+                         which: Sequence[str] = ("p", "q", "p/q", "forward_slope", "pairing_slope")
+                         ) -> Claim:
+    """"Almost all positive exponents are within [1/3, 3]": the fraction of the measured
+    exponents above ``eps`` (smaller ones are "flat", exponent 0 is a legal value) that lie in
+    [1/3, 3] must be ≥ ``min_fraction``."""
+    vals = [v for v in exponent_values(rep, layers) if v["what"] in which]
+    pos = [v for v in vals if v["value"] > eps]
+    inside = [v for v in pos if 1 / 3 <= v["value"] <= 3]
+    claim = "positive spectral exponents lie within [1/3, 3]"
+    rule = f"of the exponents > {eps} ({', '.join(which)}), ≥ {min_fraction:.0%} in [1/3, 3]"
+    if not pos:
+        return Claim(claim, source, f"no positive exponent among {len(vals)} fitted", rule, None)
+    frac = len(inside) / len(pos)
+    outside = [f"{v['layer']}:{v['what']}={v['value']:.2f}" for v in pos if v not in inside][:4]
+    measured = (f"{len(inside)}/{len(pos)} = {frac:.0%} in range (median {fmt(median(v['value'] for v in pos))}"
+                f", range {fmt(min(v['value'] for v in pos))}…{fmt(max(v['value'] for v in pos))})")
+    if outside:
+        measured += "; outside: " + ", ".join(outside)
+    return Claim(claim, source, measured, rule, frac >= min_fraction, frac)
+
+
+@functools.lru_cache(maxsize=64)
+def paper_baseline(dim: int) -> float:
+    """The paper's significance baseline at dimension ``dim``: α between the covariances of two
+    independent random projections of rank dim/5 (its example: rank 40 of 200 ≈ 0.14)."""
+    from ..analysis import random_baseline
+    return random_baseline(int(dim), max(1, int(round(dim / 5))), trials=10 if dim <= 512 else 3)
+
+
+def baseline_claim(rep, layers: Sequence[str], relations: Sequence[str] = ("forward_RGA", "backward_RGA"),
+                   *, source: str, claim: Optional[str] = None, skip: Sequence[str] = ()) -> Claim:
+    """Each ``relation`` α of each layer above :func:`paper_baseline` of its dimension. ``skip``
+    lists ``"layer:relation"`` pairs left out (e.g. the backward side of a first layer, whose
+    H_a is the data's covariance, which training cannot change)."""
+    rows, ok = [], []
+    for name in layers:
+        e = rep.layers.get(name) or {}
+        dims = e.get("dims") or {}
+        for rel in relations:
+            if f"{name}:{rel}" in skip:
+                continue
+            a = alpha(rep, name, rel)
+            d = dims.get("h_a" if rel.startswith("backward") else "h_b")
+            if not d or d < 2 or not math.isfinite(a):
+                continue
+            base = paper_baseline(int(d))
+            rows.append((f"{name} {rel.split('_')[0][0]}{rel.split('_')[1]} {a:.2f}/{base:.2f}", a > base))
+            ok.append(a > base)
+    names = " and ".join(r.replace("_", " ") for r in relations)
+    claim = claim or f"the {names} are significant (above the random baseline)"
+    rule = "every α > α of two random rank-D/5 covariances of its dimension D (paper: 0.14 at 40/200)"
+    if not ok:
+        return Claim(claim, source, "no layer with a finite α", rule, None)
+    if len(rows) <= 12:
+        measured = "α/baseline: " + "; ".join(r for r, _ in rows)
+    else:
+        below = [r for r, good in rows if not good]
+        measured = (f"{sum(ok)}/{len(ok)} α above the baseline"
+                    + (f"; below: {'; '.join(below[:8])}" + (f" and {len(below) - 8} more" if len(below) > 8 else "")
+                       if below else ""))
+    return Claim(claim, source, measured, rule, all(ok), sum(ok) / len(ok))

@@ -6,9 +6,9 @@ decay γ; covariances of every Linear layer on 3000 fresh points. Sweeps of γ a
 base setting; the base run is also measured along training.
 
 The paper trains 10⁵ steps at γ = 2·10⁻⁵ (profile ``cuda``; learning rate not stated, 0.1 here).
-The CPU default trains 10⁴ steps (≈ 2 minutes for all six runs). Alignment forms on the
-weight-decay time scale 1/(ηγ) steps, so with 10× fewer steps the CPU profile's base γ is 10⁻³
-(ηγT = 1 decay time) and its γ grid is 10⁻⁵ … 3·10⁻³; the batch-size sweep runs at the base γ.
+The CPU default trains 10⁴ steps. Alignment forms on the weight-decay time scale 1/(ηγ) steps,
+so with 10× fewer steps the CPU profile's base γ is 10⁻³ (ηγT = 1 decay time) and its γ grid is
+10⁻⁵ … 3·10⁻³; the batch-size sweep runs at the base γ.
 """
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from typing import Any, Dict, List
 
 from . import claims as C
 from . import fcnet
-from .common import Context, RunResult, baseline_claim, exponent_range_claim, rga
+from .claims import baseline_claim, exponent_range_claim, rga
+from .runs import Context, RunResult
 
 NAME = "fc1"
 DESCRIPTION = "teacher-student FC net (C.1 fc1): α vs weight decay, batch size, depth, training time"

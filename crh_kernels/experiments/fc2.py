@@ -18,7 +18,8 @@ from typing import Any, Dict, List
 
 from . import claims as C
 from . import fcnet
-from .common import (Context, RunResult, baseline_claim, exponent_range_claim, mean_alpha, nan)
+from .claims import baseline_claim, exponent_range_claim, mean_alpha, nan
+from .runs import Context, RunResult
 
 NAME = "fc2"
 DESCRIPTION = "high-dimensional teacher-student FC net (C.1 fc2): six α vs γ (Fig. 8), rank vs α (Fig. 4)"

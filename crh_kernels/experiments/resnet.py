@@ -17,11 +17,12 @@ from typing import Any, Dict, List
 import torch
 import torch.nn.functional as F
 
+from ..plots import figure, save_figure
 from . import claims as C
-from .common import (Context, RunResult, baseline_claim, exponent_range_claim, figure,
-                     layer_summary, make_collector, measure, rga, save_figure, seed_everything, record_loss)
+from .claims import baseline_claim, exponent_range_claim, layer_summary, rga
 from .data import fashion_mnist
 from .models import ResNet18
+from .runs import Context, RunResult, make_collector, measure, record_loss, seed_everything
 
 NAME = "resnet"
 DESCRIPTION = "ResNet-18 (CIFAR stem) on Fashion-MNIST 32×32 (res1): six α of the two FC layers (Fig. 1)"

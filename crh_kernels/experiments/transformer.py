@@ -25,11 +25,12 @@ from typing import Any, Dict, List
 import numpy as np
 import torch
 
+from ..plots import figure, save_figure
 from . import claims as C
-from .common import (Context, RunResult, exponent_range_claim, figure, make_collector,
-                     measure, save_figure, seed_everything, record_loss)
+from .claims import exponent_range_claim
 from .data import shakespeare_tokens
 from .models import GPT, count_parameters
+from .runs import Context, RunResult, make_collector, measure, record_loss, seed_everything
 
 NAME = "transformer"
 DESCRIPTION = "6-layer 8-head GPT on Shakespeare (llm): per-head RGA over training (Fig. 5), spectrum slopes (Fig. 3)"

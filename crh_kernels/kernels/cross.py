@@ -11,7 +11,7 @@ from .syrk import _scatter_tile
 
 
 @triton.jit
-def _cross_fwd_kernel(
+def _cross_scatter_kernel(
     g_ptr, h_ptr, sg_ptr, sh_ptr, kg_ptr, kh_ptr, out_ptr,
     N, DG, DH, stride_gn, stride_gd, stride_hn, stride_hd,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr,

@@ -2,16 +2,19 @@
 
 For x of shape (N, D) and an optional row mask / gate, per row i:
 
-    sq_i    = Σ_d x_id²                                   (fp32)
-    valid_i = live_i ∧ finite(sq_i) ∧ (sq_i > 0 if NORMALIZE) ∧ (gate_i ≠ 0 if HAS_GATE)
-    scale_i = valid_i ? 1/√sq_i (NORMALIZE) or 1 : 0
-    flag_i  = 0 valid, 1 masked out (or beyond N), 2 live but left out
+    sq_i     = Σ_d x_id²                                   (fp32)
+    live_i   = mask_i (if HAS_MASK)
+    valid_i  = live_i ∧ finite(sq_i) ∧ (sq_i > 0 if NORMALIZE) ∧ (gate_i ≠ 0 if HAS_GATE)
+    scale_i  = valid_i ? 1/√sq_i (NORMALIZE) or 1 : 0
+    status_i = 2 valid, 1 skipped (live, not valid), 0 masked           (uint8)
 
 and, when WITH_SUM, the per-program partial column sums of the scaled valid rows,
 
     psum[pid, d] = Σ_{i in block pid, valid} scale_i · x_id     (fp32; summed in fp64 outside)
 
-which give the batch mean used as the shift of the main pass.
+which give the batch mean used as the shift of the main pass. The status encoding is
+ROW_VALID / ROW_SKIPPED / ROW_MASKED of :mod:`crh_kernels.backends.base`, as in ``csrc/``
+(a row that the gate drops is skipped: the cross moment counts it in ``n_skipped``).
 """
 import triton
 import triton.language as tl
@@ -19,7 +22,7 @@ import triton.language as tl
 
 @triton.jit
 def _row_stats_kernel(
-    x_ptr, mask_ptr, gate_ptr, scale_ptr, flag_ptr, psum_ptr,
+    x_ptr, mask_ptr, gate_ptr, scale_ptr, status_ptr, psum_ptr,
     N, D, stride_xn, stride_xd,
     HAS_MASK: tl.constexpr, HAS_GATE: tl.constexpr, NORMALIZE: tl.constexpr,
     WITH_SUM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -54,9 +57,10 @@ def _row_stats_kernel(
         b_scale = tl.where(b_valid, tl.div_rn(1.0, tl.sqrt_rn(tl.where(b_valid, b_sq, 1.0))), 0.0)
     else:
         b_scale = tl.where(b_valid, 1.0, 0.0)
-    b_flag = tl.where(b_valid, 0, tl.where(b_live, 2, 1))
+    # 2 valid, 1 skipped, 0 masked (ROW_VALID, ROW_SKIPPED, ROW_MASKED)
+    b_status = tl.where(b_valid, 2, tl.where(b_live, 1, 0))
     tl.store(scale_ptr + o_n, b_scale, mask=m_n)
-    tl.store(flag_ptr + o_n, b_flag.to(tl.int8), mask=m_n)
+    tl.store(status_ptr + o_n, b_status.to(tl.uint8), mask=m_n)
 
     if WITH_SUM:
         for d0 in range(0, D, BLOCK_D):

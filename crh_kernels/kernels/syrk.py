@@ -67,7 +67,7 @@ def _scatter_tile(a_ptr, b_ptr, sa_ptr, sb_ptr, b_ka, b_kb, o_i, m_i, o_j, m_j, 
 
 
 @triton.jit
-def _moments_fwd_kernel(
+def _scatter_upper_kernel(
     x_ptr, scale_ptr, shift_ptr, out_ptr,
     N, D, stride_xn, stride_xd,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr,

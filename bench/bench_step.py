@@ -1,7 +1,7 @@
 """Time one training step of a GPT-2-small-sized transformer with and without the collector.
 
-    python -m crh_kernels.experiments.bench_step --device cuda            # GPT-2 small, all streams
-    python -m crh_kernels.experiments.bench_step --size tiny --steps 3    # a CPU smoke run
+    python bench/bench_step.py --device cuda            # GPT-2 small, all streams
+    python bench/bench_step.py --size tiny --steps 3    # a CPU smoke run
 
 GPT-2 small: 12 layers, width 768, 12 heads, context 1024, vocabulary 50257 (124M parameters).
 The collector measures all four streams (h_a, h_b, g_a, g_b) of every Linear layer of the blocks
@@ -21,8 +21,9 @@ import time
 
 import torch
 
-from .common import Context, MemoryPlanError, human_bytes, make_collector, parse_bytes
-from .models import GPT, count_parameters
+from crh_kernels.experiments.models import GPT, count_parameters
+from crh_kernels.experiments.runs import (Context, MemoryPlanError, human_bytes, make_collector,
+                                          parse_bytes)
 
 SIZES = {
     "gpt2-small": dict(vocab=50257, context=1024, d_model=768, n_layers=12, n_heads=12, batch=8),
@@ -52,7 +53,7 @@ def _time_steps(model, opt, batch, steps, device, col=None):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m crh_kernels.experiments.bench_step", description=__doc__,
+    p = argparse.ArgumentParser(prog="python bench/bench_step.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--size", choices=sorted(SIZES), default="gpt2-small")

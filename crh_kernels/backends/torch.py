@@ -1,8 +1,11 @@
-"""Plain PyTorch backend: the kernel contract in its simplest form, on any device.
+"""The ``torch`` backend: the kernel contract in plain PyTorch, on any device.
 
 Also the readable reference for the Triton and C++ paths (same row rule, same shift):
 rows are scaled in fp32 (fp64 for fp64 input), centered at the batch mean *before*
-the product, then ``yᵀy``. Accepts float64, which the other backends do not.
+the product, then ``yᵀy``. Accepts float64, which the other backends do not. No optional
+capability (:mod:`crh_kernels.backends.base`): ``Moments`` merges its batch statistics.
+
+(Inside this file ``torch`` is PyTorch: imports are absolute.)
 """
 from __future__ import annotations
 
@@ -15,9 +18,10 @@ from .base import Backend, BatchStats, CrossStats, mirror_upper
 
 def row_scale(x: torch.Tensor, mask: Optional[torch.Tensor], normalize: bool
               ) -> Tuple[torch.Tensor, torch.Tensor, int]:
-    """Per-row scale (1/||x|| or 1), validity, and the number of skipped rows.
+    """Per-row scale (1/||x|| or 1), validity (the valid rows), and the number of skipped rows.
 
-    Invalid rows get scale 0; callers must still *select* them away, since ``inf·0`` is NaN.
+    Masked and skipped rows get scale 0; callers must still *select* them away, since
+    ``inf·0`` is NaN.
     """
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     sq = x.to(acc).square().sum(dim=1)
@@ -47,7 +51,7 @@ def _center_(y, valid, n):
     if n == 0:
         return torch.zeros(y.shape[1], dtype=torch.float64, device=y.device)
     mean = y.sum(dim=0, dtype=torch.float64) / n
-    # rank-1 update in place: y_i −= valid_i · μ, keeping excluded rows at zero
+    # rank-1 update in place: y_i −= valid_i · μ, keeping masked and skipped rows at zero
     y.addr_(valid.to(y.dtype), mean.to(y.dtype), alpha=-1)
     return mean
 

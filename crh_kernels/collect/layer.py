@@ -1,0 +1,119 @@
+"""What the collector keeps per measured layer: :class:`LayerStats` (four streams of Moments
+and bookkeeping counters) and :class:`HeadGroup` (the per-head LayerStats of one module).
+
+Owns the stream names (``STREAMS``) and where each stream's Moments lives on a LayerStats
+(``STATE_ATTR``). Nothing here touches hooks or modules' forward passes.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from ..moments import Moments
+from .adapters import Adapter
+
+__all__ = ["STREAMS", "STATE_ATTR", "LayerStats", "HeadGroup", "module_device"]
+
+STREAMS = ("h_a", "h_b", "g_a", "g_b")
+STATE_ATTR = {"h_a": "H_a", "h_b": "H_b", "g_a": "G_a", "g_b": "G_b"}
+
+
+def module_device(module: nn.Module) -> Optional[torch.device]:
+    """The device of a module's first parameter (or buffer); None for a module with neither."""
+    for p in module.parameters():
+        return p.device
+    for b in module.buffers():
+        return b.device
+    return None
+
+
+class LayerStats:
+    """The four streams of one measured layer (or one attention head).
+
+    Attributes:
+        name: key in ``Collector.layers`` (heads: ``"<module name>.head<i>"``).
+        module: the ``nn.Module`` measured (heads: the module whose output is split, or the
+            ``nn.MultiheadAttention``).
+        kind: ``"linear"``, ``"conv2d"``, ``"conv1d"`` or ``"head"``.
+        H_a, H_b, G_a, G_b: :class:`~crh_kernels.Moments` of h_a, h_b, g_a, g_b, or None (stream
+            not requested, not applicable, or no row seen yet). Heads only have H_b and G_b.
+        parent, head: for heads, the module name and the head index (else None).
+        dims: ``{stream: D}`` of the streams this layer can have (h_a includes a bias column
+            when ``include_bias``).
+        shared: ``{stream: owner layer name}`` for an H_a/G_a shared with another layer.
+        forward_calls, grad_calls, forward_only_calls, unmasked_calls: bookkeeping counters.
+    """
+
+    def __init__(self, name: str, module: nn.Module, kind: str, adapter: Optional[Adapter],
+                 streams: Sequence[str], dims: Dict[str, int], bias_col: bool,
+                 parent: Optional[str] = None, head: Optional[int] = None):
+        self.name = name
+        self.module = module
+        self.kind = kind
+        self.adapter = adapter
+        self.streams = tuple(streams)
+        self.dims = dict(dims)
+        self.bias_col = bool(bias_col)
+        self.parent = parent
+        self.head = head
+        self.H_a: Optional[Moments] = None
+        self.H_b: Optional[Moments] = None
+        self.G_a: Optional[Moments] = None
+        self.G_b: Optional[Moments] = None
+        self.shared: Dict[str, str] = {}
+        self.forward_calls = 0
+        self.grad_calls = 0
+        self.forward_only_calls = 0
+        self.unmasked_calls = 0
+
+    # ------------------------------------------------------------------ views
+    def moments(self) -> Dict[str, Optional[Moments]]:
+        """``{stream: Moments or None}`` for the four streams."""
+        return {s: getattr(self, STATE_ATTR[s]) for s in STREAMS}
+
+    def weight(self) -> Optional[torch.Tensor]:
+        """The layer's ``(D_out, D_in)`` matrix W (bias column appended when the collector has
+        ``include_bias=True`` and the module has a bias), detached; None for heads."""
+        if self.adapter is None:
+            return None
+        return self.adapter.weight(self.module, self.bias_col)
+
+    def Z_a(self) -> Optional[torch.Tensor]:
+        """WᵀW (D_in×D_in) in float64, or None for heads."""
+        w = self._weight64()
+        return None if w is None else w.t() @ w
+
+    def Z_b(self) -> Optional[torch.Tensor]:
+        """WWᵀ (D_out×D_out) in float64, or None for heads."""
+        w = self._weight64()
+        return None if w is None else w @ w.t()
+
+    def _weight64(self) -> Optional[torch.Tensor]:
+        w = self.weight()
+        if w is None:
+            return None
+        return (w.cpu() if w.device.type == "mps" else w).double()   # MPS has no float64
+
+    # ---------------------------------------------------------- bookkeeping
+    def clear(self) -> None:
+        """Forget every state, shared-input alias and counter (the configuration stays)."""
+        self.H_a = self.H_b = self.G_a = self.G_b = None
+        self.shared.clear()
+        self.forward_calls = self.grad_calls = self.forward_only_calls = self.unmasked_calls = 0
+
+    def __repr__(self) -> str:
+        ns = {s: (m.n if m is not None else None) for s, m in self.moments().items()}
+        return f"LayerStats({self.name!r}, kind={self.kind!r}, n={ns})"
+
+
+class HeadGroup:
+    """The per-head LayerStats of one module (a ``heads=`` entry or an nn.MultiheadAttention)."""
+
+    def __init__(self, name: str, module: nn.Module, n_heads: int, mha: bool):
+        self.name = name
+        self.module = module
+        self.n_heads = int(n_heads)
+        self.mha = mha
+        self.layers: List[LayerStats] = []
