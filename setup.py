@@ -39,6 +39,14 @@ except Exception as exc:  # no torch in this environment (e.g. pip's isolated bu
     _log(f"torch is not importable ({type(exc).__name__}: {exc}); installing without the C++ "
          f"extension (use --no-build-isolation to build it)")
 
+# Sources and headers of the two extensions: the same lists as crh_kernels/_build.py's (the JIT
+# build; tests/test_cpp.py checks that they agree).
+CPU_SOURCES = ("moments_cpu.cpp", "matmul_rows.cpp", "bindings.cpp")
+CPU_HEADERS = ("moments_cpu.h", "cpu_common.h", "cpu_microkernels.h", "row_status.h",
+               "bindings_common.h")
+CUDA_SOURCES = ("moments_cuda.cu", "bindings_cuda.cpp")
+CUDA_HEADERS = ("moments_cuda.h", "row_status.h", "bindings_common.h")
+
 if torch is not None:
     csrc = "csrc"  # relative: setuptools wants source paths relative to setup.py
     openmp = [] if sys.platform == "darwin" else ["-fopenmp"]  # Apple clang has no -fopenmp
@@ -46,8 +54,8 @@ if torch is not None:
     cxx_flags = ["-O3", *openmp]
     ext_modules.append(cpp_extension.CppExtension(
         "crh_kernels._C",
-        [os.path.join(csrc, "moments_cpu.cpp"), os.path.join(csrc, "bindings.cpp")],
-        depends=[os.path.join(csrc, "moments_cpu.h"), os.path.join(csrc, "bindings_common.h")],
+        [os.path.join(csrc, f) for f in CPU_SOURCES],
+        depends=[os.path.join(csrc, f) for f in CPU_HEADERS],
         extra_compile_args={"cxx": cxx_flags},
         extra_link_args=openmp,
     ))
@@ -72,8 +80,8 @@ if torch is not None:
         _log(f"building the CUDA extension for {os.environ.get('TORCH_CUDA_ARCH_LIST', 'the visible GPUs')}")
         ext_modules.append(cpp_extension.CUDAExtension(
             "crh_kernels._C_cuda",
-            [os.path.join(csrc, "moments_cuda.cu"), os.path.join(csrc, "bindings_cuda.cpp")],
-            depends=[os.path.join(csrc, "moments_cuda.h"), os.path.join(csrc, "bindings_common.h")],
+            [os.path.join(csrc, f) for f in CUDA_SOURCES],
+            depends=[os.path.join(csrc, f) for f in CUDA_HEADERS],
             extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
         ))
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Compile-only check of the CUDA kernels for sm_80 (A100) and sm_90 (H100/H200).
-# csrc/moments_cuda.cu includes CUDA headers only (no torch), so nvcc alone builds it on a
-# machine without a GPU or a CUDA torch. Any error or warning fails the check.
+# csrc/moments_cuda.cu includes CUDA headers only (no torch; its own headers moments_cuda.h and
+# row_status.h are plain C/C++), so nvcc alone builds it on a machine without a GPU or a CUDA
+# torch. Any error or warning fails the check.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NVCC="${NVCC:-nvcc}"

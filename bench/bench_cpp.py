@@ -10,6 +10,10 @@ neighbour on a shared machine slows all three alike:
 Flops: the symmetric update does N·D·(D+1); a full xᵀx 2·N·D². Ratios use the best round of
 each job (the least disturbed one); medians are printed too. Targets (fp32, 2 threads):
 cpp ≥ 1.5× mm and ≥ 2.5× pipeline at (16384, 1024); ≥ 3× pipeline at (65536, 128).
+
+A second table times ``torch.ops.crh.matmul_rows`` (csrc/matmul_rows.cpp: the collector's
+g_b·W on the CPU, a backend's ``row_matmul`` capability) against ``x @ w`` on the same fp32
+operands, interleaved the same way: the figure that decides whether the op stays (NOTES.md).
 Run: ``python -m pytest bench/bench_cpp.py`` (about two minutes on two cores).
 """
 import statistics
@@ -27,7 +31,10 @@ DTYPES = [torch.float32, torch.bfloat16]
 # (shape, dtype) -> {"mm": x, "pipeline": y}: minimum speed-ups of cpp (issue 3)
 TARGETS = {((16384, 1024), torch.float32): {"mm": 1.5, "pipeline": 2.5},
            ((65536, 128), torch.float32): {"pipeline": 3.0}}
+# (n, k, m): x (n, k) · w (k, m); 1024³, and a GPT-2-small MLP's g_b·W for 4096 tokens
+MATMUL_SHAPES = [(1024, 1024, 1024), (4096, 3072, 768)]
 _ROWS = []
+_MM_ROWS = []
 
 
 def _rounds(n, d):
@@ -36,16 +43,12 @@ def _rounds(n, d):
     return max(3, min(15, int(1.0 / max(est, 1e-4))))
 
 
-
-
-
-
 @pytest.fixture(scope="module", autouse=True)
 def summary(request):
     yield
     tr = request.config.pluginmanager.get_plugin("terminalreporter")
     capture = request.config.pluginmanager.get_plugin("capturemanager")
-    if tr is None or not _ROWS:
+    if tr is None or not (_ROWS or _MM_ROWS):
         return
     if capture is not None:  # module teardown output is captured; the table must be seen
         with capture.global_and_fixture_disabled():
@@ -55,6 +58,16 @@ def summary(request):
 
 
 def _write(tr):
+    if _MM_ROWS:
+        tr.write_line("")
+        tr.write_sep("=", f"crh::matmul_rows vs x @ w (fp32), {torch.get_num_threads()} threads "
+                          f"(best round; median in brackets)")
+        tr.write_line(f"{'n, k, m':>20s} {'crh ms':>9s} {'torch ms':>9s} {'crh GF/s':>9s} {'x torch':>13s}")
+        for r in _MM_ROWS:
+            tr.write_line(f"{str(r['shape']):>20s} {r['crh'] * 1e3:9.2f} {r['torch'] * 1e3:9.2f} "
+                          f"{r['gflops']:9.1f} {r['x_torch']:5.2f} [{r['x_torch_med']:4.2f}]")
+    if not _ROWS:
+        return
     tr.write_line("")
     tr.write_sep("=", f"cpp backend vs PyTorch, {torch.get_num_threads()} threads "
                       f"(best round; median in brackets)")
@@ -106,3 +119,31 @@ def test_cpp_vs_torch(benchmark, n, d, dtype):
     benchmark.extra_info.update({k: v for k, v in row.items() if k != "shape"})
     benchmark.extra_info["flops_symmetric"] = flops
     benchmark.extra_info["flops_full_xtx"] = 2 * n * d * d
+
+
+@pytest.mark.parametrize("n,k,m", MATMUL_SHAPES, ids=lambda v: str(v))
+def test_matmul_rows_vs_torch(benchmark, n, k, m):
+    ok, why = crh_kernels.available_backends()["cpp"]
+    if not ok:
+        pytest.fail(f"cpp backend unavailable: {why}")
+    cpp_backend.cpu_extension()
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(n, k, generator=gen), torch.randn(k, m, generator=gen)
+    jobs = {"crh": lambda: torch.ops.crh.matmul_rows(x, w), "torch": lambda: x @ w}
+    for f in jobs.values():  # warm up
+        f()
+    times = {j: [] for j in jobs}
+    rounds = max(5, min(15, int(0.5 / max(2 * n * k * m / 150e9, 1e-4))))
+    for _ in range(rounds):
+        for j, f in jobs.items():
+            t0 = time.perf_counter()
+            f()
+            times[j].append(time.perf_counter() - t0)
+    benchmark.pedantic(jobs["crh"], rounds=3, iterations=1)
+    best = {j: min(v) for j, v in times.items()}
+    med = {j: statistics.median(v) for j, v in times.items()}
+    row = dict(shape=(n, k, m), crh=best["crh"], torch=best["torch"],
+               gflops=2 * n * k * m / best["crh"] / 1e9, x_torch=best["torch"] / best["crh"],
+               x_torch_med=med["torch"] / med["crh"])
+    _MM_ROWS.append(row)
+    benchmark.extra_info.update({j: v for j, v in row.items() if j != "shape"})

@@ -31,7 +31,7 @@ if [ -f csrc/moments_cuda.cu ]; then
 fi
 
 TAIL=6 step tests 300 python -m pytest -q -x -p no:cacheprovider tests/test_moments.py tests/test_triton_interp.py \
-  $(ls tests/test_cpp.py 2>/dev/null)
+  $(ls tests/test_cpp.py tests/test_cuda.py 2>/dev/null)
 TAIL=40 step table 240 python bench/gpu_table.py --json "$OUT/gpu_table.json"
 TAIL=12 step check 60 python -m crh_kernels check --device cuda --n 16384 --d 1024
 # GPT-2-small step (124M parameters, 8×1024 tokens), all four streams on every block Linear

@@ -15,12 +15,28 @@ from pathlib import Path
 from . import _env
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
-CPU_SOURCES = ("moments_cpu.cpp", "bindings.cpp")
+# The same lists as setup.py's (tests/test_cpp.py checks that they agree). The headers are
+# listed for that check and for readers; the JIT build finds them by #include.
+CPU_SOURCES = ("moments_cpu.cpp", "matmul_rows.cpp", "bindings.cpp")
+CPU_HEADERS = ("moments_cpu.h", "cpu_common.h", "cpu_microkernels.h", "row_status.h",
+               "bindings_common.h")
 CUDA_SOURCES = ("moments_cuda.cu", "bindings_cuda.cpp")
+CUDA_HEADERS = ("moments_cuda.h", "row_status.h", "bindings_common.h")
 
 
 def _openmp():
     return [] if sys.platform == "darwin" else ["-fopenmp"]
+
+
+def cpu_cflags(test_hooks: bool = False) -> list[str]:
+    """setup.py's compiler flags for the CPU extension; with test_hooks, also -DCRH_TEST_HOOKS
+    (test-only delays compiled into the kernels: tests/test_cpp.py builds that variant)."""
+    return ["-O3", *_openmp(), *(["-DCRH_TEST_HOOKS"] if test_hooks else [])]
+
+
+def cpu_ldflags() -> list[str]:
+    """setup.py's linker flags for the CPU extension."""
+    return _openmp()
 
 
 def _sources(names):
@@ -44,7 +60,7 @@ def jit_cpu(verbose: bool = False):
 
     _say("C++ extension")
     return load(name="crh_kernels_cpu", sources=sources,
-                extra_cflags=["-O3", *_openmp()], extra_ldflags=_openmp(),
+                extra_cflags=cpu_cflags(), extra_ldflags=cpu_ldflags(),
                 is_python_module=True, verbose=verbose)
 
 

@@ -14,8 +14,9 @@
 //       (f32/f64 (D, D), n1 rows so far around state_mean) in place; the caller updates its
 //       mean and count. With strict, a batch with a skipped row leaves the state untouched.
 //   crh::stage_rows_(x, mask, normalize, buf, scale, status, sum) -> (); CPU only: x's rows copied
-//       into buf (x's shape and dtype) with pass 1 done on the way: status u8 (N,), scale f32
-//       (N,), sum f64 (D,) += Σ s_i x_i (crh::batch_update_staged_ finishes the batch later)
+//       into buf (x's shape and dtype) with pass 1 done on the way: status u8 (N,) (row_status.h:
+//       0 masked, 1 skipped, 2 valid), scale f32 (N,), sum f64 (D,) += Σ s_i x_i
+//       (crh::batch_update_staged_ finishes the batch later)
 //   crh::batch_update_staged_(x, scale, status, sum, strict, n1, state_mean, state_scatter)
 //       -> (mean, counts); batch_update_ of staged rows
 //   crh::matmul_rows(x (N, K) f32, w (K, M) f32) -> (N, M) f32; CPU only: x·w in fp32 with the

@@ -1,4 +1,5 @@
-// CPU kernels of crh_kernels: the batch statistics of SPEC §2 on plain memory.
+// CPU kernels of crh_kernels: the batch statistics of SPEC §2 on plain memory (moments_cpu.cpp)
+// and the row GEMM matmul_rows (matmul_rows.cpp).
 //
 // This header is free of torch: the kernels take raw pointers and element strides, so the
 // same code serves the torch binding (bindings.cpp) and a bare C++ harness.
@@ -23,7 +24,8 @@ struct View {
 
 struct Counts {
   int64_t n;          // valid rows (the ones that enter mean and scatter)
-  int64_t n_skipped;  // live rows left out: non-finite fp32 squared norm, or zero norm when normalizing
+  int64_t n_skipped;  // skipped rows: live, but a non-finite fp32 squared norm, or a zero norm
+                      // when normalizing (row_status.h)
 };
 
 // Batch statistics of the rows of x (N, D) (SPEC §2, crh_kernels/backends/base.py):
@@ -54,9 +56,10 @@ Counts batch_update(const View& x, const bool* mask, bool normalize, int threads
                     bool refuse_skipped, const State& st, double* mean);
 
 // Pass 1 of batch_update done while staging rows for a later call: the rows of x are copied
-// into dst (row stride ld elements, unit column stride, x's dtype); row i's status (0 masked,
-// 1 skipped, 2 valid) and scale go to status[i] and scale[i]; sum (D,) float64 += Σ s_i x_i over
-// the valid rows. Stagings of consecutive blocks of rows add up to pass 1 of their union.
+// into dst (row stride ld elements, unit column stride, x's dtype); row i's status
+// (row_status.h: 0 masked, 1 skipped, 2 valid) and scale go to status[i] and scale[i];
+// sum (D,) float64 += Σ s_i x_i over the valid rows. Stagings of consecutive blocks of rows add
+// up to pass 1 of their union.
 void stage_rows(const View& x, const bool* mask, bool normalize, int threads, void* dst,
                 int64_t ld, float* scale, uint8_t* status, double* sum);
 

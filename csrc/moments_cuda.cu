@@ -5,15 +5,20 @@
 // fused into the tile loads, the split-N reduction and the exact mirror. CUDA headers only;
 // the plain launchers at the bottom are declared in moments_cuda.h.
 //
-// Pipeline of one batch (x: n rows, d features, all on one stream):
-//   row_stats        one warp per row: fp32 squared norm -> status (masked/skipped/valid), s_i
-//   combine_count    final status (cross: valid in both) and [n, n_skipped] (block reductions)
-//   col_sum          Σ_i s_i x_i in float64, per column and row split
-//   mean_finalize    μ (float64) and its fp32 copy, the shift used in the product
-//   syrk / gemm      for each tile pair (bi <= bj for the symmetric case) and row split:
-//                    Σ_k y_k[a]·y_k[b] with y = s·x − μ computed in fp32 while loading x into
-//                    shared memory (never stored in global memory), fp32 accumulators
-//   mirror_sum       Σ over splits in a fixed order (deterministic), written to both triangles
+// Pipeline of one batch (x: n rows, d features, all on one stream), kernel by kernel:
+//   row_stats_kernel          one warp per row: fp32 squared norm -> row status (row_status.h:
+//                             masked / skipped / valid) and scale s_i
+//   status_count_kernel       final status (cross: valid in both) and [n, n_skipped] (block
+//                             reductions)
+//   scaled_col_sum_kernel     Σ_i s_i x_i in float64, per column and row split
+//   mean_kernel               μ (float64) and its fp32 copy, the shift used in the product
+//   partial_scatter_{fma,mma}_kernel
+//                             for each tile pair (bi <= bj for the symmetric case) and row
+//                             split: Σ_k y_k[a]·y_k[b] with y = s·x − μ computed in fp32 while
+//                             loading x into shared memory (never stored in global memory), fp32
+//                             accumulators (FMA for fp32, tensor cores for bf16/fp16)
+//   sum_mirror_kernel         Σ over splits in a fixed order (deterministic), written to both
+//                             triangles (cross moment: sum_splits_kernel, every entry)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -24,10 +29,13 @@
 #include <type_traits>
 
 #include "moments_cuda.h"
+#include "row_status.h"
 
 namespace {
 
-enum : unsigned char { kMasked = 0, kSkipped = 1, kValid = 2 };
+using crh::kRowMasked;
+using crh::kRowSkipped;
+using crh::kRowValid;
 
 // Tile of the product: BM x BN outputs per block, BK rows of x per step, 256 threads.
 constexpr int BM = 128, BN = 128, BK = 32, THREADS = 256;
@@ -67,7 +75,7 @@ __global__ void row_stats_kernel(const T* __restrict__ x, int64_t n, int64_t d, 
   for (int64_t i = warp; i < n; i += nwarps) {  // i is warp-uniform
     if (mask != nullptr && mask[i] == 0) {
       if (lane == 0) {
-        status[i] = kMasked;
+        status[i] = kRowMasked;
         scale[i] = 0.0f;
       }
       continue;
@@ -82,15 +90,15 @@ __global__ void row_stats_kernel(const T* __restrict__ x, int64_t n, int64_t d, 
     for (int off = 16; off > 0; off >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, off);
     if (lane == 0) {
       const bool ok = isfinite(sq) && (!normalize || sq > 0.0f);
-      status[i] = ok ? kValid : kSkipped;
+      status[i] = ok ? kRowValid : kRowSkipped;
       scale[i] = ok ? (normalize ? 1.0f / sqrtf(sq) : 1.0f) : 0.0f;
     }
   }
 }
 
 // Final status (with sb: valid only when valid in both) and counts [n valid, n skipped].
-__global__ void combine_count_kernel(const unsigned char* sa, const unsigned char* sb, int64_t n,
-                                     unsigned char* out, unsigned long long* counts) {
+__global__ void status_count_kernel(const unsigned char* sa, const unsigned char* sb, int64_t n,
+                                    unsigned char* out, unsigned long long* counts) {
   __shared__ unsigned long long s_valid, s_skipped;
   if (threadIdx.x == 0) {
     s_valid = 0;
@@ -101,10 +109,11 @@ __global__ void combine_count_kernel(const unsigned char* sa, const unsigned cha
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += int64_t(gridDim.x) * blockDim.x) {
     unsigned char st = sa[i];
-    if (sb != nullptr && st == kValid && sb[i] != kValid) st = kSkipped;  // same mask in both
+    // the same mask in both: a row valid in one and not the other is skipped
+    if (sb != nullptr && st == kRowValid && sb[i] != kRowValid) st = kRowSkipped;
     out[i] = st;
-    v += st == kValid;
-    k += st == kSkipped;
+    v += st == kRowValid;
+    k += st == kRowSkipped;
   }
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) {
@@ -124,10 +133,10 @@ __global__ void combine_count_kernel(const unsigned char* sa, const unsigned cha
 
 // partial[split][c] = Σ_{valid i in split} s_i x[i, c], float64. Block (32 columns, 8 rows).
 template <typename T>
-__global__ void col_sum_kernel(const T* __restrict__ x, int64_t n, int64_t d, int64_t sr,
-                               const float* __restrict__ scale,
-                               const unsigned char* __restrict__ status, int64_t rows_per_split,
-                               double* __restrict__ partial) {
+__global__ void scaled_col_sum_kernel(const T* __restrict__ x, int64_t n, int64_t d, int64_t sr,
+                                      const float* __restrict__ scale,
+                                      const unsigned char* __restrict__ status,
+                                      int64_t rows_per_split, double* __restrict__ partial) {
   __shared__ double sh[8][33];
   const int64_t c = int64_t(blockIdx.x) * 32 + threadIdx.x;
   const int64_t r0 = int64_t(blockIdx.y) * rows_per_split;
@@ -135,7 +144,7 @@ __global__ void col_sum_kernel(const T* __restrict__ x, int64_t n, int64_t d, in
   double acc = 0.0;
   if (c < d) {
     for (int64_t r = r0 + threadIdx.y; r < r1; r += 8)
-      if (status[r] == kValid) acc += double(to_f32(x[r * sr + c]) * scale[r]);
+      if (status[r] == kRowValid) acc += double(to_f32(x[r * sr + c]) * scale[r]);
   }
   sh[threadIdx.y][threadIdx.x] = acc;
   __syncthreads();
@@ -147,9 +156,9 @@ __global__ void col_sum_kernel(const T* __restrict__ x, int64_t n, int64_t d, in
   }
 }
 
-__global__ void mean_finalize_kernel(const double* __restrict__ partial, int splits, int64_t d,
-                                     const unsigned long long* __restrict__ counts,
-                                     double* __restrict__ mean, float* __restrict__ mu) {
+__global__ void mean_kernel(const double* __restrict__ partial, int splits, int64_t d,
+                            const unsigned long long* __restrict__ counts,
+                            double* __restrict__ mean, float* __restrict__ mu) {
   const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= d) return;
   double s = 0.0;
@@ -180,7 +189,8 @@ __device__ __forceinline__ void load_tile(float (&y)[LOADS], const Side& s,
   for (int i = 0; i < LOADS; ++i) {
     const int64_t r = k0 + kk0 + 2 * i;
     float v = 0.0f;
-    if (r < r_end && col < s.d && status[r] == kValid) v = to_f32(x[r * s.sr + col]) * s.scale[r] - mu;
+    if (r < r_end && col < s.d && status[r] == kRowValid)
+      v = to_f32(x[r * s.sr + col]) * s.scale[r] - mu;
     y[i] = v;
   }
 }
@@ -215,8 +225,9 @@ __device__ __forceinline__ void tile_of_block(int tiles_b, int& bi, int& bj) {
 // conflicts. Output: the split's partial, ws[split][a][b], ld = db.
 template <typename T, bool SYM>
 __global__ void __launch_bounds__(THREADS)
-    product_f32_kernel(Side A, Side B, const unsigned char* __restrict__ status, int64_t n,
-                       int64_t rows_per_split, int tiles_b, float* __restrict__ ws) {
+    partial_scatter_fma_kernel(Side A, Side B, const unsigned char* __restrict__ status,
+                               int64_t n, int64_t rows_per_split, int tiles_b,
+                               float* __restrict__ ws) {
   __shared__ __align__(16) float As[BK][BM + 4];
   __shared__ __align__(16) float Bs[BK][BN + 4];
   int bi, bj;
@@ -294,10 +305,11 @@ struct MmaOk<__half> : std::false_type {};
 // input type only when stored to shared memory (SPEC §2: center first, then cast).
 template <typename T, bool SYM>
 __global__ void __launch_bounds__(THREADS)
-    product_mma_kernel(Side A, Side B, const unsigned char* __restrict__ status, int64_t n,
-                       int64_t rows_per_split, int tiles_b, float* __restrict__ ws) {
+    partial_scatter_mma_kernel(Side A, Side B, const unsigned char* __restrict__ status,
+                               int64_t n, int64_t rows_per_split, int tiles_b,
+                               float* __restrict__ ws) {
   if constexpr (!MmaOk<T>::value) {
-    __trap();  // the launcher sends these (dtype, arch) pairs to product_f32_kernel
+    __trap();  // the launcher sends these (dtype, arch) pairs to partial_scatter_fma_kernel
   } else {
   using namespace nvcuda;
   constexpr int LDS = BM + 8;  // 16-bit elements; rows stay 32-byte aligned for WMMA
@@ -372,7 +384,7 @@ __global__ void __launch_bounds__(THREADS)
 
 // out (d x d) = Σ_splits ws[s] over the upper triangle, mirrored: out[j][i] = out[i][j] exactly.
 // Block (32, 8) per 32x32 tile (ti <= tj); the transposed copy goes through shared memory.
-__global__ void mirror_sum_kernel(const float* __restrict__ ws, int splits, int64_t d,
+__global__ void sum_mirror_kernel(const float* __restrict__ ws, int splits, int64_t d,
                                   float* __restrict__ out) {
   __shared__ float tile[32][33];
   const int ti = blockIdx.y, tj = blockIdx.x;
@@ -504,27 +516,27 @@ void launch_mean(const crh_cuda_view& x, const float* scale, const unsigned char
                  const Plan& p, double* partial, const unsigned long long* counts, double* mean,
                  float* mu, cudaStream_t stream) {
   const dim3 grid(unsigned(cdiv(x.cols, 32)), unsigned(p.msplits));
-  col_sum_kernel<T><<<grid, dim3(32, 8), 0, stream>>>(static_cast<const T*>(x.data), x.rows,
-                                                      x.cols, x.stride_row, scale, status, p.mrows,
-                                                      partial);
-  mean_finalize_kernel<<<unsigned(cdiv(x.cols, 256)), 256, 0, stream>>>(
+  scaled_col_sum_kernel<T><<<grid, dim3(32, 8), 0, stream>>>(
+      static_cast<const T*>(x.data), x.rows, x.cols, x.stride_row, scale, status, p.mrows,
+      partial);
+  mean_kernel<<<unsigned(cdiv(x.cols, 256)), 256, 0, stream>>>(
       partial, int(p.msplits), x.cols, counts, mean, mu);
 }
 
 template <typename T, bool SYM>
-void launch_product(const Side& A, const Side& B, const unsigned char* status, int64_t n,
-                    const Plan& p, float* ws, bool tensor_cores, cudaStream_t stream) {
+void launch_partial_scatter(const Side& A, const Side& B, const unsigned char* status, int64_t n,
+                            const Plan& p, float* ws, bool tensor_cores, cudaStream_t stream) {
   const dim3 grid(unsigned(p.pairs), unsigned(p.splits));
   if constexpr (!std::is_same<T, float>::value) {
     if (tensor_cores) {
-      product_mma_kernel<T, SYM><<<grid, THREADS, 0, stream>>>(A, B, status, n,
-                                                               p.rows_per_split, int(p.tiles_b), ws);
+      partial_scatter_mma_kernel<T, SYM><<<grid, THREADS, 0, stream>>>(
+          A, B, status, n, p.rows_per_split, int(p.tiles_b), ws);
       return;
     }
   }
   (void)tensor_cores;
-  product_f32_kernel<T, SYM><<<grid, THREADS, 0, stream>>>(A, B, status, n, p.rows_per_split,
-                                                           int(p.tiles_b), ws);
+  partial_scatter_fma_kernel<T, SYM><<<grid, THREADS, 0, stream>>>(
+      A, B, status, n, p.rows_per_split, int(p.tiles_b), ws);
 }
 
 bool tensor_cores_for(int dtype, const Device& dev) {
@@ -576,14 +588,14 @@ extern "C" cudaError_t crh_cuda_batch_stats(crh_cuda_view x, const unsigned char
   dispatch(x.dtype, [&](auto tag) {
     using T = decltype(tag);
     launch_row_stats<T>(x, mask, normalize, s.scale_a, s.status_a, stream);
-    combine_count_kernel<<<unsigned(std::min<int64_t>(cdiv(n, THREADS), 1024)), THREADS, 0,
+    status_count_kernel<<<unsigned(std::min<int64_t>(cdiv(n, THREADS), 1024)), THREADS, 0,
                            stream>>>(s.status_a, nullptr, n, s.status_a, cnt);
     launch_mean<T>(x, s.scale_a, s.status_a, p, s.partial_a, cnt, mean, s.mu_a, stream);
     const Side side{x.data, x.stride_row, d, s.scale_a, s.mu_a};
-    launch_product<T, true>(side, side, s.status_a, n, p, s.ws, tc, stream);
+    launch_partial_scatter<T, true>(side, side, s.status_a, n, p, s.ws, tc, stream);
   });
   const dim3 tiles(unsigned(cdiv(d, 32)), unsigned(cdiv(d, 32)));
-  mirror_sum_kernel<<<tiles, dim3(32, 8), 0, stream>>>(s.ws, int(p.splits), d, scatter);
+  sum_mirror_kernel<<<tiles, dim3(32, 8), 0, stream>>>(s.ws, int(p.splits), d, scatter);
   return cudaGetLastError();
 }
 
@@ -617,13 +629,13 @@ extern "C" cudaError_t crh_cuda_cross_stats(crh_cuda_view g, crh_cuda_view h,
     using T = decltype(tag);
     launch_row_stats<T>(g, mask, normalize, s.scale_a, s.status_a, stream);
     launch_row_stats<T>(h, mask, normalize, s.scale_b, s.status_b, stream);
-    combine_count_kernel<<<unsigned(std::min<int64_t>(cdiv(n, THREADS), 1024)), THREADS, 0,
+    status_count_kernel<<<unsigned(std::min<int64_t>(cdiv(n, THREADS), 1024)), THREADS, 0,
                            stream>>>(s.status_a, s.status_b, n, s.status_a, cnt);
     launch_mean<T>(g, s.scale_a, s.status_a, p, s.partial_a, cnt, mean_g, s.mu_a, stream);
     launch_mean<T>(h, s.scale_b, s.status_a, p, s.partial_b, cnt, mean_h, s.mu_b, stream);
     const Side a{g.data, g.stride_row, dg, s.scale_a, s.mu_a};
     const Side b{h.data, h.stride_row, dh, s.scale_b, s.mu_b};
-    launch_product<T, false>(a, b, s.status_a, n, p, s.ws, tc, stream);
+    launch_partial_scatter<T, false>(a, b, s.status_a, n, p, s.ws, tc, stream);
   });
   sum_splits_kernel<<<unsigned(std::min<int64_t>(cdiv(dg * dh, 256), 4096)), 256, 0, stream>>>(
       s.ws, int(p.splits), dg * dh, scatter);

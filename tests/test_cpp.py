@@ -1,15 +1,20 @@
 """The C++ extension (`cpp` backend): ops, fake kernels, accuracy on hostile inputs, loading.
 
-The reference is written here in float64 numpy from SPEC §2 (no import of the package's own
-reference). tests/test_moments.py runs the shared backend matrix on `cpp` as well; this file
-covers what is specific to the extension: both inner kernels (AVX-512 and portable), the
-chunk/thread boundaries of the blocked driver, the op registration and fake kernels, and the
-CRH_REQUIRE_CPP rule (with it set, a missing extension fails these tests instead of skipping).
+The reference is float64 numpy written from SPEC §2 (tests/_cpp_ref.py, shared with
+tests/test_cuda.py, which holds the CUDA extension's tests). tests/test_moments.py runs the
+shared backend matrix on `cpp` as well; this file covers what is specific to the extension:
+both inner kernels (AVX-512 and portable), the chunk/thread boundaries of the blocked driver and
+its last-chunk help (with a test-hooks build), the row-status encoding, the op registration and
+fake kernels, the build's source lists, and the CRH_REQUIRE_CPP rule (with it set, a missing
+extension fails these tests instead of skipping).
 """
+import ast
+import json
 import os
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,8 +25,8 @@ from crh_kernels import Moments, cross_moments
 from crh_kernels import _env
 from crh_kernels.backends import cpp as cpp_mod
 
-COV_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
-MEAN_TOL = 1e-6
+from ._cpp_ref import (COV_TOL, DTYPES, MEAN_TOL, SHAPES, hostile, reference, reference_cross, rel,
+                       valid_rows)
 
 
 def require_or_skip(ok: bool, why: str) -> None:
@@ -52,79 +57,6 @@ def isa(request, monkeypatch):
     return request.param
 
 
-# ------------------------------------------------------------------------------ reference
-def _valid_rows(x: torch.Tensor, mask, normalize):
-    a32 = x.detach().float().numpy()
-    with np.errstate(over="ignore", invalid="ignore"):
-        sq = (a32.astype(np.float32) ** 2).sum(axis=1, dtype=np.float32)
-    ok = np.isfinite(sq)
-    if normalize:
-        ok &= sq > 0
-    live = np.ones(x.shape[0], bool) if mask is None else mask.numpy().copy()
-    return live, ok
-
-
-def reference(x: torch.Tensor, mask=None, normalize=True):
-    """(n, n_skipped, mean, C) in float64 from the values of x (N, D)."""
-    live, ok = _valid_rows(x, mask, normalize)
-    rows = x.detach().double().numpy()[live & ok]
-    if normalize:
-        rows = rows / np.linalg.norm(rows, axis=1, keepdims=True)
-    n = rows.shape[0]
-    if n == 0:
-        d = x.shape[1]
-        return 0, int((live & ~ok).sum()), np.zeros(d), np.zeros((d, d))
-    mean = rows.mean(axis=0)
-    y = rows - mean
-    return n, int((live & ~ok).sum()), mean, y.T @ y
-
-
-def reference_cross(g, h, mask=None, normalize=True):
-    live, okg = _valid_rows(g, mask, normalize)
-    _, okh = _valid_rows(h, None, normalize)
-    valid = live & okg & okh
-    a = g.detach().double().numpy()[valid]
-    b = h.detach().double().numpy()[valid]
-    if normalize:
-        a = a / np.linalg.norm(a, axis=1, keepdims=True)
-        b = b / np.linalg.norm(b, axis=1, keepdims=True)
-    ma, mb = a.mean(axis=0), b.mean(axis=0)
-    return int(valid.sum()), int((live & ~valid).sum()), ma, mb, (a - ma).T @ (b - mb)
-
-
-def rel(out, ref):
-    out = out.detach().double().numpy() if isinstance(out, torch.Tensor) else out
-    den = np.linalg.norm(ref)
-    return float(np.linalg.norm(out - ref) / den) if den > 0 else float(np.linalg.norm(out))
-
-
-def hostile(gen, n, d, *, mean_ratio, dtype, zero=0, bad=0, overflow=0, layout="contiguous"):
-    """Rows with mean = mean_ratio × spread, some zero / non-finite / fp32-overflowing rows."""
-    direction = torch.randn(d, generator=gen, dtype=torch.float64)
-    direction *= np.sqrt(d) / direction.norm().clamp_min(1e-12)
-    x = torch.randn(n, d, generator=gen, dtype=torch.float64) + mean_ratio * direction
-    perm = torch.randperm(n, generator=gen)
-    at = 0
-    for count, fill in ((zero, "zero"), (bad, "bad"), (overflow, "big")):
-        idx = perm[at:at + count]
-        at += count
-        if fill == "zero":
-            x[idx] = 0.0
-        elif fill == "bad":
-            vals = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=torch.float64)
-            x[idx, torch.randint(0, d, (len(idx),), generator=gen)] = vals[torch.arange(len(idx)) % 3]
-        else:  # finite, but the fp32 squared norm overflows: the row rule skips it
-            x[idx, 0] = 3e19 if dtype != torch.float16 else float("inf")
-    x = x.to(dtype)
-    if layout == "transposed":  # column stride N: the strided (portable) load path
-        x = x.t().contiguous().t()
-    elif layout == "row_gap":  # row stride > D, column stride 1
-        wide = torch.zeros(n, d + 5, dtype=dtype)
-        wide[:, 2:d + 2] = x
-        x = wide[:, 2:d + 2]
-    return x
-
-
 def check_batch(ops, x, mask=None, normalize=True):
     mean, scatter, counts = ops.batch_stats(x, mask, normalize)
     n, skipped, rmean, rc = reference(x, mask, normalize)
@@ -142,10 +74,6 @@ def check_batch(ops, x, mask=None, normalize=True):
 
 
 # ---------------------------------------------------------------------------------- tests
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-SHAPES = [(1, 1), (1, 37), (2, 1), (3, 37), (257, 1), (600, 37), (1300, 33), (700, 128), (300, 1000)]
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n,d", SHAPES, ids=str)
 @pytest.mark.parametrize("mean_ratio", [0.0, 100.0])
@@ -301,7 +229,7 @@ def test_batch_update_matches_the_two_step_path(ops):
     xs = [hostile(gen, n, 64, mean_ratio=20.0, dtype=torch.float32) for n in (500, 2, 900, 64)]
 
     class TwoStep(cpp_mod.CppBackend):
-        update_state = None  # hides the fused path: Moments takes batch_stats + _merge_stats
+        fused_update = False  # hides the fused path: Moments takes batch_stats + _merge_stats
 
     for sd in (torch.float32, torch.float64):
         a, b = Moments(64, backend="cpp", dtype=sd), Moments(64, backend="cpp", dtype=sd)
@@ -320,36 +248,95 @@ def test_batch_update_matches_the_two_step_path(ops):
         assert rel(a.mean, b.mean.double().numpy()) <= 1e-6
 
 
+# ------------------------------------------- the last-chunk help, with a test-hooks build
+# The help is checked with a thread delayed before its last chunk (CRH_CPU_SLOW_THREAD), a
+# hook compiled only into a test variant of the extension (-DCRH_TEST_HOOKS; the regular build
+# has no such branch in its hot loop). That variant is JIT-built once (torch's extension
+# cache, its own name) and run in a subprocess: two extensions that both define the crh:: ops
+# cannot share a process.
+_HOOKS_NAME = "crh_kernels_cpu_test_hooks"
+
+_HOOKS_CHECK = r"""
+import json, os, sys, time
+sys.modules["crh_kernels._C"] = None  # never the regular extension here: both define crh::
+import torch
+from torch.utils.cpp_extension import load
+
+build = json.loads(sys.argv[1])
+sys.path.insert(0, build["root"])
+from tests._cpp_ref import COV_TOL, hostile, reference, rel
+
+load(name=build["name"], sources=build["sources"], extra_cflags=build["cflags"],
+     extra_ldflags=build["ldflags"], is_python_module=True, verbose=False)
+threads = build["threads"]
+if threads == 0:  # build only
+    sys.exit(0)
+ops = torch.ops.crh
+torch.set_num_threads(threads)
+gen = torch.Generator().manual_seed(threads)
+for n, d, dtype in [(4096, 64, torch.float32), (3000, 130, torch.bfloat16),
+                    (2049, 256, torch.float32)]:
+    x = hostile(gen, n, d, mean_ratio=30.0, dtype=dtype, zero=5, bad=3)
+    mask = torch.rand(n, generator=gen) > 0.1
+    runs, took = {}, {}
+    for mode in ("off", "on", "slow0", "slow_last"):
+        os.environ["CRH_CPU_HELP"] = "0" if mode == "off" else "1"
+        os.environ.pop("CRH_CPU_SLOW_THREAD", None)
+        if mode.startswith("slow"):
+            os.environ["CRH_CPU_SLOW_THREAD"] = "0" if mode == "slow0" else str(threads - 1)
+        t0 = time.perf_counter()
+        _, sc, _ = ops.batch_stats(x, mask, True)
+        took[mode] = time.perf_counter() - t0
+        mu, st = torch.ones(d, dtype=torch.float64), torch.eye(d, dtype=torch.float64)
+        ops.batch_update_(x, mask, True, False, 7, mu, st)
+        runs[mode] = (sc, st)
+    for mode, (sc, st) in runs.items():
+        assert torch.equal(sc, runs["off"][0]) and torch.equal(st, runs["off"][1]), mode
+    ref = reference(x, mask)
+    assert rel(runs["slow0"][0], ref[3]) <= COV_TOL[dtype]
+    # the hook is in this build: thread 0 slept 30 ms before its last chunk
+    assert took["slow0"] >= 0.03, took
+print("ok")
+"""
+
+
+def _run_hooks_check(threads: int, timeout: float):
+    from crh_kernels import _build
+
+    build = dict(name=_HOOKS_NAME, root=str(Path(__file__).resolve().parent.parent),
+                 sources=[str(_build.CSRC / f) for f in _build.CPU_SOURCES],
+                 cflags=_build.cpu_cflags(test_hooks=True), ldflags=_build.cpu_ldflags(),
+                 threads=threads)
+    env = {k: v for k, v in os.environ.items() if k not in ("CRH_CPU_HELP", "CRH_CPU_SLOW_THREAD")}
+    return subprocess.run([sys.executable, "-c", _HOOKS_CHECK, json.dumps(build)], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def hooks_build(ops):
+    """The test-hooks variant of the extension, built (or found in torch's cache) once. A
+    failed build skips, or fails under CRH_REQUIRE_CPP=1 (CI), as a missing extension does."""
+    out = _run_hooks_check(0, timeout=1200)
+    tail = (out.stderr or out.stdout).strip().splitlines()[-15:]
+    require_or_skip(out.returncode == 0, "the test-hooks build failed:\n" + "\n".join(tail))
+
+
 @pytest.mark.parametrize("threads", [2, 3])
-def test_last_chunk_help_changes_no_bit(ops, monkeypatch, threads):
+def test_last_chunk_help_changes_no_bit(hooks_build, threads):
     """A thread done with its rows computes bands of another thread's last chunk
     (CRH_CPU_SLOW_THREAD=t delays thread t before its last chunk, so the others take all of
     it): batch_stats and batch_update_ give bit-for-bit the results of the unhelped kernel
-    (CRH_CPU_HELP=0), and the float64 reference."""
-    gen = torch.Generator().manual_seed(threads)
-    prev = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        for n, d, dtype in [(4096, 64, torch.float32), (3000, 130, torch.bfloat16),
-                            (2049, 256, torch.float32)]:
-            x = hostile(gen, n, d, mean_ratio=30.0, dtype=dtype, zero=5, bad=3)
-            mask = torch.rand(n, generator=gen) > 0.1
-            runs = {}
-            for mode in ("off", "on", "slow0", "slow_last"):
-                monkeypatch.setenv("CRH_CPU_HELP", "0" if mode == "off" else "1")
-                monkeypatch.delenv("CRH_CPU_SLOW_THREAD", raising=False)
-                if mode.startswith("slow"):
-                    monkeypatch.setenv("CRH_CPU_SLOW_THREAD", "0" if mode == "slow0" else str(threads - 1))
-                _, sc, _ = ops.batch_stats(x, mask, True)
-                mu, st = torch.ones(d, dtype=torch.float64), torch.eye(d, dtype=torch.float64)
-                ops.batch_update_(x, mask, True, False, 7, mu, st)
-                runs[mode] = (sc, st)
-            for mode, (sc, st) in runs.items():
-                assert torch.equal(sc, runs["off"][0]) and torch.equal(st, runs["off"][1]), mode
-            ref = reference(x, mask)
-            assert rel(runs["slow0"][0], ref[3]) <= COV_TOL[dtype]
-    finally:
-        torch.set_num_threads(prev)
+    (CRH_CPU_HELP=0), and the float64 reference. Runs the test-hooks build in a subprocess."""
+    out = _run_hooks_check(threads, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert out.stdout.strip().splitlines()[-1] == "ok"
+
+
+def test_hooks_absent_from_the_regular_build(ops):
+    """The test-only delay is compiled out of the regular extension (its hot loop has no such
+    branch): the binary does not even hold the variable's name."""
+    path = Path(cpp_mod.cpu_extension().__file__)
+    assert b"CRH_CPU_SLOW_THREAD" not in path.read_bytes(), path
 
 
 def test_batch_update_strict_and_bad_state(ops):
@@ -419,7 +406,7 @@ def test_stage_rows_is_pass_one(ops, isa, dtype, d, layout):
         mask = torch.cat([b[1] if b[1] is not None else torch.ones(b[0].shape[0], dtype=torch.bool)
                           for b in blocks])
         assert torch.equal(buf.float().nan_to_num(0.5), x.float().nan_to_num(0.5))
-        live, ok = _valid_rows(x, mask, normalize)
+        live, ok = valid_rows(x, mask, normalize)
         want = np.where(~live, 0, np.where(ok, 2, 1))
         assert status.numpy().tolist() == want.tolist()
         valid = live & ok
@@ -429,6 +416,19 @@ def test_stage_rows_is_pass_one(ops, isa, dtype, d, layout):
         assert (scale.numpy()[~valid] == 0).all()
         ref_sum = (rows * s_ref[:, None]).sum(axis=0)
         assert rel(sum_, ref_sum) <= 1e-6
+
+
+def test_row_status_encoding_is_pythons(ops):
+    """The C++ row status (csrc/row_status.h) is the vocabulary of crh_kernels.backends.base:
+    a masked row, a zero row (normalizing) and a non-finite row, and a valid row."""
+    from crh_kernels.backends.base import ROW_MASKED, ROW_SKIPPED, ROW_VALID
+
+    x = torch.tensor([[1.0, 2.0], [0.0, 0.0], [float("nan"), 1.0], [3.0, -4.0]])
+    mask = torch.tensor([False, True, True, True])
+    status = torch.full((4,), 7, dtype=torch.uint8)
+    ops.stage_rows_(x, mask, True, torch.empty(4, 2), torch.empty(4), status,
+                    torch.zeros(2, dtype=torch.float64))
+    assert status.tolist() == [ROW_MASKED, ROW_SKIPPED, ROW_SKIPPED, ROW_VALID]
 
 
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.float64], ids=str)
@@ -487,7 +487,7 @@ def test_staged_strict_and_argument_checks(ops):
     x[3] = 0.0
     buf, scale, status, sum_ = _stage(ops, [(x, None)], 6, torch.float32)
     with pytest.raises(ValueError, match="strict"):
-        m._update_staged(buf, scale, status, sum_)
+        m.update_staged(buf, scale, status, sum_)
     after = m.state_dict()
     assert all(torch.equal(sd[k], after[k]) for k in sd if isinstance(sd[k], torch.Tensor))
     assert m.n == 20
@@ -547,11 +547,11 @@ def test_matmul_rows_checks_and_dispatch(ops):
         with pytest.raises(RuntimeError, match=msg):
             ops.matmul_rows(a, b)
     # the Python helper: the op where it applies, torch's matmul elsewhere (autograd, dtypes)
-    assert torch.allclose(cpp_mod.matmul_rows(x, w), x @ w, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(crh_kernels.backends.matmul_rows(x, w), x @ w, rtol=1e-5, atol=1e-6)
     xg = x.clone().requires_grad_()
-    y = cpp_mod.matmul_rows(xg, w)
+    y = crh_kernels.backends.matmul_rows(xg, w)
     assert y.requires_grad and y.grad_fn is not None
-    assert cpp_mod.matmul_rows(x.double(), w.double()).dtype == torch.float64
+    assert crh_kernels.backends.matmul_rows(x.double(), w.double()).dtype == torch.float64
 
 
 def test_cpp_is_the_cpu_default(ops):
@@ -638,87 +638,6 @@ def test_availability_reason(ops):
     assert cpp_mod.cpu_extension().cpu_isa() in ("avx512+bf16", "avx512", "generic")
 
 
-# ------------------------------------------------------------------ CUDA extension (GPU only)
-@pytest.fixture(scope="module")
-def cuda_ops():
-    """The crh:: ops with their CUDA kernels. Without a GPU these tests skip; on the GPU check
-    (CRH_TEST_DEVICE=cuda) an unavailable `cuda` backend fails them."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device (bench/gpu_check.sh runs these)")
-    ok, why = crh_kernels.available_backends()["cuda"]
-    if not ok:
-        if os.environ.get("CRH_TEST_DEVICE") == "cuda":
-            pytest.fail(f"the cuda backend is unavailable on this GPU machine: {why}")
-        pytest.skip(f"cuda backend unavailable: {why}")
-    return torch.ops.crh
-
-
-def check_cuda(ops, x, mask=None, normalize=True):
-    mean, scatter, counts = ops.batch_stats(x.cuda(), None if mask is None else mask.cuda(), normalize)
-    assert mean.is_cuda and scatter.is_cuda
-    mean, scatter = mean.cpu(), scatter.cpu()
-    n, skipped, rmean, rc = reference(x, mask, normalize)
-    assert counts.tolist() == [n, skipped]
-    assert torch.equal(scatter, scatter.T), "scatter must be exactly symmetric"
-    if n == 0:
-        assert not mean.any() and not scatter.any()
-        return
-    assert rel(scatter, rc) <= COV_TOL[x.dtype], (rel(scatter, rc), x.dtype)
-    assert rel(mean, rmean) <= MEAN_TOL
-
-
-CUDA_SHAPES = SHAPES + [(5000, 300), (40000, 64), (3000, 2049)]
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("n,d", CUDA_SHAPES, ids=str)
-@pytest.mark.parametrize("mean_ratio", [0.0, 100.0])
-def test_cuda_batch_stats_hostile(cuda_ops, n, d, dtype, mean_ratio):
-    gen = torch.Generator().manual_seed(n * 1009 + d)
-    x = hostile(gen, n, d, mean_ratio=mean_ratio, dtype=dtype,
-                zero=min(2, n // 3), bad=min(3, n // 4), overflow=min(1, n // 5))
-    check_cuda(cuda_ops, x, None, True)
-    check_cuda(cuda_ops, x, None, False)
-    check_cuda(cuda_ops, x, torch.rand(n, generator=gen) > 0.25, True)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("layout", ["transposed", "row_gap"])
-def test_cuda_non_contiguous(cuda_ops, layout):
-    gen = torch.Generator().manual_seed(11)
-    for dtype in DTYPES:
-        x = hostile(gen, 900, 61, mean_ratio=10.0, dtype=dtype, zero=3, bad=3, layout=layout)
-        check_cuda(cuda_ops, x, None, True)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_cuda_cross_stats(cuda_ops, dtype):
-    gen = torch.Generator().manual_seed(5)
-    for dg, dh in [(1, 1), (37, 5), (130, 300)]:
-        g = hostile(gen, 2500, dg, mean_ratio=30.0, dtype=dtype, zero=2, bad=2)
-        h = hostile(gen, 2500, dh, mean_ratio=1.0, dtype=dtype, bad=3)
-        mask = torch.rand(2500, generator=gen) > 0.3
-        mg, mh, sc, counts = cuda_ops.cross_stats(g.cuda(), h.cuda(), mask.cuda(), True)
-        rn, rk, rmg, rmh, rc = reference_cross(g, h, mask, True)
-        assert counts.tolist() == [rn, rk]
-        assert rel(sc.cpu(), rc) <= COV_TOL[dtype]
-        assert rel(mg.cpu(), rmg) <= MEAN_TOL and rel(mh.cpu(), rmh) <= MEAN_TOL
-
-
-@pytest.mark.gpu
-def test_cuda_opcheck_and_moments(cuda_ops):
-    x = torch.randn(300, 19, device="cuda")
-    mask = torch.rand(300, device="cuda") > 0.3
-    for args in [(x, None, True), (x.bfloat16(), mask, False), (x.half(), mask, True)]:
-        result = torch.library.opcheck(cuda_ops.batch_stats.default, args)
-        assert all(v == "SUCCESS" for v in result.values()), result
-    m = Moments(19, backend="cuda").update(x).update(x[:7])
-    n, _, mean, c = reference(torch.cat([x[:7], x]).cpu())
-    assert m.n == n and rel(m.scatter.cpu(), c) <= 1e-4 and rel(m.mean.cpu(), mean) <= MEAN_TOL
-
-
 # -------------------------------------------------------------------------- loading rules
 _MISSING = r"""
 import sys
@@ -737,6 +656,25 @@ try:
 except RuntimeError as exc:
     print("raised: " + str(exc).splitlines()[0])
 """
+
+
+def _setup_py_lists():
+    """The source and header lists of setup.py, read without running it."""
+    tree = ast.parse((Path(__file__).resolve().parent.parent / "setup.py").read_text())
+    return {t.id: ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
+            for t in node.targets if isinstance(t, ast.Name) and t.id.endswith(("_SOURCES", "_HEADERS"))}
+
+
+def test_build_source_lists():
+    """setup.py and the JIT build (crh_kernels/_build.py) compile the same files, and every
+    file of csrc/ is in their lists."""
+    from crh_kernels import _build
+
+    names = ("CPU_SOURCES", "CPU_HEADERS", "CUDA_SOURCES", "CUDA_HEADERS")
+    ours = {k: getattr(_build, k) for k in names}
+    assert _setup_py_lists() == ours
+    listed = {f for files in ours.values() for f in files}
+    assert listed == {p.name for p in _build.CSRC.iterdir() if p.suffix in (".h", ".cpp", ".cu")}
 
 
 @pytest.mark.parametrize("required", [False, True])
