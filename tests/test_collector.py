@@ -146,7 +146,7 @@ def test_sync_reduces_every_moments_once(monkeypatch):
     import crh_kernels.distributed as dist
     seen = {}
 
-    def fake(ms, group=None):
+    def fake(ms, group=None, **kw):
         seen["ms"], seen["group"] = ms, group
 
     monkeypatch.setattr(dist, "all_reduce_moments", fake)

@@ -7,6 +7,10 @@ from all ranks' rows concatenated (plain torch, not Moments). The collectives ar
 inside the workers by wrapping ``torch.distributed.all_reduce``: one per bucket, plus one
 agreement check and one for the counts and means.
 
+Failures (issue 12): states in a different order on each rank, a rank that refuses its
+arguments, a rank that fails half-way through the call (``timeout=``), and a KeyboardInterrupt
+injected at every line of the commit phase; every rank must raise and no state may change.
+
 Process start-up dominates the cost, so each world size is spawned once (a module-scoped
 fixture) and runs every scenario; the tests then only read what the ranks wrote.
 """
@@ -216,8 +220,195 @@ def _scenario_subgroup(rank: int, world: int, count: "_Counter") -> dict:
     return res
 
 
+class _Two(torch.nn.Module):
+    """Two Linear(6, 6) layers registered in the given order: the Collector lists its layers
+    (and so its states) in registration order, whatever order forward() uses them in."""
+
+    def __init__(self, order):
+        super().__init__()
+        for name in order:
+            setattr(self, name, torch.nn.Linear(6, 6))
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def _collector_states(col):
+    return {f"{name}.{s}": _snap(getattr(st, s)) for name, st in col.layers.items()
+            for s in ("H_a", "H_b", "G_a", "G_b") if getattr(st, s, None) is not None}
+
+
+def _trained_collector(order, rank):
+    from crh_kernels import Collector
+    torch.manual_seed(0)
+    net = _Two(order)
+    col = Collector(net, state_dtype=torch.float64)
+    g = torch.Generator().manual_seed(300 + rank)
+    with col:
+        for _ in range(2):
+            net(torch.randn(7 + rank, 6, generator=g)).square().mean().backward()
+            col.step()
+    return col
+
+
+def _scenario_order(rank: int, world: int, count: "_Counter") -> dict:
+    """States of equal dim in a different order on each rank (issue 12, item 11): named, they
+    must raise on every rank and change nothing; a rank that refuses its own arguments must
+    make the others raise at once (not after the group's timeout)."""
+    res = {}
+    g = torch.Generator().manual_seed(rank)
+    a = Moments(4, backend="torch").update(torch.randn(10, 4, generator=g, dtype=torch.float64))
+    b = Moments(4, backend="torch").update(3 + torch.randn(20, 4, generator=g, dtype=torch.float64))
+    before = [_snap(a), _snap(b)]
+    pairs = [(a, "x"), (b, "y")] if rank == 0 else [(b, "y"), (a, "x")]
+    res["names"] = _expect(RuntimeError, lambda: all_reduce_moments(
+        [m for m, _ in pairs], names=[nm for _, nm in pairs], timeout=30))
+    res["names_unchanged"] = all(
+        x["n"] == y["n"] and torch.equal(x["mean"], y["mean"]) and torch.equal(x["scatter"], y["scatter"])
+        for x, y in zip([_snap(a), _snap(b)], before))
+
+    # the same through Collector.sync: layers registered as (a, b) on rank 0, (b, a) elsewhere
+    col = _trained_collector(("a", "b") if rank == 0 else ("b", "a"), rank)
+    res["col_order"] = list(col.layers)
+    st_before = _collector_states(col)
+    res["col_msg"] = _expect(RuntimeError, lambda: col.sync(timeout=timedelta(seconds=30)))
+    st_after = _collector_states(col)
+    res["col_unchanged"] = st_before.keys() == st_after.keys() and all(
+        st_before[k]["n"] == st_after[k]["n"] and torch.equal(st_before[k]["scatter"], st_after[k]["scatter"])
+        and torch.equal(st_before[k]["mean"], st_after[k]["mean"]) for k in st_before)
+
+    # one rank refuses its arguments (the same Moments twice): it raises its own error, the
+    # others learn it from the agreement check, at once, with no timeout given
+    res["refused"] = _expect((RuntimeError, ValueError),
+                             lambda: all_reduce_moments([a, a] if rank == 1 else [a]))
+
+    # the group still works, and the same order (and names) on every rank merges
+    col = _trained_collector(("a", "b"), rank)
+    n_before = {k: v["n"] for k, v in _collector_states(col).items()}
+    col.sync(timeout=30)
+    res["col_ok"] = {"before": n_before, "after": {k: v["n"] for k, v in _collector_states(col).items()}}
+    res["calls"] = count.take()
+    return res
+
+
+def _scenario_commit(rank: int, world: int, count: "_Counter") -> dict:
+    """All or nothing after the collectives: a KeyboardInterrupt raised (by ``sys.settrace``)
+    at every line that runs once the last collective is done, the same line count on every
+    rank, leaves either every state as it was (the call raised) or every state merged."""
+    import inspect
+    import sys
+
+    import crh_kernels.distributed as D
+
+    src, first = inspect.getsourcelines(D.all_reduce_moments)
+    start = [first + i for i, line in enumerate(src) if "# Phase 3" in line]
+    assert len(start) == 1, "the commit phase marker moved: update this test"
+    start = start[0]
+    code = D.all_reduce_moments.__code__
+    pick = (0, 3, 4)  # gauss, zeros (skipped rows), never (no rows anywhere)
+
+    def fresh():
+        ms = _build(world, rank)
+        return [ms[i] for i in pick]
+
+    old = [_snap(m) for m in fresh()]
+    ms = fresh()
+    all_reduce_moments(ms)
+    new = [_snap(m) for m in ms]
+
+    def same(a, b):
+        return all(x["n"] == y["n"] and x["n_skipped"] == y["n_skipped"] and x["device"] == y["device"]
+                   and torch.equal(x["mean"], y["mean"]) and torch.equal(x["scatter"], y["scatter"])
+                   for x, y in zip(a, b))
+
+    outcomes = []  # per attempt: "old" (raised, nothing changed), "new", or "mixed"
+    k = 0
+    while True:
+        k += 1
+        state = {"armed": False, "events": 0}
+
+        def tracer(frame, event, arg):
+            if not frame.f_code.co_filename.endswith(("distributed.py", "moments.py")):
+                return None
+            return local
+
+        def local(frame, event, arg):
+            if event != "line":
+                return local
+            if frame.f_code is code and frame.f_lineno >= start:
+                state["armed"] = True
+            if state["armed"]:
+                state["events"] += 1
+                if state["events"] == k:
+                    raise KeyboardInterrupt(f"injected at line {frame.f_lineno} of {frame.f_code.co_name}")
+            return local
+
+        ms = fresh()
+        raised = False
+        sys.settrace(tracer)
+        try:
+            all_reduce_moments(ms)
+        except KeyboardInterrupt:
+            raised = True
+        finally:
+            sys.settrace(None)
+        snap = [_snap(m) for m in ms]
+        outcomes.append("old" if same(snap, old) and raised else
+                        "new" if same(snap, new) else "mixed" + (" (raised)" if raised else ""))
+        # every rank keeps calling until every rank has run out of lines to interrupt
+        more = torch.tensor([1.0 if raised else 0.0])
+        dist.all_reduce(more, op=dist.ReduceOp.MAX)
+        if not more.item() or k > 2000:
+            break
+    count.take()
+    return {"outcomes": outcomes}
+
+
+def _scenario_timeout(rank: int, world: int, count: "_Counter") -> dict:
+    """Rank 1 fails in the middle of the call (reading a scatter raises, after the counts and
+    means went out) and stays alive, as a training loop that catches the error would: rank 0
+    raises after ``timeout`` instead of waiting for the group's own (60 s here), and neither
+    rank changed a state. The group is left with a pending collective: no scenario may follow
+    this one."""
+    import os
+    import time
+
+    done = os.path.join(_OUT_DIR[0], "timeout_rank0_done")
+
+    class Faulty(Moments):
+        @property
+        def scatter(self):
+            raise RuntimeError("injected failure while reading the scatter")
+
+    g = torch.Generator().manual_seed(rank)
+    cls = Faulty if rank == 1 else Moments
+    ms = [Moments(5, backend="torch"), cls(6, backend="torch")]
+    for m in ms:
+        m.update(torch.randn(12, m.dim, generator=g, dtype=torch.float64))
+    before = [(m.n, m.mean.clone(), Moments.scatter.fget(m).clone()) for m in ms]
+    t0 = time.monotonic()
+    try:
+        all_reduce_moments(ms, timeout=timedelta(seconds=2))
+        msg = None
+    except RuntimeError as e:
+        msg = str(e)
+    elapsed = time.monotonic() - t0
+    if rank == 0:
+        open(done, "w").close()
+    else:  # alive, its connections open, until rank 0 is done (45 s at most)
+        while not os.path.exists(done) and time.monotonic() - t0 < 45:
+            time.sleep(0.05)
+    unchanged = all(m.n == n and torch.equal(m.mean, mu) and torch.equal(Moments.scatter.fget(m), c)
+                    for m, (n, mu, c) in zip(ms, before))
+    return {"msg": msg, "elapsed": elapsed, "unchanged": unchanged}
+
+
+_OUT_DIR = [None]  # the spawn's output folder, for scenarios that need a file between ranks
+
+
 def _worker(rank: int, world: int, init_file: str, out_dir: str, scenarios) -> None:
     _init(rank, world, init_file)
+    _OUT_DIR[0] = out_dir
     count = _Counter()
     res = {}
     for name in scenarios:
@@ -241,7 +432,9 @@ def _spawn(world: int, tmp, scenarios):
 # ------------------------------------------------------------------------ parent side
 def _run(world, tmp_path_factory):
     """One spawn per world size runs every scenario; returns (world, {scenario: [per rank]})."""
-    scenarios = ["main"] + (["subgroup"] if world == 3 else ["fsdp", "ddp"])
+    # "timeout" leaves a collective pending on purpose (the group is not reused): last.
+    scenarios = (["main", "order", "commit"]
+                 + (["subgroup"] if world == 3 else ["fsdp", "ddp", "timeout"]))
     per_rank = _spawn(world, tmp_path_factory.mktemp(f"dist{world}"), scenarios)
     return world, {name: [r.get(name, {"error": "not run: an earlier scenario failed"}) for r in per_rank]
                    for name in scenarios}
@@ -354,6 +547,73 @@ def test_mismatched_ranks_raise_everywhere_and_change_nothing(run):
         assert mm["after"]["n"] == 10 * world  # the group still works after the errors
 
 
+def test_states_in_a_different_order_raise_on_every_rank(run):
+    """Issue 12, item 11: two states of the same dim in a different order on each rank were
+    merged crosswise silently. Named (``names=``, and ``Collector.sync`` names every state),
+    the order is part of the agreement check: every rank raises, naming the first position
+    that differs, and no state changes; the group still works afterwards."""
+    world, res = _results(run, "order")
+    for rank, r in enumerate(res):
+        msg = r["names"]
+        assert msg is not None, f"rank {rank}: states in a different order were merged"
+        assert "ranks passed different lists of Moments" in msg and "no state was changed" in msg
+        here = "'x'" if rank == 0 else "'y'"
+        assert f"the first difference is at position 0, where this rank has {here} (dim 4" in msg, msg
+        assert r["names_unchanged"]
+        # Collector.sync: layers registered in a different order
+        assert r["col_order"] == (["a", "b"] if rank == 0 else ["b", "a"])
+        msg = r["col_msg"]
+        assert msg is not None, f"rank {rank}: Collector.sync merged layer a's states into b's"
+        first = "'a.H_a'" if rank == 0 else "'b.H_a'"
+        assert f"position 0, where this rank has {first} (dim 6" in msg, msg
+        assert r["col_unchanged"]
+        # the group still works: the same order merges every state over all ranks
+        before, after = r["col_ok"]["before"], r["col_ok"]["after"]
+        assert before and before.keys() == after.keys()
+        for key, n in before.items():
+            assert after[key] == sum(res[q]["col_ok"]["before"][key] for q in range(world)) > n
+
+
+def test_a_rank_that_refuses_its_arguments_makes_every_rank_raise(run):
+    """A rank whose own arguments are refused (the same Moments twice) raises its own error,
+    after joining the agreement check: the other ranks raise at once instead of waiting in
+    the collectives (for the group's timeout) and the call sequence stays in step."""
+    world, res = _results(run, "order")
+    for rank, r in enumerate(res):
+        if rank == 1:
+            assert "more than once" in r["refused"]
+        else:
+            assert "another rank of the group refused its arguments" in r["refused"]
+            assert "no state was changed" in r["refused"]
+
+
+def test_failure_after_the_collectives_changes_no_state(run):
+    """Fault injection: a KeyboardInterrupt at every line that runs after the last collective
+    (the commit phase, Moments.load_packed / reset included) leaves every state either as it
+    was (the call raised) or merged; never some states merged and others not."""
+    world, res = _results(run, "commit")
+    for rank, r in enumerate(res):
+        out = r["outcomes"]
+        assert len(out) > 10, out  # the injection did reach the commit phase's lines
+        assert all(o in ("old", "new") for o in out), (rank, out)
+        assert out[-1] == "new" and "old" in out
+
+
+def test_a_rank_failing_mid_call_makes_the_others_raise_within_timeout(run2):
+    """Issue 12, item 11: a rank that fails during the call left the others waiting for the
+    group's timeout (30 min for gloo by default; 60 s in these tests). With ``timeout=2 s``
+    rank 0 raises well before the group's timeout, saying so, and neither rank changed a
+    state."""
+    _, res = _results(run2, "timeout")
+    r0, r1 = res
+    assert r1["msg"] == "injected failure while reading the scatter"
+    msg = r0["msg"]
+    assert msg is not None and "did not complete within timeout=2 s" in msg, msg
+    assert "No state was changed" in msg and "\n" not in msg
+    assert r0["elapsed"] < 20  # the group's own timeout is 60 s: the argument was applied
+    assert r0["unchanged"] and r1["unchanged"]
+
+
 def test_subgroup_and_group_of_one(run3):
     _, res = _results(run3, "subgroup")
     ref = _reference([_data(3, r, 0) for r in (0, 2)], SPECS[0][2])
@@ -381,6 +641,14 @@ def test_argument_errors_name_the_argument():
         all_reduce_moments([m], dtype=torch.float16)
     with pytest.raises(ValueError, match="bucket_bytes"):
         all_reduce_moments([m], bucket_bytes=0)
+    for bad, exc in [(0, ValueError), (-1.0, ValueError), (float("inf"), ValueError),
+                     (timedelta(0), ValueError), (True, TypeError), ("5", TypeError)]:
+        with pytest.raises(exc, match="timeout"):
+            all_reduce_moments([m], timeout=bad)
+    with pytest.raises(ValueError, match="names has 1 entries for 2 moments"):
+        all_reduce_moments([m, Moments(3)], names=["a"])
+    with pytest.raises(TypeError, match=r"names\[1\]"):
+        all_reduce_moments([m, Moments(3)], names=["a", 2])
     if not dist.is_initialized():
         with pytest.raises(RuntimeError, match="init_process_group"):
             m.all_reduce()
@@ -532,7 +800,8 @@ def _scenario_fsdp(rank: int, world: int, count: "_Counter") -> dict:
 
 
 _SCENARIOS = {"main": _scenario_main, "subgroup": _scenario_subgroup, "ddp": _scenario_ddp,
-              "fsdp": _scenario_fsdp}
+              "fsdp": _scenario_fsdp, "order": _scenario_order, "commit": _scenario_commit,
+              "timeout": _scenario_timeout}
 
 
 def test_fsdp_sync_and_full_weight(run2):

@@ -177,7 +177,8 @@ def test_hf_conv1d():
 
 def test_shared_input_dedup_is_per_tensor():
     """Two different tensors are two sets of rows; the same tensor twice in a step is the same
-    rows for two layers, but a second call of one layer on it counts again."""
+    rows for two layers, but a second call of one layer on it counts again; a layer that then
+    gets a tensor of its own stops sharing (test_collect_shared.py checks every case)."""
     torch.manual_seed(0)
     a, b = nn.Linear(5, 3), nn.Linear(5, 4)
     model = nn.ModuleDict({"a": a, "b": b})
@@ -185,11 +186,12 @@ def test_shared_input_dedup_is_per_tensor():
     x1, x2 = torch.randn(6, 5), torch.randn(6, 5)
     with col:
         a(x1), b(x1)                # shared
-        b(input=x2)                 # new tensor (passed by keyword): b shares a's H_a, so it gets x2
-    assert col.layers["b"].H_a is col.layers["a"].H_a
-    assert col.layers["a"].H_a.n == 12
-    assert col.layers["b"].H_b.n == 12
-
+        assert col.layers["b"].H_a is col.layers["a"].H_a and col.layers["a"].H_a.n == 6
+        b(input=x2)                 # new tensor (passed by keyword): b continues on its own
+        a(x1)                       # a's second call on x1 counts again
+    assert col.layers["b"].H_a is not col.layers["a"].H_a
+    assert col.layers["a"].H_a.n == 12 and col.layers["b"].H_a.n == 12
+    assert col.layers["b"].H_b.n == 12 and col.layers["b"].shared == {}
 
 
 def test_g_a_source_weight_gives_each_layer_its_own_share():

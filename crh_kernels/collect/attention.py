@@ -5,10 +5,13 @@ into per-head rows for H_b and G_b; for ``nn.MultiheadAttention``, the watch on 
 call that applies ``out_proj`` (through :class:`.adapters.LinearSpy`), which yields the attention
 output before ``out_proj`` and also feeds the ``<name>.out_proj`` layer when it is selected;
 and :class:`MhaWatch`, which switches the fused MHA fast path off while the collector runs and
-closes every open watch on stop.
+closes every open watch on stop. Recomputation under gradient checkpointing is handled as for
+weight layers (:func:`.hooks.call_mode`): the row choice of a reentrant segment's first pass
+is kept per head group and replayed.
 
 The functions receive the :class:`~crh_kernels.collect.Collector` explicitly and use only this
-part of it: the flags ``_collecting`` and ``_running``, the row policy ``_mask`` (is one set),
+part of it: the flags ``_collecting`` and ``_running``, the generation ``_epoch`` (tensor hooks
+of an earlier one are inert), the row policy ``_mask`` (is one set),
 ``_row_mask``, ``_subsample`` and ``_grad_scale``, ``_moments``, the stager ``_stager``,
 ``_layers.weight_layers`` (to find ``out_proj``) and ``_mha`` (its :class:`MhaWatch`).
 """
@@ -21,7 +24,8 @@ import torch.nn as nn
 
 from ..moments import Moments
 from .adapters import LinearSpy
-from .hooks import first_tensor, hook_once, on_layer
+from .hooks import (NORMAL, RECORD, REPLAY, SKIP, Ticket, call_mode, first_tensor, hook_once,
+                    in_backward, on_layer, put_record, take_record)
 from .layer import HeadGroup
 
 __all__ = ["MhaWatch", "register", "on_heads"]
@@ -58,9 +62,11 @@ def register(col, grp: HeadGroup) -> list:
     return [grp.module.register_forward_hook(_heads_hook(col, grp))]
 
 
-def on_heads(col, grp: HeadGroup, rows: torch.Tensor, mask, requires_grad: bool):
+def on_heads(col, grp: HeadGroup, rows: torch.Tensor, mask, requires_grad: bool,
+             mode: str = NORMAL, ctx=None):
     """rows: (R, D) output rows of the module, split into ``grp.n_heads`` heads. Returns
-    ``(Moments of g_b per head, idx, mask, terms)`` when gradients are to be hooked, else None."""
+    ``(Moments of g_b per head, idx, mask, terms, ticket)`` when gradients are to be hooked,
+    else None. ``mode``/``ctx``: see :func:`.hooks.call_mode`."""
     layers = grp.layers
     h = grp.n_heads
     d_total = rows.shape[-1]
@@ -68,18 +74,29 @@ def on_heads(col, grp: HeadGroup, rows: torch.Tensor, mask, requires_grad: bool)
         raise ValueError(f"heads: {grp.name!r} output has {d_total} features, not divisible by "
                          f"{h} heads")
     d = d_total // h
-    for st in layers:
-        st.forward_calls += 1
-        if not st.dims:
-            st.dims = {"h_b": d, "g_b": d}
-    terms = (rows.shape[0], mask)
-    idx = col._subsample(rows.shape[0], rows.device)
+    streams = layers[0].streams
+    replay = mode == REPLAY
+    if replay:
+        rec = take_record(ctx, col, grp)
+        if rec is None or "g_b" not in streams:
+            return None
+        idx, mask, terms = rec
+        for st in layers:
+            st.forward_only_calls -= 1      # the first pass was not forward-only after all
+    else:
+        for st in layers:
+            st.forward_calls += 1
+            if not st.dims:
+                st.dims = {"h_b": d, "g_b": d}
+        terms = (rows.shape[0], mask)
+        idx = col._subsample(rows.shape[0], rows.device)
+        if idx is not None and mask is not None:
+            mask = mask[idx]
+        if mode == RECORD:
+            put_record(ctx, col, grp, (idx, mask, terms))
     if idx is not None:
         rows = rows[idx]
-        if mask is not None:
-            mask = mask[idx]
-    streams = layers[0].streams
-    if "h_b" in streams:
+    if "h_b" in streams and not replay:
         per = rows.reshape(rows.shape[0], h, d).transpose(0, 1)
         for i, st in enumerate(layers):
             col._stager.feed(col._moments(st, "h_b", d, rows.device), per[i], mask)
@@ -92,13 +109,16 @@ def on_heads(col, grp: HeadGroup, rows: torch.Tensor, mask, requires_grad: bool)
     ms = [col._moments(st, "g_b", d, rows.device) for st in layers]
     for st in layers:
         st.grad_calls += 1
-    return ms, idx, mask, terms
+    ticket = Ticket(col, layers, rows.shape[0], mask)
+    return ms, idx, mask, terms, ticket
 
 
-def _head_grad_hook(col, ms: List[Moments], n_heads: int, idx, mask, terms, reshape):
+def _head_grad_hook(col, ms: List[Moments], n_heads: int, idx, mask, terms, reshape, ticket):
     """Tensor hook on the split tensor: its gradient rows, split per head, are each head's g_b."""
+    epoch = col._epoch
+
     def hook(g):
-        if not col._running:
+        if not col._running or col._epoch != epoch:
             return None
         with torch.no_grad():
             gr = reshape(g.detach())
@@ -111,27 +131,45 @@ def _head_grad_hook(col, ms: List[Moments], n_heads: int, idx, mask, terms, resh
             per = gr.reshape(gr.shape[0], n_heads, d).transpose(0, 1)
             for i, m in enumerate(ms):
                 col._stager.feed(m, per[i], mask)
+        ticket.fired = True
         return None
     return hook
+
+
+def _mode(col):
+    """``(mode, ctx)`` of a hooked call, or None when the call is not to be collected."""
+    if not col._running:
+        return None
+    mode, ctx = NORMAL, None
+    if not torch.is_grad_enabled() or in_backward():
+        mode, ctx = call_mode()
+        if mode == SKIP:
+            return None
+    if not col._collecting and mode != REPLAY:
+        return None
+    return mode, ctx
 
 
 # ------------------------------------------------------------------ heads= entries
 def _heads_hook(col, grp: HeadGroup):
     def hook(module, args, output):
-        if not col._collecting:
+        how = _mode(col)
+        if how is None:
             return None
         y = first_tensor(output)
         if y is None:
             return None
         rows = y.reshape(-1, y.shape[-1])
-        mask = col._row_mask(tuple(y.shape[:-1]), y.device, grp.layers[0])
-        if mask is None and col._mask is not None:
-            for st in grp.layers[1:]:
-                st.unmasked_calls += 1
-        res = on_heads(col, grp, rows.detach(), mask, rows.requires_grad)
+        mask = None
+        if how[0] != REPLAY:
+            mask = col._row_mask(tuple(y.shape[:-1]), y.device, grp.layers[0])
+            if mask is None and col._mask is not None:
+                for st in grp.layers[1:]:
+                    st.unmasked_calls += 1
+        res = on_heads(col, grp, rows.detach(), mask, rows.requires_grad, *how)
         if res is not None:
             hook_once(y, _head_grad_hook(col, ms=res[0], n_heads=grp.n_heads, idx=res[1],
-                                         mask=res[2], terms=res[3],
+                                         mask=res[2], terms=res[3], ticket=res[4],
                                          reshape=lambda g: g.reshape(-1, g.shape[-1])))
         return None
     return hook
@@ -142,7 +180,8 @@ def _mha_pre_hook(col, grp: HeadGroup):
     mha = grp.module
 
     def pre_hook(module, args, kwargs):
-        if not col._collecting:
+        how = _mode(col)
+        if how is None:
             return None
         query = args[0] if args else kwargs.get("query")
         if not isinstance(query, torch.Tensor):
@@ -153,7 +192,7 @@ def _mha_pre_hook(col, grp: HeadGroup):
         out_st = col._layers.weight_layers.get(grp.name + ".out_proj")
         if out_st is not None and out_st.module is not mha.out_proj:
             out_st = None
-        state = {"lead": lead, "batch_first": batch_first, "out": out_st}
+        state = {"lead": lead, "batch_first": batch_first, "out": out_st, "how": how}
 
         def on_linear(inp, out):
             _on_mha_out_proj(col, grp, state, inp, out)
@@ -179,7 +218,8 @@ def _on_mha_out_proj(col, grp: HeadGroup, state: dict, inp: torch.Tensor,
                      out: torch.Tensor) -> None:
     """``inp``: (T·B, E) attention output before out_proj, rows in (T, B) order."""
     mask = None
-    if col._mask is not None:
+    mode, ctx = state["how"]
+    if col._mask is not None and mode != REPLAY:
         lead = state["lead"]
         m = col._row_mask(lead, inp.device, None)
         if m is not None:
@@ -190,10 +230,12 @@ def _on_mha_out_proj(col, grp: HeadGroup, state: dict, inp: torch.Tensor,
         else:
             for st in grp.layers:
                 st.unmasked_calls += 1
-    res = on_heads(col, grp, inp.detach(), mask, inp.requires_grad)
+    res = on_heads(col, grp, inp.detach(), mask, inp.requires_grad, mode, ctx)
     if res is not None:
         hook_once(inp, _head_grad_hook(col, ms=res[0], n_heads=grp.n_heads, idx=res[1],
-                                       mask=res[2], terms=res[3], reshape=lambda g: g))
+                                       mask=res[2], terms=res[3], ticket=res[4],
+                                       reshape=lambda g: g))
     out_st = state["out"]
     if out_st is not None:
-        on_layer(col, out_st, out_st.module, inp, out, rows_mask=mask, lead_known=True)
+        on_layer(col, out_st, out_st.module, inp, out, rows_mask=mask, lead_known=True,
+                 mode=mode, ctx=ctx)

@@ -3,22 +3,37 @@
 Owns the format ``"crh_kernels.Collector/1"``: every Moments once (a Moments shared by several
 layers is stored under its first layer and stream, the others hold ``{"alias": [layer,
 stream]}``), each layer's shared-input names, dims and counters, the step count, the state of the
-``max_rows`` generator and the configuration; and the checks made on restore (format, the
-configuration that changes the meaning of the states, layer names, dims). The
-:class:`~crh_kernels.collect.Collector` facade flushes or drops staged rows around these calls.
+``max_rows`` generator and the configuration; and the restore, in two halves:
+
+* :func:`plan_restore` checks everything (types, the configuration that changes the meaning of
+  the states, layer names, streams, dims, aliases, counters, the generator state, and every
+  Moments state through :meth:`Moments.from_state_dict`, which checks shapes before it
+  allocates) and builds every new Moments, changing nothing;
+* :func:`apply` then sets the new values on the layers, and :func:`snapshot` /
+  :func:`restore` let the :class:`~crh_kernels.collect.Collector` facade put the old ones back
+  if anything (a KeyboardInterrupt included) interrupts it: a restore is all or nothing.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+import numbers
+from collections.abc import Mapping
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from ..moments import Moments
 from .layer import STATE_ATTR, STREAMS, LayerStats, module_device
 
-__all__ = ["FORMAT", "state_dict", "load_state_dict"]
+__all__ = ["FORMAT", "state_dict", "Plan", "plan_restore", "apply", "snapshot", "restore"]
 
 FORMAT = "crh_kernels.Collector/1"
+
+# what a restore replaces on a LayerStats (snapshot/restore/apply work on exactly these)
+_ATTRS = ("H_a", "H_b", "G_a", "G_b", "dims", "shared", "forward_calls", "grad_calls",
+          "forward_only_calls", "unmasked_calls", "calls_without_grad", "_without_grad")
+_COUNTERS = ("forward_calls", "grad_calls", "forward_only_calls", "unmasked_calls",
+             "calls_without_grad")
+_SHAREABLE = ("h_a", "g_a")    # the streams the shared-input dedup shares
 
 
 def state_dict(layers: Dict[str, LayerStats], steps: int, rng_state: torch.Tensor,
@@ -39,57 +54,196 @@ def state_dict(layers: Dict[str, LayerStats], steps: int, rng_state: torch.Tenso
                 entry[s] = m.state_dict()
         entry["shared"] = dict(st.shared)
         entry["dims"] = dict(st.dims)
-        entry["counters"] = [st.forward_calls, st.grad_calls, st.forward_only_calls,
-                             st.unmasked_calls]
+        entry["counters"] = st.counters()
         out[name] = entry
     return {"format": FORMAT, "steps": steps, "rng": rng_state, "config": dict(config),
             "layers": out}
 
 
-def load_state_dict(layers: Dict[str, LayerStats], sd: dict, strict: bool, *, normalize: bool,
-                    include_bias: bool, backend: Optional[str]) -> Tuple[int, torch.Tensor]:
-    """Restore the states, aliases, dims and counters of ``sd`` into ``layers`` (Moments on each
-    module's device, with ``backend``); returns ``(steps, rng state)`` for the facade to set.
-    ``strict``: the layer names must be the same on both sides."""
+# ------------------------------------------------------------------------- checks
+def _int(v, what: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
+        raise ValueError(f"{what} must be a non-negative int, got {v!r}")
+    return int(v)
+
+
+def _mapping(v, what: str) -> Mapping:
+    if not isinstance(v, Mapping):
+        raise TypeError(f"{what} must be a dict, got {type(v).__name__}")
+    return v
+
+
+def _check_rng(rng) -> torch.Tensor:
+    if not isinstance(rng, torch.Tensor) or rng.dtype != torch.uint8 or rng.dim() != 1:
+        raise TypeError(f"rng must be a torch.Generator state (a 1-D uint8 tensor), got "
+                        f"{getattr(rng, 'dtype', type(rng).__name__)}")
+    try:
+        torch.Generator().set_state(rng.detach().cpu())
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"rng is not a valid torch.Generator state: {e}") from None
+    return rng.detach().cpu().clone()
+
+
+class Plan:
+    """A checked restore: the new step count and generator state, and per layer the values of
+    every attribute a restore replaces (``{LayerStats: {attr: value}}``)."""
+
+    def __init__(self, steps: int, rng: torch.Tensor, layers: Dict[LayerStats, dict]):
+        self.steps = steps
+        self.rng = rng
+        self.layers = layers
+
+
+def plan_restore(layers: Dict[str, LayerStats], sd, strict: bool, *, normalize: bool,
+                 include_bias: bool, backend: Optional[str]) -> Plan:
+    """Check ``sd`` against ``layers`` and build every new state (Moments on each module's
+    device, with ``backend``); nothing is changed. ``strict``: the layer names must be the
+    same on both sides (else layers missing on either side are left out).
+    Raises ``TypeError``/``ValueError``/``KeyError`` naming the offending field."""
+    sd = _mapping(sd, "state dict")
     if sd.get("format") != FORMAT:
-        raise ValueError(f"not a Collector state dict (format {sd.get('format')!r})")
-    cfg = sd["config"]
+        raise ValueError(f"not a Collector state dict (format {sd.get('format')!r}, "
+                         f"expected {FORMAT!r})")
+    for k in ("steps", "rng", "config", "layers"):
+        if k not in sd:
+            raise KeyError(f"state dict lacks {k!r}")
+    steps = _int(sd["steps"], "steps")
+    rng = _check_rng(sd["rng"])
+    cfg = _mapping(sd["config"], "config")
     for k, mine in (("normalize", normalize), ("include_bias", include_bias)):
+        if k not in cfg:
+            raise KeyError(f"config lacks {k!r}")
+        if not isinstance(cfg[k], bool):
+            raise TypeError(f"config[{k!r}] must be a bool, got {cfg[k]!r}")
         if cfg[k] != mine:
             raise ValueError(f"state dict has {k}={cfg[k]}, this collector {mine}")
-    names, have = set(sd["layers"]), set(layers)
+    entries = _mapping(sd["layers"], "layers")
+    for name in entries:
+        if not isinstance(name, str):
+            raise TypeError(f"layers: names must be str, got {name!r}")
+    names, have = set(entries), set(layers)
     if strict and names != have:
         raise KeyError(f"layers differ: missing here {sorted(names - have)[:5]}, missing in the "
                        f"state dict {sorted(have - names)[:5]}")
-    loaded: Dict[Tuple[str, str], Moments] = {}
-    pending = []
-    for name, entry in sd["layers"].items():
-        st = layers.get(name)
-        if st is None:
-            continue
-        dev = module_device(st.module)
+
+    # pass 1: every field of every entry this collector loads
+    raw: Dict[Tuple[str, str], Mapping] = {}     # (layer, stream) -> a stored state
+    wanted: List[Tuple[LayerStats, str, object]] = []
+    new_vals: Dict[LayerStats, dict] = {}
+    for name, entry in entries.items():
+        what = f"layers[{name!r}]"
+        entry = _mapping(entry, what)
         for s in STREAMS:
             e = entry.get(s)
             if e is None:
-                setattr(st, STATE_ATTR[s], None)
-            elif "alias" in e:
-                pending.append((st, s, tuple(e["alias"])))
-            else:
-                want = st.dims.get(s)
-                if want is not None and int(e["dim"]) != want:
-                    raise ValueError(f"{name}.{s}: state dict dim {e['dim']}, layer has {want}")
-                m = Moments.from_state_dict(e, device=dev, backend=backend)
-                setattr(st, STATE_ATTR[s], m)
-                loaded[(name, s)] = m
-        st.shared = dict(entry.get("shared", {}))
-        if not st.dims and entry.get("dims"):
-            st.dims = dict(entry["dims"])
+                continue
+            e = _mapping(e, f"{what}[{s!r}]")
+            if "alias" not in e:
+                raw[(name, s)] = e
+        st = layers.get(name)
+        if st is None:
+            continue
+        dims = entry.get("dims")
+        dims = {} if dims is None else dict(_mapping(dims, f"{what}['dims']"))
+        for s, d in dims.items():
+            if s not in STREAMS:
+                raise ValueError(f"{what}['dims']: unknown stream {s!r}")
+            d = _int(d, f"{what}['dims'][{s!r}]")
+            if d == 0 or (st.dims.get(s) is not None and st.dims[s] != d):
+                raise ValueError(f"{what}['dims'][{s!r}] is {d}, layer has {st.dims.get(s)}")
+        new_dims = dict(st.dims) if st.dims else {s: int(d) for s, d in dims.items()}
+        shared = entry.get("shared")
+        if shared is not None:
+            for k, v in _mapping(shared, f"{what}['shared']").items():
+                if k not in STREAMS or not isinstance(v, str):
+                    raise ValueError(f"{what}['shared'] must map stream names to layer names, "
+                                     f"got {k!r}: {v!r}")
+        vals = {}
         c = entry.get("counters")
-        if c:
-            st.forward_calls, st.grad_calls, st.forward_only_calls, st.unmasked_calls = c
-    for st, s, (oname, ostream) in pending:
-        m = loaded.get((oname, ostream))
+        if c is not None:
+            if not isinstance(c, (list, tuple)) or len(c) not in (4, 6):
+                raise ValueError(f"{what}['counters'] must be a list of 4 or 6 counts, got {c!r}")
+            c = [_int(v, f"{what}['counters'][{i}]") for i, v in enumerate(c)]
+            vals.update(zip(_COUNTERS, c))
+            if len(c) == 6:
+                vals["_without_grad"] = [c[5]]
+            else:
+                vals["calls_without_grad"], vals["_without_grad"] = 0, [0]
+        for s in STREAMS:
+            e = entry.get(s)
+            if e is not None and s not in st.streams:
+                raise ValueError(f"{what}[{s!r}]: this collector does not collect stream {s!r} "
+                                 f"of this layer (its streams: {list(st.streams)})")
+            if e is not None and "alias" in e:
+                a = e["alias"]
+                if (not isinstance(a, (list, tuple)) or len(a) != 2
+                        or not all(isinstance(v, str) for v in a)):
+                    raise ValueError(f"{what}[{s!r}]['alias'] must be [layer name, stream], "
+                                     f"got {a!r}")
+                if s not in _SHAREABLE or a[1] != s:
+                    raise ValueError(f"{what}[{s!r}]: only h_a and g_a are shared, each with the "
+                                     f"same stream of another layer; got an alias to {list(a)}")
+                if (a[0], a[1]) not in raw:
+                    raise KeyError(f"{what}[{s!r}] aliases {a[0]}.{a[1]}, which the state dict "
+                                   f"does not store")
+                e = ("alias", (a[0], a[1]))
+            wanted.append((st, s, e))
+        vals["dims"] = new_dims
+        new_vals[st] = vals
+
+    # pass 2: build every Moments (each stored state once; aliases share it)
+    built: Dict[Tuple[str, str], Moments] = {}
+
+    def build(key, st, want):
+        m = built.get(key)
         if m is None:
-            raise KeyError(f"{st.name}.{s} aliases {oname}.{ostream}, which the state dict lacks")
-        setattr(st, STATE_ATTR[s], m)
-    return int(sd["steps"]), sd["rng"]
+            d = raw[key].get("dim")
+            if want is not None and (isinstance(d, bool) or not isinstance(d, numbers.Integral)
+                                     or d != want):    # before anything is allocated
+                raise ValueError(f"layers[{key[0]!r}][{key[1]!r}]: state dim {d!r}, layer "
+                                 f"{st.name!r} has {want}")
+            try:
+                m = Moments.from_state_dict(raw[key], device=module_device(st.module),
+                                            backend=backend)
+            except (TypeError, ValueError, KeyError) as err:
+                msg = err.args[0] if err.args else str(err)
+                raise type(err)(f"layers[{key[0]!r}][{key[1]!r}]: {msg}") from None
+            if m.normalize != normalize:
+                raise ValueError(f"layers[{key[0]!r}][{key[1]!r}]: normalize={m.normalize}, "
+                                 f"this collector {normalize}")
+            built[key] = m
+        return m
+
+    for st, s, e in wanted:
+        vals = new_vals[st]
+        key = e[1] if isinstance(e, tuple) else (st.name, s)
+        want = vals["dims"].get(s)
+        m = None if e is None else build(key, st, want)
+        if m is not None and want is not None and m.dim != want:
+            raise ValueError(f"layers[{st.name!r}][{s!r}]: state dim {m.dim}, layer has {want}")
+        vals[STATE_ATTR[s]] = m
+    for st, vals in new_vals.items():
+        for s in STREAMS:
+            vals.setdefault(STATE_ATTR[s], None)
+        vals["shared"] = {}                      # named again from the aliases (SharedInputs)
+    return Plan(steps, rng, new_vals)
+
+
+# ------------------------------------------------------------------------- commit
+def snapshot(layers) -> List[Tuple[LayerStats, tuple]]:
+    """What a restore may change on ``layers``, for :func:`restore`."""
+    return [(st, tuple(getattr(st, a) for a in _ATTRS)) for st in layers]
+
+
+def restore(snap) -> None:
+    """Put back the values of :func:`snapshot`."""
+    for st, values in snap:
+        for a, v in zip(_ATTRS, values):
+            setattr(st, a, v)
+
+
+def apply(plan: Plan) -> None:
+    """Set the new values of ``plan`` on its layers (the facade keeps a snapshot)."""
+    for st, vals in plan.layers.items():
+        for a, v in vals.items():
+            setattr(st, a, v)

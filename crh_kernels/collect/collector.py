@@ -52,10 +52,33 @@ of the call).
 
 Shared inputs
 -------------
-Layers whose forward receives the very same input tensor within a step (the q, k, v projections
-of one tensor), with the same kind, D_in and geometry, share one ``H_a`` Moments (and ``G_a``
-when it comes from the input hook): it is updated once per call. Identity is
-``data_ptr + shape + stride + dtype + version`` of a tensor that is still alive.
+Layers whose forward receives the very same input tensor (the q, k, v projections of one
+tensor), with the same kind, D_in and geometry, share one ``H_a`` Moments (and ``G_a`` when it
+comes from the input hook), updated once per call, for exactly as long as they see the same
+rows: a layer that later gets a tensor of its own continues on a copy, so each layer's states
+always count exactly its own calls (staged rows included). Identity is ``data_ptr + shape +
+stride + dtype + version`` of a tensor that is still alive; a second call of one layer on the
+same tensor counts again. A layer that takes a shared tensor keeps the rows (``max_rows``) its
+first taker kept, in all its streams. Rules and bookkeeping: :class:`.hooks.SharedInputs`.
+
+Gradient checkpointing and recomputation
+----------------------------------------
+Under ``torch.utils.checkpoint`` every row is counted once, in every stream. Non-reentrant
+(``use_reentrant=False``): the first pass is collected as usual; the recomputation during the
+backward pass (any forward run while a backward runs) is not counted again. Reentrant
+(``use_reentrant=True``): the first pass runs under no_grad and is counted as a forward-only
+pass; its recomputation gives the gradient rows, with the rows the first pass chose, and the
+pass stops being forward-only. Under ``torch.no_grad`` a checkpointed segment is an ordinary
+forward-only pass.
+
+Aborted steps
+-------------
+Forward rows whose gradient rows never come (an exception between forward and backward, an
+output the loss does not use, a backward after ``stop()``) stay counted in H_a/H_b; the
+collector counts them per layer (``LayerStats.rows_without_grad``, ``calls_without_grad``,
+counted when the autograd graph of such a pass is freed) and the report's meta lists them
+(``meta["rows_without_grad"]``, with a note). Holding every forward row back until its
+gradient arrives would cost a copy of every activation per step; the count costs nothing.
 
 Attention heads
 ---------------
@@ -71,7 +94,8 @@ Life cycle
 ----------
 ``start()``/``stop()`` or ``with col:`` add and remove the module hooks. Tensor hooks are
 attached per forward call, fire once, and do nothing once the collector is stopped (a backward
-after ``stop()`` adds no rows).
+after ``stop()`` adds no rows) or after a ``reset()`` or ``load_state_dict()`` (those rows
+belong to the replaced states). ``load_state_dict`` is all or nothing (see there).
 """
 from __future__ import annotations
 
@@ -170,13 +194,13 @@ class Collector:
         self.seed = int(seed)
         self.heads = dict(heads or {})
         self.steps = 0
-        self._stager = RowStager(stage_rows, stage_bytes)
+        self._epoch = 0          # tensor hooks of an earlier generation (before reset/load) are inert
+        self._stager, self._shared = self._new_rows(RowStager(stage_rows, stage_bytes))
         # .all (name -> LayerStats), .weight_layers (hooked by hooks.py), .groups (attention.py)
         self._layers = build_layers(model, modules, self.streams, self.heads, self.include_bias)
         self._handles: list = []
         self._running = False
         self._collecting = False
-        self._shared = hooks.SharedInputs()       # inputs already taken in this step
         self._mha = attention.MhaWatch()          # open out_proj watches, MHA fast path
         self._gen = torch.Generator().manual_seed(self.seed)
         self._mask: Optional[torch.Tensor] = None
@@ -238,8 +262,8 @@ class Collector:
         self._mha.close()
         self._running = False
         self._update_collecting()
-        self._shared.clear()
         self._stager.flush()
+        self._shared.new_step()
         return self
 
     def __enter__(self) -> "Collector":
@@ -251,7 +275,7 @@ class Collector:
     def step(self) -> int:
         """Advance the step counter that ``every`` uses; returns the new count."""
         self.steps += 1
-        self._shared.clear()
+        self._shared.new_step()
         self._update_collecting()
         return self.steps
 
@@ -369,18 +393,46 @@ class Collector:
         from ..report import Report
         return Report.from_collector(self, floor=floor, tol=tol, kind=kind, **kwargs)
 
-    def sync(self, group=None) -> None:
-        """Exact all-reduce of every Moments (shared ones once) across ``group``'s ranks."""
+    def sync(self, group=None, *, timeout=None) -> None:
+        """Exact all-reduce of every Moments (shared ones once) across ``group``'s ranks.
+
+        A collective: every rank calls it with the same layers. Each state goes with its name
+        (``"<layer>.<H_a|H_b|G_a|G_b>"``; a shared state under its first owner), so layers
+        listed in a different order on two ranks raise ``RuntimeError`` on every rank instead
+        of being merged crosswise. ``timeout`` (``datetime.timedelta`` or seconds; ``None``:
+        the group's own) bounds the wait for each collective, so a rank that fails during the
+        sync makes the others raise instead of hanging. Staged rows are flushed into the local
+        states first; after that the sync is all or nothing (a failure changes no state). See
+        :func:`crh_kernels.distributed.all_reduce_moments` and docs/distributed.md."""
         from ..distributed import all_reduce_moments
         self._stager.flush()
-        all_reduce_moments(self._unique_moments(create=True), group=group)
+        states = self._unique_moments(create=True)
+        names = {}
+        for st in self._layers.all.values():
+            for s in st.streams:
+                m = getattr(st, STATE_ATTR[s])
+                if m is not None:
+                    names.setdefault(id(m), f"{st.name}.{STATE_ATTR[s]}")
+        all_reduce_moments(states, group=group, names=[names[id(m)] for m in states],
+                           timeout=timeout)
 
     def reset(self) -> None:
-        """Forget all rows (states, shared-input aliases, counters) but keep hooks and config."""
-        self._stager.clear()
+        """Forget all rows (states, shared-input aliases, counters) but keep hooks and config.
+        Gradient hooks of forward passes made before the reset add nothing."""
+        self._epoch += 1
+        self._stager, self._shared = self._new_rows(self._stager)
         for st in self._layers.all.values():
             st.clear()
-        self._shared.clear()
+
+    @staticmethod
+    def _new_rows(like: RowStager, keep=()) -> Tuple[RowStager, "hooks.SharedInputs"]:
+        """A row stager configured as ``like``, holding ``like``'s rows for the Moments in
+        ``keep`` only, and its shared-input tracker."""
+        stager = RowStager(like.rows, like.max_bytes)
+        stager.adopt(like, keep)
+        shared = hooks.SharedInputs(stager)
+        stager.before_flush = shared.resolve_all
+        return stager, shared
 
     @property
     def meta(self) -> dict:
@@ -405,6 +457,14 @@ class Collector:
         if partial:
             notes.append(f"{len(partial)} layer(s) also saw passes without gradients (their "
                          f"forward streams include rows that have no gradient rows)")
+        lost = {st.name: st.rows_without_grad for st in layers if st.calls_without_grad}
+        lost = {k: v for k, v in lost.items() if v}
+        if lost:
+            notes.append(f"{len(lost)} layer(s) counted forward rows whose gradients never came "
+                         f"({sum(lost.values())} rows in all: a step aborted between forward and "
+                         f"backward, an output the loss did not use, or a backward after stop()); "
+                         f"their h streams hold that many rows more than their g streams "
+                         f"(meta['rows_without_grad'])")
         unmasked = [st.name for st in layers if st.unmasked_calls]
         if unmasked:
             notes.append("the mask did not match the activations of: " + ", ".join(unmasked[:8])
@@ -413,7 +473,8 @@ class Collector:
             "steps": self.steps, "every": self.every, "streams": list(self.streams),
             "normalize": self.normalize, "max_rows": self.max_rows,
             "include_bias": self.include_bias, "loss_reduction": self.loss_reduction,
-            "g_a_source": self.g_a_source, "forward_only": forward_only, "notes": notes,
+            "g_a_source": self.g_a_source, "forward_only": forward_only,
+            "rows_without_grad": lost, "notes": notes,
         }
 
     # ------------------------------------------------------------ checkpoints
@@ -429,16 +490,37 @@ class Collector:
         return checkpoint.state_dict(self._layers.all, self.steps, self._gen.get_state(), config)
 
     def load_state_dict(self, sd: dict, strict: bool = True) -> None:
-        """Restore :meth:`state_dict` output into this collector (same model structure)."""
-        self._stager.clear()  # rows gathered before the restore belong to the replaced states
-        steps, rng = checkpoint.load_state_dict(self._layers.all, sd, strict,
-                                                normalize=self.normalize,
-                                                include_bias=self.include_bias,
-                                                backend=self.backend)
-        self.steps = steps
-        self._gen.set_state(rng)
-        self._shared.clear()
-        self._update_collecting()
+        """Restore :meth:`state_dict` output into this collector (same model structure).
+
+        All or nothing: everything is checked and every new state built first (a bad file
+        raises a one-line error naming the field, and the collector is as it was, rows staged
+        for later updates included); then the new states replace the old ones together, and an
+        interruption at any point (KeyboardInterrupt included) puts the old ones back. Rows
+        gathered for the replaced states are dropped with them; gradient hooks of forward
+        passes made before the restore add nothing. ``strict=False``: layers present on one
+        side only are left out (those of this collector keep their states and staged rows)."""
+        self._shared.resolve_all()   # a restore between the calls of layers sharing an input
+        plan = checkpoint.plan_restore(self._layers.all, sd, strict, normalize=self.normalize,
+                                       include_bias=self.include_bias, backend=self.backend)
+        gen = torch.Generator()
+        gen.set_state(plan.rng)
+        kept = [m for st in self._layers.all.values() if st not in plan.layers
+                for m in st.moments().values() if m is not None]
+        stager, shared = self._new_rows(self._stager, keep=kept)
+        old = checkpoint.snapshot(self._layers.all.values())
+        old_top = (self.steps, self._gen, self._stager, self._shared, self._epoch,
+                   self._collecting)
+        try:
+            self._epoch += 1             # first: hooks of earlier passes are inert from here
+            checkpoint.apply(plan)
+            shared.adopt(self._layers.all.values())
+            self.steps, self._gen, self._stager, self._shared = plan.steps, gen, stager, shared
+            self._update_collecting()
+        except BaseException:
+            checkpoint.restore(old)
+            (self.steps, self._gen, self._stager, self._shared, self._epoch,
+             self._collecting) = old_top
+            raise
 
     def __repr__(self) -> str:
         kinds = {}

@@ -44,6 +44,12 @@ class LayerStats:
             when ``include_bias``).
         shared: ``{stream: owner layer name}`` for an H_a/G_a shared with another layer.
         forward_calls, grad_calls, forward_only_calls, unmasked_calls: bookkeeping counters.
+        calls_without_grad, rows_without_grad: calls made with gradients enabled whose
+            gradient rows never reached the collector (the step was aborted between forward
+            and backward, the loss did not use the output, or the backward ran after
+            ``stop()``), and the rows (after mask and ``max_rows``) their forward streams
+            counted: by that many rows H_a/H_b hold more than G_a/G_b. Counted when the
+            autograd graph of such a call is freed.
     """
 
     def __init__(self, name: str, module: nn.Module, kind: str, adapter: Optional[Adapter],
@@ -67,6 +73,8 @@ class LayerStats:
         self.grad_calls = 0
         self.forward_only_calls = 0
         self.unmasked_calls = 0
+        self.calls_without_grad = 0
+        self._without_grad: list = [0]   # ints, and 0-d row counts of masked calls
 
     # ------------------------------------------------------------------ views
     def moments(self) -> Dict[str, Optional[Moments]]:
@@ -97,11 +105,34 @@ class LayerStats:
         return (w.cpu() if w.device.type == "mps" else w).double()   # MPS has no float64
 
     # ---------------------------------------------------------- bookkeeping
+    @property
+    def rows_without_grad(self) -> int:
+        """Rows counted by the forward streams of calls whose gradients never came."""
+        counts = self._without_grad      # [total, counts not added yet...]
+        while len(counts) > 1:
+            c = counts.pop()
+            counts[0] += int(c.sum()) if isinstance(c, torch.Tensor) else int(c)
+        return counts[0]
+
+    def note_without_grad(self, count) -> None:
+        """One call's gradient rows will never come: ``count`` is its number of kept rows, or
+        the mask (bool) of its kept rows."""
+        self.calls_without_grad += 1
+        self._without_grad.append(count.detach() if isinstance(count, torch.Tensor) else count)
+
+    def counters(self) -> list:
+        """``[forward_calls, grad_calls, forward_only_calls, unmasked_calls,
+        calls_without_grad, rows_without_grad]`` (the checkpoint's order)."""
+        return [self.forward_calls, self.grad_calls, self.forward_only_calls,
+                self.unmasked_calls, self.calls_without_grad, self.rows_without_grad]
+
     def clear(self) -> None:
         """Forget every state, shared-input alias and counter (the configuration stays)."""
         self.H_a = self.H_b = self.G_a = self.G_b = None
-        self.shared.clear()
+        self.shared = {}
         self.forward_calls = self.grad_calls = self.forward_only_calls = self.unmasked_calls = 0
+        self.calls_without_grad = 0
+        self._without_grad = [0]
 
     def __repr__(self) -> str:
         ns = {s: (m.n if m is not None else None) for s, m in self.moments().items()}

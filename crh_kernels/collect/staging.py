@@ -18,7 +18,7 @@ skipped / valid, and scale; the sum for the mean): the flush then starts at the 
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Union
+from typing import Callable, Dict, Optional, Union
 
 import torch
 
@@ -100,6 +100,9 @@ class RowStager:
         self.rows = rows
         self.max_bytes = max_bytes
         self._bufs: Dict[int, Union[_Buffer, _StagedBuffer]] = {}
+        # called first by flush(): rows held elsewhere (the collector's shared inputs waiting
+        # for their last claimant) come in before the buffers are drained
+        self.before_flush: Optional[Callable[[], None]] = None
 
     @property
     def nbytes(self) -> int:
@@ -147,10 +150,29 @@ class RowStager:
         if buf.filled:
             buf.drain()
 
+    def holds(self, m: Moments) -> bool:
+        """Whether rows for ``m`` are gathered and not yet in its state."""
+        buf = self._bufs.get(id(m))
+        return buf is not None and buf.moments is m and buf.filled > 0
+
+    def flush_one(self, m: Moments) -> None:
+        """Put the rows gathered for ``m`` into its state."""
+        buf = self._bufs.get(id(m))
+        if buf is not None and buf.moments is m:
+            self._flush(buf)
+
     def flush(self) -> None:
         """Put every gathered row into its state."""
-        for buf in self._bufs.values():
+        if self.before_flush is not None:
+            self.before_flush()
+        for buf in list(self._bufs.values()):
             self._flush(buf)
+
+    def adopt(self, other: "RowStager", keep) -> None:
+        """Take over ``other``'s gathered rows of the Moments in ``keep`` (``other`` is not
+        changed: the collector drops it, or keeps it if a restore is interrupted)."""
+        ids = {id(m) for m in keep}
+        self._bufs = {k: b for k, b in other._bufs.items() if k in ids and b.moments is not None}
 
     def clear(self) -> None:
         """Drop gathered rows and buffers (after a reset or a load)."""
