@@ -11,9 +11,14 @@ Argument parsing and progress bars only; the work lives in :mod:`crh_kernels.exp
     crh list                            # experiments, profiles and settings
     crh check                           # each backend: accuracy against float64, time
 
-Exit codes: 0 done; 2 bad arguments (unknown experiment or setting, steps ≤ 0, CUDA asked
-for but absent); 3 the run cannot proceed (a data package missing, the memory plan over
-``--max-memory``, training diverged), with a message that says what to do.
+Exit codes: 0 done; 2 bad arguments (unknown experiment or setting, steps ≤ 0, CUDA or a
+backend asked for but unavailable, an ``--out`` that is a file, not writable or already holds a
+run without ``--overwrite``) or, for ``crh report``, a malformed or inconsistent saved run (one
+line naming the file and the field); 3 the run cannot proceed (a data package missing, the
+memory plan over ``--max-memory``, training diverged), with a message that says what to do.
+All of exit 2 is decided before anything is trained. Without matplotlib a run still writes
+everything but the figures (a warning says so; ``crh report`` draws them later), and a figure
+that fails is a warning, never a lost run.
 """
 from __future__ import annotations
 
@@ -85,7 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cpu (default; CPU-sized settings) or cuda (full-scale settings of the paper)")
     r.add_argument("--steps", type=_positive_int, metavar="N",
                    help="training steps (minilm: measured batches); default: the profile's")
-    r.add_argument("--out", metavar="DIR", help="run directory (default: runs/EXPERIMENT-TIMESTAMP)")
+    r.add_argument("--out", metavar="DIR", help="run directory (default: runs/EXPERIMENT-TIMESTAMP); "
+                                                "checked before training, refused when it already holds files")
+    r.add_argument("--overwrite", action="store_true",
+                   help="let --out name a directory that already holds a run: its run files are "
+                        "replaced once the new run has finished training (other files are kept)")
     r.add_argument("--seed", type=_int, default=0, metavar="S", help="seed of everything (default 0)")
     r.add_argument("--tiny", action="store_true",
                    help="the tiny configuration the tests use (seconds; numbers not meaningful)")
@@ -101,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="moment backend (default: the fastest available)")
     r.add_argument("--threads", type=_positive_int, metavar="N",
                    help="torch CPU threads (default: the profile's; fc1/fc2 use 1)")
-    r.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
+    r.add_argument("--no-plots", action="store_true",
+                   help="skip the PNG figures (without matplotlib they are skipped with a warning)")
     r.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     r.add_argument("--show-config", action="store_true", help="print the settings and exit")
 
@@ -153,11 +163,38 @@ def _cmd_list() -> int:
     return 0
 
 
+def _warn(msg: str) -> None:
+    """What the user must see even with --quiet (a figure failed, figures skipped)."""
+    print(f"crh: warning: {msg}", file=sys.stderr, flush=True)
+
+
+def _backend_problem(name: str, device) -> Optional[str]:
+    """Why the moment backend ``name`` cannot measure tensors on ``device`` here, or None."""
+    from . import backends
+    if name not in backends.names():
+        return f"no such backend (one of {', '.join(backends.names())})"
+    try:
+        be = backends.get(name)
+        ok, why = be.supports(device)
+    except (RuntimeError, ValueError, ImportError) as exc:
+        why, ok = str(exc).splitlines()[0] if str(exc) else type(exc).__name__, False
+        why = why.replace(f"backend {name!r} is unavailable: ", "")
+    if ok:
+        return None
+    usable = []
+    for other, (avail, _) in backends.available_backends().items():
+        if avail and backends.get(other).supports(device)[0]:
+            usable.append(other)
+    return (f"unavailable on {device}: {why}; usable here: {', '.join(usable) or 'none'} "
+            "(or leave it out for the fastest)")
+
+
 def _cmd_run(args, parser) -> int:
     import torch
-    from .experiments import (ExperimentError, MissingData, profile_config, run_experiment)
+    from . import _env
+    from .experiments import (ExperimentError, MissingData, RunDirError, profile_config, run_experiment)
     from .experiments import claims as C
-    from .experiments.runs import Context, default_max_memory, human_bytes
+    from .experiments.runs import Context, default_max_memory, human_bytes, prepare_run_dir, remove_if_empty
 
     run_parser = parser.commands["run"]
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -179,46 +216,76 @@ def _cmd_run(args, parser) -> int:
         print(json.dumps({"experiment": args.experiment, "profile": profile, "config": cfg}, indent=1))
         return 0
     device = torch.device(args.device)
+    # Everything that can be refused is refused here, before a step is trained.
+    backend, where = (args.backend, f"--backend {args.backend}") if args.backend else \
+        (_env.backend(), f"CRH_BACKEND={_env.backend()}")
+    if backend:
+        why = _backend_problem(backend, device)
+        if why:
+            run_parser.error(f"{where}: {why}")
     out = Path(args.out) if args.out else Path("runs") / f"{args.experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        created = prepare_run_dir(out, overwrite=args.overwrite)
+    except RunDirError as exc:
+        run_parser.error(f"--out: {exc}")
     max_memory = args.max_memory if args.max_memory is not None else default_max_memory(device)
     ctx = Context(device=device, seed=args.seed, progress=_progress(args.quiet), log=_log(args.quiet),
-                  max_memory=max_memory, backend=args.backend)
+                  warn=_warn, max_memory=max_memory, backend=args.backend)
     log = _log(args.quiet)
     log(f"crh run {args.experiment}: profile {profile}, device {device}, seed {args.seed}, "
         f"out {out}, memory budget {human_bytes(max_memory)}")
     t0 = time.perf_counter()
     try:
         result, claims, figures, saved = run_experiment(args.experiment, out, ctx, profile=profile,
-                                                        overrides=overrides, plots=not args.no_plots)
-    except MissingData as exc:
+                                                        overrides=overrides, plots=not args.no_plots,
+                                                        overwrite=args.overwrite)
+    except (MissingData, ExperimentError) as exc:
+        if created:
+            remove_if_empty(out)
         print(f"crh: cannot run {args.experiment}: {exc}", file=sys.stderr)
         return 3
-    except ExperimentError as exc:
-        print(f"crh: cannot run {args.experiment}: {exc}", file=sys.stderr)
-        return 3
+    except BaseException:
+        if created:
+            remove_if_empty(out)
+        raise
     wall = time.perf_counter() - t0
+    out = Path(saved.get("run_dir", out))
     print(result.report.table())
     print()
     print(C.to_text(claims))
     print()
-    print(f"wrote {out}/report.json, {out}/table.txt, {out}/claims.md and {len(figures)} figures "
-          f"in {out}/figures ({wall:.0f} s; {', '.join(f'{k} {v:.0f} s' for k, v in ctx.timings.items())})")
+    if args.no_plots:
+        figs = "no figures (--no-plots)"
+    elif saved.get("figures_skipped"):
+        figs = f"no figures ({saved['figures_skipped'].split(' (')[0]}: see the warning)"
+    else:
+        failed = len(saved.get("figure_errors", ()))
+        figs = f"{len(figures)} figures in {out}/figures" + (f" ({failed} failed: see the warnings)"
+                                                             if failed else "")
+    print(f"wrote {out}/report.json, {out}/table.txt, {out}/claims.md and {figs}; "
+          f"{wall:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in ctx.timings.items())})")
     return 0
 
 
 def _cmd_report(args, parser) -> int:
-    from .experiments import ExperimentError, rebuild
+    from .experiments import ExperimentError, SavedRunError, rebuild
     from .experiments import claims as C
     run_dir = Path(args.run_dir)
     rp = parser.commands["report"]
     if not run_dir.is_dir():
         rp.error(f"{run_dir} is not a directory")
     try:
-        saved, report, claims, figures = rebuild(run_dir, plots=not args.no_plots)
+        saved, report, claims, figures = rebuild(run_dir, plots=not args.no_plots, warn=_warn)
+    except SavedRunError as exc:  # a malformed file: one line naming the file and the field
+        print(f"crh report: error: {run_dir}: {exc}", file=sys.stderr)
+        return 2
     except ExperimentError as exc:
         rp.error(str(exc))
-    except (ValueError, KeyError) as exc:
-        rp.error(f"{run_dir}: cannot read the saved run ({type(exc).__name__}: {exc})")
+    except (ValueError, KeyError, TypeError) as exc:  # not foreseen by the checks: still one line
+        first = (str(exc).splitlines() or [""])[0]
+        print(f"crh report: error: {run_dir}: cannot read the saved run ({type(exc).__name__}: {first})",
+              file=sys.stderr)
+        return 2
     print(report.table())
     print()
     print(C.to_text(claims))

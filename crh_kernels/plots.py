@@ -21,14 +21,14 @@ from __future__ import annotations
 import math
 import os
 import re
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
 from .analysis import LINES, PHASES, RELATIONS, pairing_fit
 
 __all__ = ["plot_report", "plot_alpha", "plot_spectra", "plot_exponents", "plot_phase",
-           "plot_heatmaps"]
+           "plot_heatmaps", "unavailable"]
 
 _REL = RELATIONS
 _COLORS = {"forward_RGA": "#d62728", "forward_RWA": "#ff7f0e", "forward_GWA": "#bcbd22",
@@ -313,13 +313,46 @@ def plot_heatmaps(rep, out_dir: str, max_heatmaps: Optional[int] = None,
 
 
 def plot_report(rep, out_dir: str, *, heatmaps: bool = True,
-                max_heatmaps: Optional[int] = None) -> List[str]:
-    """Every figure of the report under ``out_dir``; returns the PNG paths."""
-    os.makedirs(out_dir, exist_ok=True)
-    paths = [plot_alpha(rep, os.path.join(out_dir, "alpha.png")),
-             plot_spectra(rep, os.path.join(out_dir, "spectra.png")),
-             plot_exponents(rep, os.path.join(out_dir, "exponents.png")),
-             plot_phase(rep, os.path.join(out_dir, "phase.png"))]
+                max_heatmaps: Optional[int] = None,
+                on_error: Optional[Callable[[str, Exception], None]] = None) -> List[str]:
+    """Every figure of the report under ``out_dir``; returns the PNG paths.
+
+    ``on_error(name, exception)``, when given, receives a figure that fails (an ``Exception``;
+    KeyboardInterrupt still stops) and the other figures are still drawn; without it the first
+    failure raises."""
+    def each(name, draw):
+        if on_error is None:
+            return draw()
+        try:
+            return draw()
+        except Exception as exc:
+            on_error(name, exc)
+            return None
+
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as exc:
+        if on_error is None:
+            raise
+        on_error(out_dir, exc)
+        return []
+    paths = [each(name, lambda fn=fn, name=name: fn(rep, os.path.join(out_dir, name)))
+             for name, fn in (("alpha.png", plot_alpha), ("spectra.png", plot_spectra),
+                              ("exponents.png", plot_exponents), ("phase.png", plot_phase))]
     if heatmaps and rep.matrices:
-        paths += plot_heatmaps(rep, out_dir, max_heatmaps=max_heatmaps)
-    return paths
+        paths += each("heatmap_*.png", lambda: plot_heatmaps(rep, out_dir, max_heatmaps=max_heatmaps)) or []
+    return [p for p in paths if p is not None]
+
+
+def unavailable() -> Optional[str]:
+    """Why figures cannot be drawn here (matplotlib missing or broken), or None when they can."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: F401
+        from matplotlib.figure import Figure  # noqa: F401
+    except ImportError as exc:
+        if getattr(exc, "name", None) == "matplotlib" or "matplotlib" in str(exc).split(";")[0]:
+            return "matplotlib is not installed (pip install 'crh-kernels[plot]')"
+        return f"matplotlib cannot be imported ({type(exc).__name__}: {str(exc).splitlines()[0]})"
+    except Exception as exc:  # a broken install raises anything
+        return f"matplotlib cannot be imported ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0]})"
+    return None

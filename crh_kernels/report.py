@@ -38,6 +38,7 @@ import datetime as _dt
 import json
 import math
 import os
+import re
 import warnings
 from typing import Dict, List, Optional
 
@@ -46,7 +47,7 @@ import torch
 
 from ._version import __version__
 
-__all__ = ["Report"]
+__all__ = ["Report", "read_json", "check_report_dict", "MAX_JSON_DEPTH"]
 
 _FORMAT = "crh_kernels.Report/1"
 _SIDE = {"h": ("h_a", "h_b"), "g": ("g_a", "g_b")}
@@ -71,6 +72,238 @@ def _clean(v):
     if isinstance(v, np.bool_):
         return bool(v)
     return v
+
+
+# ----------------------------------------------------------------------------- reading JSON back
+#: How deeply a saved run's JSON files may nest. A report nests 6 levels (layers → layer →
+#: exponents → pairing → list), a run's extras about 8; anything far deeper is not ours.
+MAX_JSON_DEPTH = 32
+
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+
+
+def _json_depth(text: str) -> int:
+    """How deeply ``text`` nests its arrays and objects (strings ignored), without recursion."""
+    depth = best = 0
+    for ch in _NOT_BRACKET.sub("", _JSON_STRING.sub('""', text)):
+        depth += 1 if ch in "[{" else -1
+        best = max(best, depth)
+    return best
+
+
+def _finite_float(text: str) -> float:
+    v = float(text)
+    if not math.isfinite(v):
+        raise ValueError(f"number {text[:20]} overflows a float")
+    return v
+
+
+def _no_constant(token: str):
+    raise ValueError(f"{token} is not a JSON number (strict JSON: undefined numbers are null)")
+
+
+def read_json(path, *, what: Optional[str] = None, max_depth: int = MAX_JSON_DEPTH):
+    """The strict JSON value in the file ``path``. Raises ``ValueError`` with one line naming
+    the file (``what``, default its base name) when it cannot be read, is not UTF-8 or not JSON,
+    holds NaN/Infinity or a number that overflows a float, or nests deeper than ``max_depth``
+    (checked before parsing, so a hostile file cannot exhaust the recursion limit)."""
+    path = os.fspath(path)
+    name = what or os.path.basename(path) or path
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise ValueError(f"{name}: cannot read it ({exc.strerror or exc})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{name}: not UTF-8 text (byte {exc.start})") from None
+    depth = _json_depth(text)
+    if depth > max_depth:
+        raise ValueError(f"{name}: nested {depth} levels deep, more than the {max_depth} a saved "
+                         "run ever uses")
+    try:
+        return json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{name}: not valid JSON ({exc.msg} at line {exc.lineno}, column "
+                         f"{exc.colno})") from None
+    except (ValueError, RecursionError) as exc:
+        raise ValueError(f"{name}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+
+
+def _describe(v) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return f"{str(v).lower()}"
+    if isinstance(v, (int, float)):
+        return f"the number {v!r}"
+    if isinstance(v, str):
+        return f"the string {json.dumps(v[:30])}{'…' if len(v) > 30 else ''}"
+    if isinstance(v, list):
+        return f"a list of {len(v)} items"
+    if isinstance(v, dict):
+        return f"an object of {len(v)} keys"
+    return type(v).__name__
+
+
+def _key(path: str, k) -> str:
+    text = str(k)
+    if len(text) > 40:
+        text = text[:39] + "…"
+    return f"{path}[{json.dumps(text, ensure_ascii=False)}]"
+
+
+class _Checker:
+    """Type checks of a report dict; the first failure raises ``ValueError`` naming the field."""
+
+    def __init__(self, where: str):
+        self.where = where
+
+    def fail(self, path: str, want: str, v):
+        raise ValueError(f"{self.where}: {path} must be {want}, got {_describe(v)}")
+
+    @staticmethod
+    def is_num(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    def num(self, path, v, null=True):
+        if not (self.is_num(v) or (null and v is None)):
+            self.fail(path, "a finite number" + (" or null" if null else ""), v)
+
+    def integer(self, path, v, lo=0, null=False):
+        if v is None and null:
+            return
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            self.fail(path, f"an integer ≥ {lo}" + (" or null" if null else ""), v)
+
+    def string(self, path, v, null=True, choices=None):
+        if v is None and null:
+            return
+        if not isinstance(v, str) or (choices is not None and v not in choices):
+            want = "a string" if choices is None else "one of " + ", ".join(map(json.dumps, choices))
+            self.fail(path, want + (" or null" if null else ""), v)
+
+    def obj(self, path, v, null=False):
+        if not (isinstance(v, dict) or (null and v is None)):
+            self.fail(path, "an object" + (" or null" if null else ""), v)
+        return v or {}
+
+    def lst(self, path, v, null=False):
+        if not (isinstance(v, list) or (null and v is None)):
+            self.fail(path, "a list" + (" or null" if null else ""), v)
+        return v or []
+
+    def num_list(self, path, v, null=True):
+        for i, x in enumerate(self.lst(path, v, null=null)):
+            self.num(f"{path}[{i}]", x)
+
+    def str_list(self, path, v, choices=None):
+        for i, x in enumerate(self.lst(path, v)):
+            self.string(f"{path}[{i}]", x, null=False, choices=choices)
+
+    def num_map(self, path, v, null=False):
+        for k, x in self.obj(path, v, null=null).items():
+            self.num(_key(path, k), x)
+
+    def int_map(self, path, v):
+        for k, x in self.obj(path, v).items():
+            self.integer(_key(path, k), x)
+
+    def fit(self, path, v, null=False):
+        d = self.obj(path, v, null=null)
+        for k in ("slope", "intercept", "r2", "x_span"):
+            if k in d:
+                self.num(f"{path}.{k}", d[k])
+        if "n_modes" in d:
+            self.integer(f"{path}.n_modes", d["n_modes"])
+
+
+_STREAMS = ("h_a", "h_b", "g_a", "g_b")
+_LAYER_NUMBERS = ("r_h", "r_g", "effective_rank_h", "effective_rank_g", "p", "q", "forward_slope",
+                  "pairing_slope", "commutation")
+_LAYER_STRINGS = ("kind", "parent", "side_h", "side_g", "phase", "phase_explanation",
+                  "forward_slope_source")
+
+
+def check_report_dict(d, where: str = "report.json") -> None:
+    """Check that ``d`` has the shape :meth:`Report.to_dict` writes: the format tag, ``layers``
+    an object of layer objects whose known fields have their types (numbers finite or null,
+    counts non-negative integers, lists and objects where the table, the claims and the figures
+    expect them), ``meta`` an object. Unknown fields are allowed (newer files). Raises
+    ``ValueError`` with one line naming the first offending field."""
+    c = _Checker(where)
+    if not isinstance(d, dict):
+        c.fail("the top level", "an object with format, meta and layers", d)
+    if d.get("format") != _FORMAT:
+        raise ValueError(f"{where}: not a crh_kernels report (format {_describe(d.get('format'))}, "
+                         f"expected {json.dumps(_FORMAT)})")
+    if "layers" not in d:
+        raise ValueError(f"{where}: no layers")
+    meta = c.obj("meta", d.get("meta", {}))
+    if "kind" in meta:
+        c.string("meta.kind", meta["kind"], choices=("cov", "second_moment"))
+    for k in ("tol", "floor"):
+        if k in meta:
+            c.num(f"meta.{k}", meta[k])
+    for k in ("steps", "n_layers"):
+        if k in meta:
+            c.integer(f"meta.{k}", meta[k], null=True)
+    if "notes" in meta:
+        c.str_list("meta.notes", meta["notes"])
+    if "experiment" in meta:
+        c.string("meta.experiment", meta["experiment"])
+    for name, e in c.obj("layers", d["layers"]).items():
+        path = _key("layers", name)
+        c.obj(path, e)
+        for k in _LAYER_NUMBERS:
+            if k in e:
+                c.num(f"{path}.{k}", e[k])
+        for k in _LAYER_STRINGS:
+            if k in e:
+                c.string(f"{path}.{k}", e[k])
+        if "head" in e:
+            c.integer(f"{path}.head", e["head"], null=True)
+        if "n" in e:
+            c.integer(f"{path}.n", e["n"])
+        if "streams" in e:
+            c.str_list(f"{path}.streams", e["streams"], choices=_STREAMS)
+        for k in ("phase_holds", "warnings"):
+            if k in e:
+                c.str_list(f"{path}.{k}", e[k])
+        for k in ("n_streams", "n_skipped", "dims"):
+            if k in e:
+                c.int_map(f"{path}.{k}", e[k])
+        if "shared" in e:
+            for s, owner in c.obj(f"{path}.shared", e["shared"]).items():
+                c.string(_key(f"{path}.shared", s), owner, null=False)
+        for k in ("alpha_cov", "alpha_second", "mean_ratio"):
+            if k in e:
+                c.num_map(f"{path}.{k}", e[k])
+        if "spectra" in e:
+            for s, lam in c.obj(f"{path}.spectra", e["spectra"], null=True).items():
+                c.num_list(_key(f"{path}.spectra", s), lam, null=False)
+        if e.get("exponents") is not None:
+            ex = c.obj(f"{path}.exponents", e["exponents"])
+            xp = f"{path}.exponents"
+            for k in ("p", "q"):
+                if k in ex:
+                    c.fit(f"{xp}.{k}", ex[k])
+            if "forward" in ex:
+                c.fit(f"{xp}.forward", ex["forward"], null=True)
+            if "pairing" in ex:
+                for k, lam in c.obj(f"{xp}.pairing", ex["pairing"], null=True).items():
+                    c.num_list(_key(f"{xp}.pairing", k), lam)
+            for k in ("z", "h", "g", "hb", "gb"):
+                if k in ex:
+                    c.num_list(f"{xp}.{k}", ex[k])
+            if "commutation" in ex:
+                c.num(f"{xp}.commutation", ex["commutation"])
+            if ex.get("support") is not None:
+                for i, x in enumerate(c.lst(f"{xp}.support", ex["support"])):
+                    if not isinstance(x, bool):
+                        c.fail(f"{xp}.support[{i}]", "true or false", x)
 
 
 def _downsize(m: np.ndarray, size: int) -> np.ndarray:
@@ -280,10 +513,12 @@ class Report:
 
     @classmethod
     def from_json(cls, path) -> "Report":
-        with open(os.fspath(path)) as f:
-            d = json.load(f)
-        if d.get("format") != _FORMAT:
-            raise ValueError(f"{path}: not a crh_kernels report (format {d.get('format')!r})")
+        """Read a report written by :meth:`to_json`. The file is checked before anything uses
+        it (:func:`read_json`, :func:`check_report_dict`): a malformed one raises ``ValueError``
+        with a one-line message naming the file and the offending field."""
+        path = os.fspath(path)
+        d = read_json(path)
+        check_report_dict(d, os.path.basename(path) or path)
         return cls(d["layers"], d.get("meta", {}))
 
     # ----------------------------------------------------------------- table

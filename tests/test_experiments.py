@@ -226,3 +226,33 @@ def test_claim_statistics():
     assert c.holds is None and c.verdict == "n/a"
     md = C.to_markdown([c])
     assert "0 hold, 0 fail, 1 not evaluated" in md
+
+
+# ----------------------------------------------------------------------------- issue 12, items 8, 9
+def test_run_dir_is_checked_before_training(tmp_path, monkeypatch):
+    from crh_kernels.experiments import RunDirError
+    import crh_kernels.experiments.fc1 as fc1
+    out = tmp_path / "run"
+    _run_tiny("fc1", out, steps=20)
+    real = fc1.run
+    monkeypatch.setattr(fc1, "run", lambda cfg, ctx: pytest.fail("trained before the refusal"))
+    with pytest.raises(RunDirError, match="already holds a run"):
+        run_experiment("fc1", out, Context(), profile="tiny", plots=False)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(RunDirError, match="not a directory"):
+        run_experiment("fc1", tmp_path / "file", Context(), profile="tiny", plots=False)
+    monkeypatch.setattr(fc1, "run", real)
+    _, _, _, saved = run_experiment("fc1", out, Context(), profile="tiny", plots=False, overwrite=True,
+                                    overrides={"steps": 30})
+    assert saved["run_dir"] == str(out) and json.loads((out / "config.json").read_text())["config"]["steps"] == 30
+
+
+def test_rebuild_refuses_a_config_of_another_experiment(tmp_path):
+    from crh_kernels.experiments import SavedRunError
+    out = tmp_path / "run"
+    _run_tiny("fc1", out, steps=20)
+    assert json.loads((out / "report.json").read_text())["meta"]["experiment"] == "fc1"
+    cfg = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps(dict(cfg, experiment="resnet", config={})))
+    with pytest.raises(SavedRunError, match="report.json: holds a fc1 run but config.json says resnet"):
+        rebuild(out, plots=False)

@@ -146,3 +146,47 @@ def test_plot_writes_png_files(collected, tmp_path):
     paths2 = back.plot(tmp_path / "figs2")
     assert sorted(p.split("/")[-1] for p in paths2) == ["alpha.png", "exponents.png",
                                                          "phase.png", "spectra.png"]
+
+
+# ----------------------------------------------------------------------------- issue 12, item 9
+def _mutated(rep, tmp_path, fn, name="r.json"):
+    d = json.loads(json.dumps(rep.to_dict()))
+    d = fn(d) or d
+    path = tmp_path / name
+    path.write_text(json.dumps(d))
+    return path
+
+
+@pytest.mark.parametrize("fn, needle", [
+    (lambda d: d.update(layers=[1, 2]), "r.json: layers must be an object, got a list of 2 items"),
+    (lambda d: d["layers"]["fc1"].update(p="abc"), 'r.json: layers["fc1"].p must be a finite number or null, got the string "abc"'),
+    (lambda d: d["layers"]["fc1"].update(n=1.5), 'layers["fc1"].n must be an integer ≥ 0'),
+    (lambda d: d["layers"]["mix.head1"].update(head="1"), 'layers["mix.head1"].head must be an integer'),
+    (lambda d: d["layers"]["fc2"].update(streams=["h_a", "x"]), 'layers["fc2"].streams[1] must be one of'),
+    (lambda d: d["layers"]["fc2"]["exponents"]["p"].update(slope=True), 'layers["fc2"].exponents.p.slope must be a finite number'),
+    (lambda d: d["layers"]["mix.head0"].update(spectra={"H_b": [1.0, "x"]}), 'layers["mix.head0"].spectra["H_b"][1] must be'),
+    (lambda d: d["layers"].update(fc1=[]), 'layers["fc1"] must be an object'),
+    (lambda d: d.update(meta={"kind": "median"}), "meta.kind must be one of"),
+    (lambda d: [d], "the top level must be an object"),
+])
+def test_from_json_refuses_wrong_types_naming_the_field(collected, tmp_path, fn, needle):
+    _, rep = collected
+    with pytest.raises(ValueError) as info:
+        Report.from_json(_mutated(rep, tmp_path, fn))
+    msg = str(info.value)
+    assert needle in msg and "\n" not in msg
+
+
+def test_read_json_is_strict_and_depth_limited(tmp_path):
+    from crh_kernels.report import MAX_JSON_DEPTH, read_json
+    p = tmp_path / "x.json"
+    p.write_text("[" * 10 ** 6 + "]" * 10 ** 6)  # would exhaust the recursion limit of json
+    with pytest.raises(ValueError, match=r"x.json: nested 1000000 levels deep"):
+        read_json(p)
+    p.write_text("[" * MAX_JSON_DEPTH + '"[[[["' + "]" * MAX_JSON_DEPTH)  # brackets in strings do not count
+    assert read_json(p) is not None
+    for text, needle in (('{"a": NaN}', "NaN is not a JSON number"), ('{"a": -Infinity}', "-Infinity"),
+                         ('{"a": 1e400}', "overflows"), ('{"a": ', "not valid JSON"), ("\xff", "not UTF-8")):
+        p.write_bytes(text.encode("latin-1"))
+        with pytest.raises(ValueError, match=needle):
+            read_json(p)

