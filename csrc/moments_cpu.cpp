@@ -9,7 +9,8 @@
 // inner kernels in cpu_microkernels.h, the row status in row_status.h.
 //
 // Math (N rows, D features, n valid rows):
-//   pass 1   s_i = 1/||x_i||  (fp32 squared norm; skipped rows enter no sum)  and
+//   pass 1   s_i = 1/||x_i||  (fp32 squared norm, float64 where that one under/overflows;
+//            skipped rows enter no sum)  and
 //            mu = (1/n) Σ_i s_i x_i, summed in float64;
 //   pass 2   for each chunk of KC valid rows: Y = s·x − mu (fp32, written once into a small
 //            packed buffer P that stays in L2) and C += YᵀY over the tiles of C that touch the
@@ -33,6 +34,7 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #ifdef CRH_TEST_HOOKS
@@ -54,16 +56,65 @@ using namespace detail;  // the CPU infrastructure, packing and inner kernels of
 // 1/sqrt(sq) rounded once (through float64), for a finite sq > 0.
 CRH_INLINE float inv_sqrt(float sq) { return float(1.0 / std::sqrt(double(sq))); }
 
-// The row rule (crh_kernels/backends/base.py) from a live row's fp32 squared norm: its status
-// and scale, one definition for every pass-1 path. True when the row is valid.
-CRH_INLINE bool row_rule(float sq, bool normalize, float& scale, uint8_t& status) {
-  if (!std::isfinite(sq) || (normalize && !(sq > 0.0f))) {
+// fp32 squared norms below 2^-100 (2^26 above FLT_MIN) may have lost bits to subnormal squares:
+// such rows are measured again (the bound SQ_TINY of crh_kernels/backends/torch.py and Triton).
+constexpr float kSqTiny = 0x1p-100f;
+
+// The row rule's second look (SPEC §1) at a live row whose fp32 squared norm is zero, tiny or not
+// finite, from its squared norm q summed again in float64 (where no square of an fp32 value
+// under- or overflows): valid when every entry is finite and, normalizing, 1/||x|| is finite
+// (and nonzero) in fp32. Out of line: it runs for such rows only.
+__attribute__((noinline, cold)) bool row_rule_rescue(double q, bool normalize, float& scale,
+                                                     uint8_t& status) {
+  const bool finite = q < HUGE_VAL;  // false for NaN too
+  const float s = normalize && finite && q > 0.0 ? float(1.0 / std::sqrt(q)) : 1.0f;
+  if (!finite || (normalize && !(q > 0.0 && s < HUGE_VALF))) {
     status = kRowSkipped;
     return false;
   }
-  scale = normalize ? inv_sqrt(sq) : 1.0f;
+  scale = s;
   status = kRowValid;
   return true;
+}
+
+// The row rule (SPEC §1, crh_kernels/backends/base.py) of a live row from its fp32 squared norm
+// sq: its status and scale, one definition for every pass-1 path. sq decides alone when it is
+// finite and, normalizing, at least kSqTiny; otherwise sq64() sums the row's squares again in
+// float64 for row_rule_rescue. True when the row is valid.
+template <class Sq64>
+CRH_INLINE bool row_rule(float sq, bool normalize, Sq64&& sq64, float& scale, uint8_t& status) {
+  if (__builtin_expect(sq < HUGE_VALF && (!normalize || sq >= kSqTiny), 1)) {
+    scale = normalize ? inv_sqrt(sq) : 1.0f;
+    status = kRowValid;
+    return true;
+  }
+  return row_rule_rescue(sq64(), normalize, scale, status);
+}
+
+// Σ_j x_j² in float64 over a row of d entries with column stride sc (16 independent partial
+// sums; unit stride gets its own loop, which the compiler vectorizes).
+template <DType T>
+__attribute__((noinline)) double sq_norm64(const typename Elem<T>::type* row, int64_t d, int64_t sc) {
+  double lanes[16] = {};
+  auto body = [&](auto stride) {
+    int64_t j = 0;
+    for (; j + 16 <= d; j += 16)
+      for (int l = 0; l < 16; ++l) {
+        const double v = double(Elem<T>::load(row + (j + l) * stride));
+        lanes[l] += v * v;
+      }
+    for (int l = 0; j < d; ++j, ++l) {
+      const double v = double(Elem<T>::load(row + j * stride));
+      lanes[l] += v * v;
+    }
+  };
+  if (sc == 1)
+    body(std::integral_constant<int64_t, 1>{});
+  else
+    body(sc);
+  for (int w = 8; w > 0; w /= 2)
+    for (int l = 0; l < w; ++l) lanes[l] += lanes[l + w];
+  return lanes[0];
 }
 
 // Squared norm (fp32) of row i, then status and scale; with acc != nullptr also
@@ -95,7 +146,9 @@ void row_pass_range(const View& x, const bool* mask, bool normalize, int64_t r0,
     }
     for (int w = 16; w > 0; w /= 2)
       for (int l = 0; l < w; ++l) lanes[l] += lanes[l + w];
-    if (!row_rule(lanes[0], normalize, scale[i], status[i])) continue;
+    if (!row_rule(lanes[0], normalize, [&] { return sq_norm64<T>(row, d, sc); }, scale[i],
+                  status[i]))
+      continue;
     const float s = scale[i];
     if (acc != nullptr) {
       if (sc == 1) {
@@ -126,6 +179,26 @@ void mean_range(const View& x, const int64_t* rows, const float* rscale, int64_t
 }
 
 #if CRH_HAVE_AVX512_PATH
+// sq_norm64 of a unit-stride row with AVX-512: the rows row_rule looks at again.
+template <DType T>
+CRH_TARGET_AVX512 __attribute__((noinline)) double sq_norm64_avx512(const typename Elem<T>::type* row,
+                                                                    int64_t d) {
+  __m512d q0 = _mm512_setzero_pd(), q1 = _mm512_setzero_pd();
+  for (int64_t j = 0; j < d; j += 16) {
+    const __m512 a = load16<T>(row + j, d - j >= 16 ? __mmask16(0xffff)
+                                                    : __mmask16((1u << (d - j)) - 1u));
+    const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(a));
+    const __m512d hi =
+        _mm512_cvtps_pd(_mm256_castsi256_ps(_mm512_extracti64x4_epi64(_mm512_castps_si512(a), 1)));
+    q0 = _mm512_fmadd_pd(lo, lo, q0);
+    q1 = _mm512_fmadd_pd(hi, hi, q1);
+  }
+  // (summed through memory: GCC 12 warns inside _mm512_reduce_add_pd)
+  alignas(64) double t[8];
+  _mm512_store_pd(t, _mm512_add_pd(q0, q1));
+  return ((t[0] + t[4]) + (t[2] + t[6])) + ((t[1] + t[5]) + (t[3] + t[7]));
+}
+
 // Pass 1 with AVX-512 (unit column stride): same rule as row_pass_range; the squared norm is
 // summed in fp32 over 16 lanes, s·x in fp32, the mean sum in float64.
 template <DType T>
@@ -163,7 +236,10 @@ CRH_TARGET_AVX512 void row_pass_avx512(const View& x, const bool* mask, bool nor
       q1 = _mm512_fmadd_ps(a, a, q1);
     }
     const float sq = _mm512_reduce_add_ps(_mm512_add_ps(q0, q1));
-    if (!row_rule(sq, normalize, scale[i], status[i]) || acc == nullptr) continue;
+    if (!row_rule(sq, normalize, [&] { return sq_norm64_avx512<T>(row, d); }, scale[i],
+                  status[i]) ||
+        acc == nullptr)
+      continue;
     const __m512 s = _mm512_set1_ps(scale[i]);
     for (j = 0; j < full; j += 16) {
       const __m512 y = _mm512_mul_ps(load16<T>(row + j, 0xffff), s);

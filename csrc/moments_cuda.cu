@@ -88,10 +88,32 @@ __global__ void row_stats_kernel(const T* __restrict__ x, int64_t n, int64_t d, 
     }
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, off);
+    // The row rule (SPEC §1). Every lane holds the same sq (a butterfly of commutative adds), so
+    // the branch is warp-uniform. sq decides alone when it is finite and, normalizing, at least
+    // kSqTiny (2^-100: 2^26 above FLT_MIN, below which subnormal squares lose bits; the bound of
+    // the CPU and Triton passes). Otherwise (zero, tiny or not finite) the row is measured again
+    // in float64, where no square of an fp32 value under- or overflows: valid when every entry is
+    // finite and, normalizing, 1/||x|| is finite and nonzero in fp32.
+    constexpr float kSqTiny = 0x1p-100f;
+    bool ok = sq < HUGE_VALF && (!normalize || sq >= kSqTiny);
+    float s = ok && normalize ? 1.0f / sqrtf(sq) : 1.0f;
+    if (!ok) {
+      double q = 0.0;
+      for (int64_t j = lane; j < d; j += 32) {
+        const double v = double(to_f32(row[j]));
+        q = fma(v, v, q);
+      }
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) q += __shfl_xor_sync(0xffffffffu, q, off);
+      ok = q < HUGE_VAL;  // false for NaN too
+      if (normalize) {
+        s = ok && q > 0.0 ? float(1.0 / sqrt(q)) : 0.0f;
+        ok = ok && q > 0.0 && s < HUGE_VALF;
+      }
+    }
     if (lane == 0) {
-      const bool ok = isfinite(sq) && (!normalize || sq > 0.0f);
       status[i] = ok ? kRowValid : kRowSkipped;
-      scale[i] = ok ? (normalize ? 1.0f / sqrtf(sq) : 1.0f) : 0.0f;
+      scale[i] = ok ? s : 0.0f;
     }
   }
 }

@@ -3,8 +3,9 @@ tests/test_cuda.py, and the test-hooks build's check that test_cpp.py runs in a 
 
 Written here in float64 numpy from SPEC §2 (no import of the package's own reference, and no
 import of crh_kernels at all: the subprocess must not load the regular extension). The row rule
-is the kernels': a row is skipped when its fp32 squared norm is non-finite (or zero when
-normalizing), so rows whose fp32 squared norm overflows are skipped too.
+is SPEC §1's: a row is skipped when an entry is not finite or, normalizing, when 1/||x|| is not
+finite in fp32 (the zero row, and rows of norm below 2^-128); finite rows whose fp32 squared norm
+overflows or underflows count.
 """
 import numpy as np
 import torch
@@ -16,12 +17,12 @@ SHAPES = [(1, 1), (1, 37), (2, 1), (3, 37), (257, 1), (600, 37), (1300, 33), (70
 
 
 def valid_rows(x: torch.Tensor, mask, normalize):
-    a32 = x.detach().float().numpy()
-    with np.errstate(over="ignore", invalid="ignore"):
-        sq = (a32.astype(np.float32) ** 2).sum(axis=1, dtype=np.float32)
-    ok = np.isfinite(sq)
+    a = x.detach().double().numpy()
+    ok = np.isfinite(a).all(axis=1)
     if normalize:
-        ok &= sq > 0
+        # float64 squares of fp32 values neither overflow nor underflow
+        norm = np.sqrt((np.where(ok[:, None], a, 0.0) ** 2).sum(axis=1))
+        ok &= norm >= 1.0 / np.finfo(np.float32).max
     live = np.ones(x.shape[0], bool) if mask is None else mask.numpy().copy()
     return live, ok
 
@@ -61,7 +62,8 @@ def rel(out, ref):
 
 
 def hostile(gen, n, d, *, mean_ratio, dtype, zero=0, bad=0, overflow=0, layout="contiguous"):
-    """Rows with mean = mean_ratio × spread, some zero / non-finite / fp32-overflowing rows."""
+    """Rows with mean = mean_ratio × spread, some zero / non-finite rows, and rows whose fp32
+    squared norm overflows."""
     direction = torch.randn(d, generator=gen, dtype=torch.float64)
     direction *= np.sqrt(d) / direction.norm().clamp_min(1e-12)
     x = torch.randn(n, d, generator=gen, dtype=torch.float64) + mean_ratio * direction
@@ -75,8 +77,9 @@ def hostile(gen, n, d, *, mean_ratio, dtype, zero=0, bad=0, overflow=0, layout="
         elif fill == "bad":
             vals = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=torch.float64)
             x[idx, torch.randint(0, d, (len(idx),), generator=gen)] = vals[torch.arange(len(idx)) % 3]
-        else:  # finite, but the fp32 squared norm overflows: the row rule skips it
-            x[idx, 0] = 3e19 if dtype != torch.float16 else float("inf")
+        else:  # finite entries whose fp32 squared norm overflows (d ≥ 2): the row rule counts
+            # it (SPEC §1); no single square overflows, so without normalizing C fits fp32 too
+            x[idx, :2] = 1.5e19 if dtype != torch.float16 else float("inf")
     x = x.to(dtype)
     if layout == "transposed":  # column stride N: the strided (portable) load path
         x = x.t().contiguous().t()

@@ -39,18 +39,41 @@ def backends_under_test():
     return out
 
 
+def _row_norms(a: np.ndarray) -> np.ndarray:
+    """Euclidean norms of the rows of a float64 array, measured on the rows divided by their
+    largest entry: no square under- or overflows (inf/NaN for a row holding one)."""
+    top = np.abs(a).max(axis=1, initial=0.0)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        safe = np.where((top > 0) & np.isfinite(top), top, 1.0)
+        return np.sqrt(((a / safe[:, None]) ** 2).sum(axis=1)) * np.where(top > 0, top, 0.0)
+
+
+def row_ok(x: torch.Tensor, a: np.ndarray, normalize: bool) -> np.ndarray:
+    """SPEC §1's row rule for the rows ``a`` (float64) of ``x``: every entry finite and, when
+    normalizing, 1/||x|| finite in the accumulation dtype (fp32; fp64 for fp64 input), which
+    also excludes the zero row."""
+    finite = np.isfinite(a).all(axis=1)
+    if not normalize:
+        return finite
+    acc = np.float64 if x.dtype == torch.float64 else np.float32
+    return finite & (_row_norms(np.where(finite[:, None], a, 0.0)) >= 1.0 / np.finfo(acc).max)
+
+
+def _normalized(rows: np.ndarray) -> np.ndarray:
+    return rows / _row_norms(rows)[:, None]
+
+
 def ref_moments(x: torch.Tensor, mask=None, normalize=True):
     """(n, n_skipped, mean, C) in float64 from the values of ``x`` (any shape (..., D))."""
     d = x.shape[-1]
     a = x.detach().to("cpu", torch.float64).numpy().reshape(-1, d)
     live = np.ones(a.shape[0], bool) if mask is None else mask.detach().cpu().numpy().reshape(-1)
-    finite = np.isfinite(a).all(axis=1)
-    ok = finite & ((np.abs(a).sum(axis=1) > 0) if normalize else True)
+    ok = row_ok(x, a, normalize)
     valid = live & ok
     n_skipped = int((live & ~ok).sum())
     rows = a[valid]
     if normalize:
-        rows = rows / np.sqrt((rows * rows).sum(axis=1, keepdims=True))
+        rows = _normalized(rows)
     n = rows.shape[0]
     if n == 0:
         return 0, n_skipped, np.zeros(d), np.zeros((d, d))
@@ -64,17 +87,13 @@ def ref_cross(g, h, mask=None, normalize=True):
     a = g.detach().to("cpu", torch.float64).numpy().reshape(-1, dg)
     b = h.detach().to("cpu", torch.float64).numpy().reshape(-1, dh)
     live = np.ones(a.shape[0], bool) if mask is None else mask.detach().cpu().numpy().reshape(-1)
-
-    def ok(m):
-        good = np.isfinite(m).all(axis=1)
-        return good & (np.abs(m).sum(axis=1) > 0) if normalize else good
-
-    valid = live & ok(a) & ok(b)
+    valid = live & row_ok(g, a, normalize) & row_ok(h, b, normalize)
     ra, rb = a[valid], b[valid]
     if normalize:
-        ra = ra / np.linalg.norm(ra, axis=1, keepdims=True)
-        rb = rb / np.linalg.norm(rb, axis=1, keepdims=True)
+        ra, rb = _normalized(ra), _normalized(rb)
     n = ra.shape[0]
+    if n == 0:
+        return 0, np.zeros(dg), np.zeros(dh), np.zeros((dg, dh))
     ma, mb = ra.mean(axis=0), rb.mean(axis=0)
     return n, ma, mb, (ra - ma).T @ (rb - mb)
 

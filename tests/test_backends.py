@@ -133,6 +133,54 @@ def test_cpp_stage_rows_status():
     assert status.tolist() == want
 
 
+def _rows_at_the_ends_of_fp32():
+    """Rows whose fp32 squared norm is subnormal, zero or overflows, with the status each must
+    get (normalizing, and not): one rule on every backend (SPEC §1)."""
+    big = torch.finfo(torch.float32).max
+    sub = torch.finfo(torch.float32).tiny / 2 ** 23  # the smallest subnormal, 1.4e-45
+    x = torch.tensor([[1e-30, -2e-30, 3e-30], [6e-22, 6e-22, 0.0], [1e19, 3e19, -2e19],
+                      [big, big, big], [sub, 0.0, 0.0], [0.0, 0.0, 0.0],
+                      [1.0, float("nan"), 0.0], [1e-30, 1e-30, 1e-30]])
+    mask = torch.tensor([True] * 7 + [False])
+    v, s, m = ROW_VALID, ROW_SKIPPED, ROW_MASKED
+    return x, mask, {True: [v, v, v, v, s, s, s, m], False: [v, v, v, v, v, v, s, m]}
+
+
+def _statuses_and_scales(name, x, mask, normalize):
+    if name == "torch":
+        from crh_kernels.backends.torch import row_scale
+        scale, valid, _ = row_scale(x, mask, normalize)
+        status = torch.where(valid, ROW_VALID, torch.where(mask, ROW_SKIPPED, ROW_MASKED))
+        return status.tolist(), scale
+    if name == "triton":
+        tb = pytest.importorskip("crh_kernels.backends.triton", reason="triton not installed")
+        dev = "cuda" if torch.cuda.is_available() and not tb.INTERPRET else "cpu"
+        scale, status, _ = tb.row_stats(x.to(dev), mask.to(dev), normalize)
+        return status.cpu().tolist(), scale.cpu()
+    # cpp: pass 1 as the row stager runs it (the same row rule as its update and cross moment)
+    buf, scale = torch.empty_like(x), torch.empty(x.shape[0])
+    status, sum_ = torch.empty(x.shape[0], dtype=torch.uint8), torch.zeros(3, dtype=torch.float64)
+    backends.get("cpp").stage_rows(x, mask, normalize, buf, scale, status, sum_)
+    return status.tolist(), scale
+
+
+@pytest.mark.parametrize("name", ["torch", "triton", "cpp"])
+def test_row_rule_at_the_ends_of_the_fp32_range(name):
+    if name == "triton" and not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+        pytest.skip("needs a CUDA device or TRITON_INTERPRET=1")
+    if name == "cpp" and not crh_kernels.available_backends()["cpp"][0]:
+        pytest.skip(f"cpp backend unavailable: {crh_kernels.available_backends()['cpp'][1]}")
+    x, mask, want = _rows_at_the_ends_of_fp32()
+    norms = np.array([np.linalg.norm(r / np.abs(r).max()) * np.abs(r).max() if np.abs(r).max() > 0 else 0.0
+                      for r in np.nan_to_num(x.double().numpy())])
+    for normalize in (True, False):
+        status, scale = _statuses_and_scales(name, x, mask, normalize)
+        assert status == want[normalize], (name, normalize)
+        valid = np.array(want[normalize]) == ROW_VALID
+        expect = np.where(valid, 1 / np.where(valid, norms, 1.0) if normalize else 1.0, 0.0)
+        np.testing.assert_allclose(scale.double().numpy(), expect, rtol=1e-6, err_msg=name)
+
+
 # ---------------------------------------------------------------- matmul_rows
 def test_matmul_rows_values():
     if crh_kernels.available_backends()["cpp"][0]:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from ._ref import COV_TOL, device_under_test, make_rows, rel_err
+from ._ref import COV_TOL, device_under_test, make_rows, rel_err, row_ok
 
 tb = pytest.importorskip("crh_kernels.backends.triton", reason="triton not installed")
 
@@ -135,3 +135,37 @@ def test_ops_registered_with_torch_library():
                      (tb.cross_moments_op, (x, h, None, True, "ieee"))):
         result = torch.library.opcheck(op, args)
         assert all(v == "SUCCESS" for v in result.values()), result
+
+
+def test_row_stats_rescues_and_strided_masks():
+    """Rows whose fp32 squared norm is subnormal, underflows or overflows get their status and
+    scale from the float64 second look (SPEC §1): valid unless an entry is not finite or,
+    normalizing, 1/||x|| exceeds fp32 (the 1e-40 rows). A column of a 2-D mask and an expanded
+    mask are read where they lie, not as contiguous bytes."""
+    dev = device_under_test()
+    gen = torch.Generator().manual_seed(21)
+    n, d = 90, 45  # three interpreter blocks, each mixing the scales
+    base = torch.rand(n, d, generator=gen, dtype=torch.float64) + 0.5
+    scales = torch.tensor([1e-40, 1e-38, 1e-30, 6e-22, 1.0, 1e19, 1e30, 2e38], dtype=torch.float64)
+    x = base * scales[torch.arange(n) % len(scales)][:, None]
+    x[5] = 0.0
+    x[9, 2] = float("nan")
+    x = x.to(torch.float32).to(dev)
+    keep = (torch.rand(n, 3, generator=gen) > 0.3).to(dev)
+    a = x.double().cpu().numpy()
+    norms = np.sqrt((a * a).sum(1))
+    for mask in (None, keep[:, 1], torch.tensor([True], device=dev).expand(n),
+                 torch.tensor([False], device=dev).expand(n)):
+        live = np.ones(n, bool) if mask is None else mask.cpu().numpy()
+        for normalize in (True, False):
+            scale, status, psum = tb.row_stats(x, mask, normalize)
+            ok = row_ok(x, a, normalize)
+            want = np.where(live & ok, 2, np.where(live, 1, 0))
+            assert np.array_equal(status.cpu().numpy(), want), (normalize, mask is None)
+            want_scale = np.where(live & ok, 1 / np.where(ok, norms, 1) if normalize else 1.0, 0.0)
+            np.testing.assert_allclose(scale.cpu().double().numpy(), want_scale, rtol=1e-6)
+            if normalize:
+                rows = np.where((live & ok)[:, None], np.nan_to_num(a) * want_scale[:, None], 0)
+                np.testing.assert_allclose(psum.double().sum(0).cpu().numpy(), rows.sum(0),
+                                           rtol=1e-5, atol=1e-5)
+    assert not row_ok(x, a, True)[0] and row_ok(x, a, True)[1]  # 1e-40 skipped, 1e-38 counts

@@ -16,25 +16,77 @@ import torch
 from .base import Backend, BatchStats, CrossStats, mirror_upper
 
 
+#: Squared norms (summed in the accumulation dtype) below this may have lost bits to subnormal
+#: squares; such rows, and rows whose squared norm is zero or not finite, are re-measured by
+#: :func:`_rescaled_rows` (SPEC §1). 2^-100 for fp32 (2^26 above FLT_MIN: the subnormal squares
+#: of up to 2^20 entries then cost less than 2^-30 of the sum), likewise for fp64.
+SQ_TINY = {torch.float32: 2.0 ** -100, torch.float64: 2.0 ** -970}
+
+_BITS = {torch.float32: (torch.int32, 23, 127), torch.float64: (torch.int64, 52, 1023)}
+
+
+def _pow2(k: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Exactly 2**k for integers k in the normal range of ``dtype`` (built from the bits)."""
+    itype, mant, bias = _BITS[dtype]
+    return ((k.to(itype) + bias) << mant).view(dtype)
+
+
+def _rescaled_rows(xs: torch.Tensor, normalize: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(valid, scale)`` of rows (already in the accumulation dtype) whose squared norm was
+    zero, tiny or not finite: the slow path of :func:`row_scale`, for a few rows.
+
+    A row is valid when every entry is finite and, normalizing, ``1/||x||`` is finite and
+    nonzero in the accumulation dtype. The norm is measured on the row times ``2^-e``, with
+    ``2^e`` the power of two of its largest entry, so that no square under- or overflows;
+    ``2^-e`` is applied as two exact factors (each within the normal range)."""
+    acc = xs.dtype
+    finite = torch.isfinite(xs).all(dim=1)
+    if not normalize:
+        return finite, finite.to(acc)
+    itype, mant, bias = _BITS[acc]
+    top = torch.where(finite, xs.abs().amax(dim=1), torch.zeros((), dtype=acc, device=xs.device))
+    # exponent of the largest entry (a subnormal one counts as the smallest normal exponent)
+    e = ((top.view(itype) >> mant) & (2 * bias + 1)).clamp_min(1) - bias
+    f1 = _pow2(torch.div(-e, 2, rounding_mode="floor"), acc)
+    f2 = _pow2(-e - torch.div(-e, 2, rounding_mode="floor"), acc)
+    y = torch.where(finite[:, None], xs, torch.zeros((), dtype=acc, device=xs.device))
+    sq = (y * f1[:, None] * f2[:, None]).square().sum(dim=1)  # in [1, 4·D) for a nonzero row
+    scale = sq.rsqrt() * f1 * f2  # inf where 1/||x|| exceeds the dtype's range
+    valid = finite & (top > 0) & torch.isfinite(scale) & (scale > 0)
+    return valid, torch.where(valid, scale, torch.zeros((), dtype=acc, device=xs.device))
+
+
 def row_scale(x: torch.Tensor, mask: Optional[torch.Tensor], normalize: bool
               ) -> Tuple[torch.Tensor, torch.Tensor, int]:
     """Per-row scale (1/||x|| or 1), validity (the valid rows), and the number of skipped rows.
+
+    The row rule of SPEC §1: a live row is valid when its entries are finite and, normalizing,
+    ``1/||x||`` is finite and nonzero in the accumulation dtype (fp32; fp64 for fp64 input).
+    The squared norm is summed once in that dtype; the few rows where that sum is zero, tiny or
+    not finite (an under- or overflowing sum, or a non-finite entry) are measured again,
+    rescaled (:func:`_rescaled_rows`).
 
     Masked and skipped rows get scale 0; callers must still *select* them away, since
     ``inf·0`` is NaN.
     """
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     sq = x.to(acc).square().sum(dim=1)
-    ok = torch.isfinite(sq)
+    live = torch.ones_like(sq, dtype=torch.bool) if mask is None else mask
     if normalize:
-        ok &= sq > 0
-    live = torch.ones_like(ok) if mask is None else mask
+        ok = (sq >= SQ_TINY[acc]) & (sq < float("inf"))  # NaN fails both
+        scale = torch.where(ok, sq.rsqrt(), torch.zeros_like(sq))
+    else:
+        ok = torch.isfinite(sq)
+        scale = ok.to(acc)
+    slow = live & ~ok
+    if bool(slow.any()):
+        rows = slow.nonzero().squeeze(1)
+        v, s = _rescaled_rows(x.index_select(0, rows).to(acc), normalize)
+        ok = ok.index_put((rows,), v)
+        scale = scale.index_put((rows,), s)
     n_skipped = int((live & ~ok).sum())
     valid = live & ok
-    if normalize:
-        scale = torch.where(valid, sq.rsqrt(), torch.zeros_like(sq))
-    else:
-        scale = valid.to(acc)
+    scale = torch.where(valid, scale, torch.zeros_like(scale))
     return scale, valid, n_skipped
 
 

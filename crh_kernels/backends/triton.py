@@ -26,7 +26,9 @@ _DOT_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.floa
 # Interpreter: one config (autotuning needs a GPU). GPU: a few tile shapes, tuned per D and dtype.
 _INTERP_MM = dict(BLOCK_M=64, BLOCK_K=32)
 _INTERP_ROWS = dict(BLOCK_N=32, BLOCK_D=64)
-_GPU_ROWS = dict(BLOCK_N=32, BLOCK_D=128, num_warps=4)
+# maxnreg: row_stats' rare second look (SPEC §1) would otherwise raise the registers of the
+# whole kernel on sm_90 (fewer blocks per SM); capped, it needs no spills (tests/test_aot.py)
+_GPU_ROWS = dict(BLOCK_N=32, BLOCK_D=128, num_warps=4, maxnreg=168)
 # 16-bit operands: up to 64 KB of shared memory per stage set. fp32 operands are twice as
 # wide, so shorter K chunks keep them under sm_80's 163 KB (checked by tests/test_aot.py).
 _GPU_MM_CONFIGS = {
@@ -92,7 +94,8 @@ def row_stats(x: torch.Tensor, mask: Optional[torch.Tensor], normalize: bool,
               gate: Optional[torch.Tensor] = None, with_sum: bool = True):
     """Per-row scale and status, and partial column sums of the scaled valid rows.
 
-    x: (N, D) fp32/bf16/fp16, any strides; mask: (N,) bool or None; gate: (N,) fp32 or None
+    x: (N, D) fp32/bf16/fp16, any strides; mask: (N,) bool or None, any stride (0 too);
+    gate: (N,) fp32 or None
     (rows with gate == 0 do not count: they are skipped). Returns ``scale`` (N,) fp32 (0 for
     rows that do not count), ``status`` (N,) uint8 (ROW_MASKED 0, ROW_SKIPPED 1, ROW_VALID 2
     of :mod:`crh_kernels.backends.base`), ``psum`` (P, D) fp32.
@@ -108,11 +111,12 @@ def row_stats(x: torch.Tensor, mask: Optional[torch.Tensor], normalize: bool,
     scale = torch.empty(n, dtype=torch.float32, device=x.device)
     status = torch.empty(n, dtype=torch.uint8, device=x.device)
     psum = torch.empty(programs if with_sum else 1, d, dtype=torch.float32, device=x.device)
-    # the interpreter cannot read a bool tensor through a pointer: pass uint8
+    # the interpreter cannot read a bool tensor through a pointer: pass uint8 (a view, with the
+    # mask's own stride: a column of a 2-D mask or an expanded one is read where it lies)
     mask_arg = scale if mask is None else mask.view(torch.uint8)
     _row_stats_kernel[(programs,)](
         x, mask_arg, scale if gate is None else gate, scale, status, psum,
-        n, d, x.stride(0), x.stride(1),
+        n, d, x.stride(0), x.stride(1), 0 if mask is None else mask.stride(0),
         HAS_MASK=mask is not None, HAS_GATE=gate is not None, NORMALIZE=bool(normalize),
         WITH_SUM=with_sum, **cfg,
     )

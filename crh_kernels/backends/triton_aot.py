@@ -55,7 +55,7 @@ def _mm_spec(kernel, dtype, precision, cfg):
 def _rows_spec(dtype, cfg):
     sig = {"x_ptr": _PTR[dtype], "mask_ptr": "*u8", "gate_ptr": "*fp32", "scale_ptr": "*fp32",
            "status_ptr": "*u8", "psum_ptr": "*fp32", "N": "i32", "D": "i32",
-           "stride_xn": "i32", "stride_xd": "i32"}
+           "stride_xn": "i32", "stride_xd": "i32", "stride_m": "i32"}
     const = {"HAS_MASK": True, "HAS_GATE": False, "NORMALIZE": True, "WITH_SUM": True,
              "BLOCK_N": cfg["BLOCK_N"], "BLOCK_D": cfg["BLOCK_D"]}
     return _row_stats_kernel, sig, const
@@ -83,7 +83,7 @@ def compile_kernel(kernel: str, dtype: str, cc: int, cfg: dict, precision: str =
         fn, sig, const = _mm_spec(kernel, dtype, precision, cfg)
     sig = dict(sig, **{k: "constexpr" for k in const})
     src = ASTSource(fn=fn, signature=sig, constexprs=const)
-    opts = {k: cfg[k] for k in ("num_warps", "num_stages") if k in cfg}
+    opts = {k: cfg[k] for k in ("num_warps", "num_stages", "maxnreg") if k in cfg}
     compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=opts)
     ptx = compiled.asm["ptx"]
     regs, local, shared = _resource_usage(compiled.asm["cubin"])
