@@ -66,13 +66,12 @@ class MomentsState(Protocol):
     @property
     def device(self) -> Optional[torch.device]: ...
 
-    def load_packed(self, mean: torch.Tensor, packed: torch.Tensor) -> None: ...
-
-    def reset(self) -> object: ...
+    def replace_state(self, n: int, n_skipped: int, mean: Optional[torch.Tensor],
+                      packed: Optional[torch.Tensor]) -> None: ...
 
 
 _STATE_FIELDS = ("dim", "normalize", "n", "n_skipped")
-_STATE_MEMBERS = ("mean", "scatter", "device", "load_packed", "reset")
+_STATE_MEMBERS = ("mean", "scatter", "device", "replace_state")
 
 
 def _is_state(obj) -> bool:
@@ -433,13 +432,9 @@ def all_reduce_moments(moments: Iterable[Optional[MomentsState]], group=None, *,
     try:
         for m, (mu, packed, n_all, skipped) in zip(items, news):
             saved.append((m, dict(vars(m)) if hasattr(m, "__dict__") else None))
-            if n_all:
-                # an unallocated state (a rank that saw no rows) is allocated on `dev` here
-                m.load_packed(mu, packed)
-            else:
-                m.reset()  # nobody counted a row: keep "no state" (unallocated stays so)
-            m.n = n_all
-            m.n_skipped = skipped
+            # one store of a new state per Moments (an unallocated state, a rank that saw no
+            # rows, is allocated on `dev`; with no row anywhere it stays "no state")
+            m.replace_state(n_all, skipped, mu if n_all else None, packed if n_all else None)
     except BaseException:
         for m, old in saved:
             if old is not None:

@@ -6,9 +6,13 @@ derived views, and (de)serialisation. The batch statistics come from a backend
 """
 from __future__ import annotations
 
+import numbers
+import threading
 import warnings
+from collections.abc import Mapping
 from typing import NamedTuple, Optional
 
+import numpy as np
 import torch
 
 from . import _env
@@ -54,6 +58,44 @@ def _fp32_precision(value: Optional[str]) -> str:
     return value
 
 
+def _counts(n: int, n_skipped: int) -> torch.Tensor:
+    return torch.tensor([n, n_skipped], dtype=torch.int64)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
+
+
+def _tri(dim: int) -> int:
+    return dim * (dim + 1) // 2
+
+
+def _triu_mask(dim: int, device) -> torch.Tensor:
+    """Upper-triangle mask: selecting with it packs row-major, the order of
+    ``torch.triu_indices`` (state dicts, ranks), at 1 byte per entry."""
+    return torch.ones(dim, dim, dtype=torch.bool, device=device).triu_()
+
+
+class _State:
+    """One whole state of a :class:`Moments`: ``counts`` int64 (2,) on the CPU = ``[n,
+    n_skipped]``, ``mean`` (D,) and ``scatter`` (D, D) (None until allocated) and the
+    ``device`` they live on.
+
+    A Moments changes its state in one step that no exception can split: either it builds a
+    new _State aside and stores it with one attribute assignment, or (the fused CPU path) one
+    compiled op writes counts, mean and scatter together. Nothing edits a live state field by
+    field."""
+
+    __slots__ = ("counts", "mean", "scatter", "device")
+
+    def __init__(self, counts: torch.Tensor, mean: Optional[torch.Tensor],
+                 scatter: Optional[torch.Tensor], device: Optional[torch.device]):
+        self.counts = counts
+        self.mean = mean
+        self.scatter = scatter
+        self.device = device
+
+
 class Moments:
     """Streaming covariance of (optionally normalized) rows.
 
@@ -71,6 +113,14 @@ class Moments:
     State: ``n`` rows counted, ``n_skipped`` rows skipped, ``mean`` (D,) and
     ``scatter`` ``C = Σ (x̂ − μ)(x̂ − μ)ᵀ`` (D, D), exactly symmetric. Masked rows count
     nowhere (vocabulary of :mod:`crh_kernels.backends.base`).
+
+    Every state-changing call (:meth:`update`, :meth:`merge`, :meth:`reset`, :meth:`to`, the
+    loads, the row stager's flush) is all or nothing: under any exception, a
+    ``KeyboardInterrupt`` or a warning turned into an error included, the state is the one
+    before the call or the one after it, never a mixture. Calls from several threads are
+    serialised by a lock per Moments; :meth:`cov`, :meth:`second_moment`, :meth:`mean_ratio`
+    and :meth:`state_dict` read a consistent state. ``mean`` and ``scatter`` are the live
+    tensors (an update on the CPU may write into them in place).
     """
 
     def __init__(self, dim: int, *, normalize: bool = True, device=None, backend: Optional[str] = None,
@@ -88,38 +138,56 @@ class Moments:
         self.strict = bool(strict)
         self.dtype = dtype
         self.fp32_precision = _fp32_precision(fp32_precision)
-        self.n = 0
-        self.n_skipped = 0
         self._warned = False
-        self._mean: Optional[torch.Tensor] = None
-        self._scatter: Optional[torch.Tensor] = None
-        self._device = None if device is None else torch.device(device)
-        if self._device is not None:
-            self._allocate(self._device)
+        self._lock = threading.RLock()
+        self._state = _State(_counts(0, 0), None, None, None)
+        if device is not None:
+            self._state = self._zeros(torch.device(device), self._state.counts)
 
     # ------------------------------------------------------------------ state
-    def _allocate(self, device):
-        self._device = torch.device(device)
-        self._mean = torch.zeros(self.dim, dtype=self.dtype, device=self._device)
-        self._scatter = torch.zeros(self.dim, self.dim, dtype=self.dtype, device=self._device)
+    def _zeros(self, device: torch.device, counts: torch.Tensor) -> _State:
+        """A new allocated state of zeros on ``device`` with a copy of ``counts``."""
+        return _State(counts.clone(), torch.zeros(self.dim, dtype=self.dtype, device=device),
+                      torch.zeros(self.dim, self.dim, dtype=self.dtype, device=device), device)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
+
+    @property
+    def n(self) -> int:
+        """Rows counted (in the mean and the scatter)."""
+        return self._state.counts.tolist()[0]
+
+    @property
+    def n_skipped(self) -> int:
+        """Rows skipped (zero norm when normalizing, or non-finite); masked rows count nowhere."""
+        return self._state.counts.tolist()[1]
 
     @property
     def device(self) -> Optional[torch.device]:
-        return self._device
+        return self._state.device
 
     @property
     def mean(self) -> torch.Tensor:
         """(dim,) mean of the counted rows (zeros before any row)."""
-        if self._mean is None:
+        mean = self._state.mean
+        if mean is None:
             return torch.zeros(self.dim, dtype=self.dtype)
-        return self._mean
+        return mean
 
     @property
     def scatter(self) -> torch.Tensor:
         """(dim, dim) centered scatter C = Σ (x̂ − μ)(x̂ − μ)ᵀ, exactly symmetric."""
-        if self._scatter is None:
+        scatter = self._state.scatter
+        if scatter is None:
             return torch.zeros(self.dim, self.dim, dtype=self.dtype)
-        return self._scatter
+        return scatter
 
     def backend_for(self, x: torch.Tensor) -> _backends.Backend:
         """Internal: for the row stager in :mod:`crh_kernels.collect.staging`. The backend that
@@ -128,8 +196,9 @@ class Moments:
         return _backends.resolve(self.backend, x.device, x.dtype)
 
     def _check_device(self, x: torch.Tensor, name: str = "x") -> None:
-        if self._device is not None and x.device != self._device:
-            raise ValueError(f"{name} is on {x.device} but this Moments lives on {self._device}; "
+        device = self._state.device
+        if device is not None and x.device != device:
+            raise ValueError(f"{name} is on {x.device} but this Moments lives on {device}; "
                              f"move {name} there (or create the Moments with device={x.device})")
 
     # ----------------------------------------------------------------- update
@@ -137,7 +206,8 @@ class Moments:
         """Add the rows of ``x`` (shape ``(..., dim)``); ``mask`` (bool, ``x.shape[:-1]``)
         drops rows (padding) so that they count nowhere. Returns ``self``.
 
-        A failed call (bad input, strict violation, backend error) leaves the state as it was.
+        All or nothing: a failed call (bad input, strict violation, the skipped-row warning
+        raised as an error, backend error, KeyboardInterrupt) leaves the state as it was.
         """
         _check_input(x, self.dim, mask)
         self._check_device(x)
@@ -145,25 +215,20 @@ class Moments:
         if x2.shape[0] == 0:
             return self
         backend = self.backend_for(x)
-        if self._device is not None and backend.fused_update:
-            with torch.no_grad():
-                fused = backend.update_state(x2, m2, self.normalize, self.strict, self.n,
-                                             self._mean, self._scatter)
-            if fused is not None:
-                # the kernel has merged the batch into the scatter (or, with strict and a
-                # skipped row, left it untouched: _absorb_skipped raises then)
-                n2, skipped, mean2 = fused
-                self._absorb_skipped(skipped)
-                with torch.no_grad():
-                    self._merge_mean(n2, mean2)
-                return self
-        with torch.no_grad():
-            stats = backend.batch_stats(x2, m2, self.normalize, self.fp32_precision)
-        self._absorb_skipped(stats.n_skipped)
-        if self._device is None:
-            self._allocate(x.device)
-        with torch.no_grad():
-            self._merge_stats(stats.n, stats.mean, stats.scatter)
+        if backend.fused_update:
+            with self._lock:
+                self._check_device(x)
+                if self._update_fused(
+                        x.device, 4, lambda refuse, c, m, s: backend.update_state(
+                            x2, m2, self.normalize, refuse, c, m, s)):
+                    return self
+        stats = backend.batch_stats(x2, m2, self.normalize, self.fp32_precision)
+        with self._lock:
+            self._check_device(x)
+            new = self._merged(self._state, stats.n, stats.n_skipped, stats.mean, stats.scatter,
+                               x.device, owned=True)
+            self._note_skipped(stats.n_skipped, 3)
+            self._state = new  # the commit
         return self
 
     def update_staged(self, x: torch.Tensor, scale: torch.Tensor, status: torch.Tensor,
@@ -172,66 +237,91 @@ class Moments:
 
         The end of :meth:`update` for rows ``x`` (R, D) that the backend of
         :meth:`backend_for` staged with ``stage_rows`` (capability ``row_staging``): their
-        ``status`` uint8 (R,), ``scale`` fp32 (R,) and ``sum_`` = Σ scale_i·x_i float64 (D,).
-        Same state, errors and warnings as ``update(x, status != ROW_MASKED)``. Returns
-        ``self``."""
+        ``status`` uint8 (R,), ``scale`` fp32 (R,) and ``sum_`` = Σ scale_i·x_i float64 (D,)
+        (all read, never changed). Same state, errors, warnings and all-or-nothing as
+        ``update(x, status != ROW_MASKED)``. Returns ``self``."""
         self._check_device(x)
         backend = self.backend_for(x)
-        if self._device is None:
-            self._allocate(x.device)
-        with torch.no_grad():
-            fused = backend.update_staged(x, scale, status, sum_, self.strict, self.n, self._mean,
-                                          self._scatter)
-        if fused is None:  # a state the kernel does not take: the plain path
+        with self._lock:
+            self._check_device(x)
+            if self._update_fused(
+                    x.device, 4, lambda refuse, c, m, s: backend.update_staged(
+                        x, scale, status, sum_, refuse, c, m, s)):
+                return self
+            # a state the kernel does not take: the plain path
             return self.update(x, status != ROW_MASKED)
-        n2, skipped, mean2 = fused
-        self._absorb_skipped(skipped)
-        with torch.no_grad():
-            self._merge_mean(n2, mean2)
-        return self
 
-    def _absorb_skipped(self, k: int) -> None:
+    def _update_fused(self, device, stacklevel: int, run) -> bool:
+        """The fused update under the lock: ``run(refuse, counts, mean, scatter)`` calls the
+        backend's op, which writes the whole state in one step (the commit), or nothing when
+        ``refuse`` and a row is skipped. A batch with skipped rows is first offered with
+        ``refuse`` so that the warning (which may raise) comes before the commit. An unallocated
+        state is allocated aside and stored once the op has written it. False when the
+        backend does not take the state (nothing has changed then)."""
+        st = self._state
+        fresh = st.mean is None
+        if fresh:
+            st = self._zeros(device, st.counts)
+        refuse = self.strict or not self._warned
+        res = run(refuse, st.counts, st.mean, st.scatter)
+        if res is None:
+            return False
+        skipped = res[1]
+        if refuse and skipped:
+            self._note_skipped(skipped, stacklevel)  # raises when strict (nothing written)
+            run(False, st.counts, st.mean, st.scatter)  # the commit
+        if fresh:
+            self._state = st
+        return True
+
+    def _note_skipped(self, k: int, stacklevel: int) -> None:
+        """Before a commit that counts ``k`` skipped rows: raises when strict, else warns the
+        first time (the warning may raise too; the state is unchanged then)."""
         if k == 0:
             return
         what = "zero-norm or non-finite" if self.normalize else "non-finite"
         if self.strict:
             raise ValueError(f"x has {k} {what} row(s); strict=True refuses them (state unchanged)")
-        self.n_skipped += k
         if not self._warned:
-            self._warned = True
             warnings.warn(f"Moments(dim={self.dim}): skipped {k} {what} row(s); they are counted "
                           f"in n_skipped (further occurrences are not reported)", RuntimeWarning,
-                          stacklevel=3)
+                          stacklevel=stacklevel)
+            self._warned = True
 
-    def _merge_stats(self, n2: int, mean2: torch.Tensor, c2: torch.Tensor) -> None:
-        """Chan–Golub–LeVeque: n = n1+n2, δ = μ2−μ1, μ = μ1 + δ·n2/n, C = C1 + C2 + δδᵀ·n1·n2/n."""
+    def _merged(self, st: _State, n2: int, k2: int, mean2: Optional[torch.Tensor],
+                c2: Optional[torch.Tensor], device, owned: bool, allocate: bool = True) -> _State:
+        """The state ``st`` merged with ``(n2, k2, μ2, C2)``, built aside (``st`` is not
+        changed). Chan–Golub–LeVeque: n = n1+n2, δ = μ2−μ1, μ = μ1 + δ·n2/n,
+        C = C1 + C2 + δδᵀ·n1·n2/n. ``owned``: C2 and μ2 are the caller's to reuse (a batch's
+        fresh statistics), else they are copied. ``allocate``: an unallocated state gets zeros
+        on ``device`` even when no row is added."""
+        n1, k1 = st.counts.tolist()
+        counts = _counts(n1 + n2, k1 + k2)
+        dev = st.device if st.mean is not None else torch.device(device)
         if n2 == 0:
-            return
-        n1 = self.n
-        if n1 == 0:
-            self._scatter.copy_(c2)
+            if st.mean is None:
+                return self._zeros(dev, counts) if allocate else _State(counts, None, None,
+                                                                        st.device)
+            return _State(counts, st.mean, st.scatter, st.device)
+        if n1 == 0 or st.mean is None:
+            mean = mean2.to(device=dev, dtype=self.dtype, copy=not owned)
+            scatter = c2.to(device=dev, dtype=self.dtype, copy=not owned).contiguous()
+            return _State(counts, mean, scatter, dev)
+        n = n1 + n2
+        delta = mean2.to(device=dev, dtype=self.dtype) - st.mean
+        mean = torch.add(st.mean, delta, alpha=n2 / n)
+        c2 = c2.to(device=dev)
+        if owned and c2.dtype == self.dtype and c2.is_contiguous():
+            scatter = c2.add_(st.scatter)  # the batch's own buffer takes the sum
         else:
-            delta = mean2.to(device=self._device, dtype=self.dtype) - self._mean
-            # in place and mixed-dtype: no D×D copy of the batch scatter
-            self._scatter.add_(c2.to(self._device))
-            # outer() then add, not addr_: BLAS ger is not bitwise symmetric, and C must be
-            self._scatter.add_(torch.outer(delta, delta), alpha=n1 * n2 / (n1 + n2))
-        self._merge_mean(n2, mean2)
-
-    def _merge_mean(self, n2: int, mean2: torch.Tensor) -> None:
-        """μ = μ1 + (μ2 − μ1)·n2/n and n = n1 + n2 (the scatter has been merged already)."""
-        if n2 == 0:
-            return
-        mean2 = mean2.to(device=self._device, dtype=self.dtype)
-        n = self.n + n2
-        if self.n == 0:
-            self._mean.copy_(mean2)
-        else:
-            self._mean.add_(mean2 - self._mean, alpha=n2 / n)
-        self.n = n
+            scatter = torch.add(st.scatter, c2, out=torch.empty_like(st.scatter))
+        # outer() then add, not addr_: BLAS ger is not bitwise symmetric, and C must be
+        scatter.add_(torch.outer(delta, delta), alpha=n1 * n2 / n)
+        return _State(counts, mean, scatter, dev)
 
     def merge(self, other: "Moments") -> "Moments":
-        """Merge ``other`` into ``self`` in place (exact up to rounding). Returns ``self``."""
+        """Merge ``other`` into ``self`` (exact up to rounding; all or nothing). Returns
+        ``self``."""
         if not isinstance(other, Moments):
             raise TypeError(f"other must be a Moments, got {type(other).__name__}")
         if other.dim != self.dim:
@@ -240,57 +330,74 @@ class Moments:
             raise ValueError(f"other has normalize={other.normalize}, expected {self.normalize}")
         if other is self:
             raise ValueError("cannot merge a Moments into itself")
-        if other.n and self._device is None:
-            self._allocate(other._device)
-        self.n_skipped += other.n_skipped
-        if other.n:
-            with torch.no_grad():
-                self._merge_stats(other.n, other._mean, other._scatter)
+        first, second = (self, other) if id(self) < id(other) else (other, self)
+        with first._lock, second._lock:  # one order for every pair: no deadlock
+            ost = other._state
+            n2, k2 = ost.counts.tolist()
+            if n2 == 0 and k2 == 0:
+                return self
+            self._state = self._merged(self._state, n2, k2, ost.mean, ost.scatter, ost.device,
+                                       owned=False, allocate=False)
         return self
 
     def reset(self) -> "Moments":
-        self.n = 0
-        self.n_skipped = 0
-        if self._mean is not None:
-            self._mean.zero_()
-            self._scatter.zero_()
+        """Forget every row (n = n_skipped = 0); an allocated state stays allocated, as zeros."""
+        with self._lock:
+            st = self._state
+            if st.mean is None:
+                self._state = _State(_counts(0, 0), None, None, st.device)
+            else:
+                self._state = _State(_counts(0, 0), torch.zeros_like(st.mean),
+                                     torch.zeros_like(st.scatter), st.device)
         return self
 
     def to(self, device) -> "Moments":
         """Move the state to ``device`` (in place). Returns ``self``."""
         device = torch.device(device)
-        if self._mean is not None:
-            self._mean = self._mean.to(device)
-            self._scatter = self._scatter.to(device)
-        self._device = device
+        with self._lock:
+            st = self._state
+            if st.mean is None:
+                self._state = _State(st.counts, None, None, device)
+            else:
+                self._state = _State(st.counts, st.mean.to(device), st.scatter.to(device), device)
         return self
 
-    def all_reduce(self, group=None) -> "Moments":
+    def all_reduce(self, group=None, *, timeout=None) -> "Moments":
         """Exact merge of this state across the ranks of ``group`` (torch.distributed), in place:
-        every rank ends with the state over all ranks' rows. See :mod:`crh_kernels.distributed`."""
-        _distributed.all_reduce_moments([self], group=group)
+        every rank ends with the state over all ranks' rows. ``timeout`` (seconds or a
+        ``datetime.timedelta``; ``None``: the group's own) bounds every collective's wait, so a
+        rank that fails mid-call makes the others raise instead of hanging. All or nothing. See
+        :mod:`crh_kernels.distributed`."""
+        _distributed.all_reduce_moments([self], group=group, timeout=timeout)
         return self
 
     # ------------------------------------------------------------------ views
-    def _need_rows(self, what: str) -> None:
-        if self.n == 0:
-            raise ValueError(f"{what} is undefined: no rows counted yet (n=0, n_skipped={self.n_skipped})")
+    def _need_rows(self, st: _State, what: str) -> int:
+        n, k = st.counts.tolist()
+        if n == 0:
+            raise ValueError(f"{what} is undefined: no rows counted yet (n=0, n_skipped={k})")
+        return n
 
     def cov(self) -> torch.Tensor:
         """C / n: the covariance (population normalisation)."""
-        self._need_rows("cov()")
-        return self._scatter / self.n
+        with self._lock:
+            st = self._state
+            return st.scatter / self._need_rows(st, "cov()")
 
     def second_moment(self) -> torch.Tensor:
         """C / n + μμᵀ = E[x̂x̂ᵀ]."""
-        self._need_rows("second_moment()")
-        return self._scatter / self.n + torch.outer(self._mean, self._mean)
+        with self._lock:
+            st = self._state
+            n = self._need_rows(st, "second_moment()")
+            return st.scatter / n + torch.outer(st.mean, st.mean)
 
     def mean_ratio(self) -> float:
         """r = ||μ||² / trace(second moment) (the paper's r_h, r_g)."""
-        self._need_rows("mean_ratio()")
-        m2 = float(self._mean.double().square().sum())
-        tr = float(torch.diagonal(self._scatter).double().sum()) / self.n + m2
+        with self._lock:
+            st = self._state
+            n = self._need_rows(st, "mean_ratio()")
+            m2 = float(st.mean.double().square().sum())
+            tr = float(torch.diagonal(st.scatter).double().sum()) / n + m2
         if tr == 0.0:
             return float("nan")
         return m2 / tr
@@ -302,49 +409,134 @@ class Moments:
 
     # -------------------------------------------------------- serialisation
     def state_dict(self) -> dict:
-        """Plain dict; the scatter is stored as its packed upper triangle."""
-        iu = torch.triu_indices(self.dim, self.dim, device=self.scatter.device)
-        return {
-            "dim": self.dim, "normalize": self.normalize, "n": self.n, "n_skipped": self.n_skipped,
-            "dtype": str(self.dtype).replace("torch.", ""),
-            "mean": self.mean.detach().clone(),
-            "scatter_triu": self.scatter[iu[0], iu[1]].detach().clone(),
-        }
+        """Plain dict; the scatter is stored as its packed upper triangle (row-major)."""
+        with self._lock:
+            st = self._state
+            n, k = st.counts.tolist()
+            mean, scatter = self.mean, self.scatter
+            return {
+                "dim": self.dim, "normalize": self.normalize, "n": n, "n_skipped": k,
+                "dtype": str(self.dtype).replace("torch.", ""),
+                "mean": mean.detach().clone(),
+                "scatter_triu": scatter[_triu_mask(self.dim, scatter.device)].detach(),
+            }
 
     @classmethod
     def from_state_dict(cls, sd: dict, *, device=None, backend: Optional[str] = None) -> "Moments":
+        """The Moments a :meth:`state_dict` describes. Everything is checked before anything
+        is allocated: the keys, ``dim`` (a positive int), ``normalize`` (a bool), ``dtype``
+        ("float32" or "float64"), ``n`` and ``n_skipped`` (ints >= 0), ``mean`` and
+        ``scatter_triu`` (float32/float64 tensors of shapes (dim,) and (dim·(dim+1)/2,),
+        finite; zero when n = 0). A bad one raises a one-line error naming the field: KeyError
+        for a missing key, TypeError for a wrong type (a tensor, a bool), ValueError for a bad
+        value (an int field that is not a nonnegative int, a shape, a non-finite entry)."""
+        if not isinstance(sd, Mapping):
+            raise TypeError(f"state dict must be a dict, got {type(sd).__name__}")
         required = ("dim", "normalize", "n", "n_skipped", "mean", "scatter_triu")
         missing = [k for k in required if k not in sd]
         if missing:
             raise KeyError(f"state dict lacks {missing}")
-        dim = int(sd["dim"])
-        dtype = getattr(torch, sd.get("dtype", "float64"))
-        mean = sd["mean"]
-        dev = device if device is not None else mean.device
-        m = cls(dim, normalize=bool(sd["normalize"]), device=dev, backend=backend, dtype=dtype)
-        packed = sd["scatter_triu"]
-        if tuple(mean.shape) != (dim,) or tuple(packed.shape) != (dim * (dim + 1) // 2,):
-            raise ValueError(f"state dict shapes do not match dim={dim}: mean {tuple(mean.shape)}, "
-                             f"scatter_triu {tuple(packed.shape)}")
-        m.n = int(sd["n"])
-        m.n_skipped = int(sd["n_skipped"])
-        m.load_packed(mean, packed)
+        dim = sd["dim"]
+        if not _is_int(dim) or dim <= 0:  # ValueError, as Moments(dim=2.5) gives
+            raise ValueError(f"state dict field 'dim' must be an int > 0, got "
+                             f"{type(dim).__name__} {dim!r}")
+        dim = int(dim)
+        normalize = sd["normalize"]
+        if not isinstance(normalize, (bool, np.bool_)):
+            raise TypeError(f"state dict field 'normalize' must be a bool, got "
+                            f"{type(normalize).__name__} {normalize!r}")
+        dtype_name = sd.get("dtype", "float64")
+        if dtype_name not in ("float32", "float64"):
+            raise ValueError(f"state dict field 'dtype' must be 'float32' or 'float64', got "
+                             f"{dtype_name!r}")
+        if backend is not None and backend not in _backends.names():
+            raise ValueError(f"backend must be one of {list(_backends.names())} or None, "
+                             f"got {backend!r}")
+        n, k = _check_counts(sd["n"], sd["n_skipped"], "state dict field ")
+        mean, packed = sd["mean"], sd["scatter_triu"]
+        _check_packed(dim, n, mean, packed, "state dict field ")
+        dev = torch.device(device) if device is not None else mean.device
+        m = cls(dim, normalize=bool(normalize), backend=backend, dtype=getattr(torch, dtype_name))
+        m._state = m._from_packed(n, k, mean, packed, dev)
         return m
 
+    def _from_packed(self, n: int, k: int, mean: torch.Tensor, packed: torch.Tensor,
+                     device: torch.device) -> _State:
+        """A new state (n, k, μ, C) from checked values: C from its packed upper triangle,
+        mirrored exactly; μ and C copied (never shared with the caller's tensors)."""
+        c = torch.empty(self.dim, self.dim, dtype=self.dtype, device=device)
+        mask = _triu_mask(self.dim, device)
+        p = packed.detach().to(device=device, dtype=self.dtype)
+        c[mask] = p
+        c.T[mask] = p  # the same values, read column-wise: the lower triangle
+        return _State(_counts(n, k), mean.detach().to(device=device, dtype=self.dtype, copy=True),
+                      c, device)
+
     def load_packed(self, mean: torch.Tensor, packed: torch.Tensor) -> None:
-        """Set μ and C from a mean and a packed upper triangle (used by state dicts and ranks)."""
-        if self._device is None:
-            self._allocate(mean.device)
-        iu = torch.triu_indices(self.dim, self.dim, device=self._device)
-        c = torch.zeros(self.dim, self.dim, dtype=self.dtype, device=self._device)
-        c[iu[0], iu[1]] = packed.to(device=self._device, dtype=self.dtype)
-        c[iu[1], iu[0]] = packed.to(device=self._device, dtype=self.dtype)
-        self._scatter = c
-        self._mean = mean.to(device=self._device, dtype=self.dtype).clone()
+        """Set μ and C from a mean (dim,) and a packed upper triangle (dim·(dim+1)/2,), row-major
+        (the order of state dicts); the counts stay. All or nothing; checked first."""
+        with self._lock:
+            st = self._state
+            n, k = st.counts.tolist()
+            _check_packed(self.dim, None, mean, packed, "")
+            dev = st.device if st.mean is not None else mean.device
+            self._state = self._from_packed(n, k, mean, packed, dev)
+
+    def replace_state(self, n: int, n_skipped: int, mean: Optional[torch.Tensor] = None,
+                      packed: Optional[torch.Tensor] = None) -> None:
+        """Internal: for :mod:`crh_kernels.distributed`. Replace the whole state in one step
+        (checked first, then all or nothing): ``n`` rows and ``n_skipped`` (ints >= 0) with the
+        mean (dim,) and the packed upper triangle of the scatter (dim·(dim+1)/2,), row-major;
+        with ``n = 0`` pass no tensors: the state becomes zeros (an unallocated one stays
+        unallocated). An unallocated state is allocated on ``mean``'s device, an allocated one
+        keeps its device and dtype."""
+        n, n_skipped = _check_counts(n, n_skipped, "")
+        if n == 0:
+            if mean is not None or packed is not None:
+                raise ValueError("replace_state: with n=0 pass no mean and no packed scatter")
+            with self._lock:
+                st = self._state
+                counts = _counts(0, n_skipped)
+                self._state = (_State(counts, None, None, st.device) if st.mean is None
+                               else self._zeros(st.device, counts))
+            return
+        if mean is None or packed is None:
+            raise ValueError(f"replace_state: n={n} needs a mean and a packed scatter")
+        _check_packed(self.dim, None, mean, packed, "")
+        with self._lock:
+            st = self._state
+            dev = st.device if st.mean is not None else mean.device
+            self._state = self._from_packed(n, n_skipped, mean, packed, dev)
 
     def __repr__(self) -> str:
-        return (f"Moments(dim={self.dim}, n={self.n}, n_skipped={self.n_skipped}, "
-                f"normalize={self.normalize}, device={self._device}, backend={self.backend})")
+        n, k = self._state.counts.tolist()
+        return (f"Moments(dim={self.dim}, n={n}, n_skipped={k}, "
+                f"normalize={self.normalize}, device={self.device}, backend={self.backend})")
+
+
+def _check_counts(n, n_skipped, prefix: str):
+    """``(n, n_skipped)`` as Python ints, after checking they are ints >= 0 (not bools, not
+    floats: ValueError, as for ``dim``)."""
+    for name, v in (("n", n), ("n_skipped", n_skipped)):
+        if not _is_int(v) or v < 0:
+            raise ValueError(f"{prefix}{name!r} must be an int >= 0, got {type(v).__name__} {v!r}")
+    return int(n), int(n_skipped)
+
+
+def _check_packed(dim: int, n: Optional[int], mean, packed, prefix: str) -> None:
+    """Types, shapes (before anything of size dim² exists), finiteness, and zeros when n = 0."""
+    for name, t, shape in (("mean", mean, (dim,)), ("scatter_triu", packed, (_tri(dim),))):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{prefix}{name!r} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"{prefix}{name!r} must be float32 or float64, got {t.dtype}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{prefix}{name!r} must have shape {shape} for dim={dim}, got "
+                             f"{tuple(t.shape)}")
+        if t.device.type != "meta" and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{prefix}{name!r} has non-finite entries")
+        if n == 0 and t.device.type != "meta" and bool(t.any()):
+            raise ValueError(f"{prefix}{name!r} must be zeros when n=0 (no row counted)")
 
 
 def moments(x: torch.Tensor, *, normalize: bool = True, mask: Optional[torch.Tensor] = None,

@@ -9,16 +9,17 @@
 //   crh::batch_stats(x, mask, normalize) -> (mean f64 (D,), scatter f32 (D, D), counts i64 (2,))
 //   crh::cross_stats(g, h, mask, normalize)
 //       -> (mean_g f64 (Dg,), mean_h f64 (Dh,), scatter f32 (Dg, Dh), counts i64 (2,))
-//   crh::batch_update_(x, mask, normalize, strict, n1, state_mean, state_scatter)
-//       -> (mean f64 (D,), counts i64 (2,)); CPU only: merges the batch into state_scatter
-//       (f32/f64 (D, D), n1 rows so far around state_mean) in place; the caller updates its
-//       mean and count. With strict, a batch with a skipped row leaves the state untouched.
+//   crh::batch_update_(x, mask, normalize, strict, state_counts, state_mean, state_scatter)
+//       -> (mean f64 (D,), counts i64 (2,)) of the batch; CPU only: merges the batch into the
+//       state in place, all of it in this one call: state_scatter (f32/f64 (D, D)), state_mean
+//       (its dtype, (D,)) and state_counts (i64 (2,) = [n, n_skipped]). With strict, a batch with
+//       a skipped row leaves the state untouched; a refused argument too.
 //   crh::stage_rows_(x, mask, normalize, buf, scale, status, sum) -> (); CPU only: x's rows copied
 //       into buf (x's shape and dtype) with pass 1 done on the way: status u8 (N,) (row_status.h:
 //       0 masked, 1 skipped, 2 valid), scale f32 (N,), sum f64 (D,) += Σ s_i x_i
 //       (crh::batch_update_staged_ finishes the batch later)
-//   crh::batch_update_staged_(x, scale, status, sum, strict, n1, state_mean, state_scatter)
-//       -> (mean, counts); batch_update_ of staged rows
+//   crh::batch_update_staged_(x, scale, status, sum, strict, state_counts, state_mean,
+//                             state_scatter) -> (mean, counts); batch_update_ of staged rows
 //   crh::matmul_rows(x (N, K) f32, w (K, M) f32) -> (N, M) f32; CPU only: x·w in fp32 with the
 //       covariance's inner kernels (the collector's g_a = g_b·W).
 // counts = [n valid rows, n skipped rows]; scatter = Σ (x̂ − μ)(x̂ − μ)ᵀ, exactly symmetric.
@@ -77,8 +78,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_stats_cpu(
 }
 
 // The state is checked here, before anything runs: a bad state is an error, not a corrupted one.
-crh::cpu::State state_of(const char* op, int64_t d, int64_t n1, const at::Tensor& state_mean,
-                         at::Tensor& state_scatter) {
+crh::cpu::State state_of(const char* op, int64_t d, at::Tensor& state_counts,
+                         at::Tensor& state_mean, at::Tensor& state_scatter) {
   const auto st = state_scatter.scalar_type();
   TORCH_CHECK(st == at::kFloat || st == at::kDouble,
               op, ": state_scatter must be float32 or float64, got ", st);
@@ -92,8 +93,15 @@ crh::cpu::State state_of(const char* op, int64_t d, int64_t n1, const at::Tensor
               state_scatter.sizes());
   TORCH_CHECK(state_mean.dim() == 1 && state_mean.size(0) == d && state_mean.is_contiguous(),
               op, ": state_mean must be a contiguous (", d, ",) tensor, got ", state_mean.sizes());
-  TORCH_CHECK(n1 >= 0, op, ": n1 must be >= 0, got ", n1);
-  return {st == at::kDouble, n1, state_mean.data_ptr(), state_scatter.data_ptr()};
+  TORCH_CHECK(state_counts.scalar_type() == at::kLong && state_counts.device().is_cpu()
+                  && state_counts.dim() == 1 && state_counts.size(0) == 2
+                  && state_counts.is_contiguous(),
+              op, ": state_counts must be a contiguous int64 CPU tensor of shape (2,), got ",
+              state_counts.scalar_type(), " ", state_counts.sizes());
+  int64_t* counts = state_counts.data_ptr<int64_t>();
+  TORCH_CHECK(counts[0] >= 0 && counts[1] >= 0, op, ": state_counts must be >= 0, got [",
+              counts[0], ", ", counts[1], "]");
+  return {st == at::kDouble, counts, state_mean.data_ptr(), state_scatter.data_ptr()};
 }
 
 // The common end of the two update ops: the batch mean (D,) f64 and counts [n, n_skipped],
@@ -116,13 +124,15 @@ std::tuple<at::Tensor, at::Tensor> update_outputs(const char* op, const at::Tens
 
 std::tuple<at::Tensor, at::Tensor> batch_update_cpu(const at::Tensor& x,
                                                     const std::optional<at::Tensor>& mask,
-                                                    bool normalize, bool strict, int64_t n1,
-                                                    const at::Tensor& state_mean,
+                                                    bool normalize, bool strict,
+                                                    at::Tensor& state_counts,
+                                                    at::Tensor& state_mean,
                                                     at::Tensor& state_scatter) {
   check_rows(x, "x", c10::DeviceType::CPU);
   const int64_t d = x.size(1);
   const at::Tensor m = mask_of(mask, x);
-  const crh::cpu::State state = state_of("crh::batch_update_", d, n1, state_mean, state_scatter);
+  const crh::cpu::State state =
+      state_of("crh::batch_update_", d, state_counts, state_mean, state_scatter);
   return update_outputs("crh::batch_update_", x, [&](double* mean) {
     return crh::cpu::batch_update(view_of(x), m.defined() ? m.data_ptr<bool>() : nullptr,
                                   normalize, at::get_num_threads(), strict, state, mean);
@@ -170,12 +180,12 @@ void stage_rows_cpu(const at::Tensor& x, const std::optional<at::Tensor>& mask, 
 
 std::tuple<at::Tensor, at::Tensor> batch_update_staged_cpu(
     const at::Tensor& x, const at::Tensor& scale, const at::Tensor& status, const at::Tensor& sum,
-    bool strict, int64_t n1, const at::Tensor& state_mean, at::Tensor& state_scatter) {
+    bool strict, at::Tensor& state_counts, at::Tensor& state_mean, at::Tensor& state_scatter) {
   check_rows(x, "x", c10::DeviceType::CPU);
   check_staged("crh::batch_update_staged_", x, scale, status, sum);
   const int64_t d = x.size(1);
   const crh::cpu::State state =
-      state_of("crh::batch_update_staged_", d, n1, state_mean, state_scatter);
+      state_of("crh::batch_update_staged_", d, state_counts, state_mean, state_scatter);
   return update_outputs("crh::batch_update_staged_", x, [&](double* mean) {
     return crh::cpu::batch_update_staged(view_of(x), scale.data_ptr<float>(),
                                          status.data_ptr<uint8_t>(), sum.data_ptr<double>(),
@@ -234,10 +244,11 @@ at::Tensor matmul_rows_cpu(const at::Tensor& x, const at::Tensor& w) {
 TORCH_LIBRARY(crh, m) {
   m.def("batch_stats(Tensor x, Tensor? mask, bool normalize) -> (Tensor, Tensor, Tensor)",
         {at::Tag::pt2_compliant_tag});
-  // CPU only: the batch merged into a running (mean, scatter) in the kernel's last pass
+  // CPU only: the batch merged into a running (counts, mean, scatter) in place, in one call
   m.def(
-      "batch_update_(Tensor x, Tensor? mask, bool normalize, bool strict, int n1, "
-      "Tensor state_mean, Tensor(a!) state_scatter) -> (Tensor, Tensor)");
+      "batch_update_(Tensor x, Tensor? mask, bool normalize, bool strict, "
+      "Tensor(a!) state_counts, Tensor(b!) state_mean, Tensor(c!) state_scatter) "
+      "-> (Tensor, Tensor)");
   m.def(
       "cross_stats(Tensor g, Tensor h, Tensor? mask, bool normalize) "
       "-> (Tensor, Tensor, Tensor, Tensor)",
@@ -248,7 +259,8 @@ TORCH_LIBRARY(crh, m) {
       "Tensor(c!) status, Tensor(d!) sum) -> ()");
   m.def(
       "batch_update_staged_(Tensor x, Tensor scale, Tensor status, Tensor sum, bool strict, "
-      "int n1, Tensor state_mean, Tensor(a!) state_scatter) -> (Tensor, Tensor)");
+      "Tensor(a!) state_counts, Tensor(b!) state_mean, Tensor(c!) state_scatter) "
+      "-> (Tensor, Tensor)");
   // CPU only: rows times a matrix with the covariance's inner kernels (g_a = g_b·W)
   m.def("matmul_rows(Tensor x, Tensor w) -> Tensor", {at::Tag::pt2_compliant_tag});
 }

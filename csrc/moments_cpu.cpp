@@ -720,20 +720,30 @@ Counts batch_stats_t(const View& x, const bool* mask, bool normalize, int thread
   return {n, p.rs.n_skipped};
 }
 
-// The batch of p merged into st (see batch_update in moments_cpu.h).
+// The batch of p merged into st (see batch_update in moments_cpu.h): the scatter in
+// scatter_upper's finisher, then the mean and the counts; nothing throws after the first write.
 template <DType T, class S>
 Counts merge_batch(const View& x, const Prepared& p, int threads, bool refuse_skipped,
                    const State& st, const double* mean) {
   const int64_t d = x.cols;
   const int64_t n2 = int64_t(p.rs.rows.size());
-  if (n2 == 0 || (refuse_skipped && p.rs.n_skipped > 0)) return {n2, p.rs.n_skipped};
-  const S* m1 = static_cast<const S*>(st.mean);
-  std::vector<double> delta(d);
-  for (int64_t j = 0; j < d; ++j) delta[j] = mean[j] - double(m1[j]);
-  const double f = st.n1 > 0 ? double(st.n1) * double(n2) / double(st.n1 + n2) : 0.0;
-  scatter_upper<T>(p.k, x, p.rs, p.mu.get(), threads,
-                   MergeScatter<S>{static_cast<S*>(st.scatter), d, delta.data(), f, st.n1 == 0});
-  return {n2, p.rs.n_skipped};
+  const int64_t skipped = p.rs.n_skipped;
+  if (refuse_skipped && skipped > 0) return {n2, skipped};
+  const int64_t n1 = st.counts[0];
+  if (n2 > 0) {
+    S* m1 = static_cast<S*>(st.mean);
+    std::vector<double> delta(d);
+    for (int64_t j = 0; j < d; ++j) delta[j] = mean[j] - double(m1[j]);
+    const double f = n1 > 0 ? double(n1) * double(n2) / double(n1 + n2) : 0.0;
+    scatter_upper<T>(p.k, x, p.rs, p.mu.get(), threads,
+                     MergeScatter<S>{static_cast<S*>(st.scatter), d, delta.data(), f, n1 == 0});
+    // μ ← μ1 + (μ_b − μ1)·n_b/n, the formula of Moments' Python merge, in float64
+    const double w = double(n2) / double(n1 + n2);
+    for (int64_t j = 0; j < d; ++j) m1[j] = n1 == 0 ? S(mean[j]) : S(double(m1[j]) + delta[j] * w);
+  }
+  st.counts[0] = n1 + n2;
+  st.counts[1] += skipped;
+  return {n2, skipped};
 }
 
 template <DType T, class S>
@@ -876,9 +886,10 @@ Counts cross_stats_t(const View& g, const View& h, const bool* mask, bool normal
 }
 
 void check_state(const State& st) {
-  if (st.n1 < 0) throw std::invalid_argument("crh: the state's count must be >= 0");
-  if (st.mean == nullptr || st.scatter == nullptr)
+  if (st.counts == nullptr || st.mean == nullptr || st.scatter == nullptr)
     throw std::invalid_argument("crh: the state has no data");
+  if (st.counts[0] < 0 || st.counts[1] < 0)
+    throw std::invalid_argument("crh: the state's counts must be >= 0");
 }
 
 // f(Tag<T>{}, S{}) for x's dtype T and the state's element type S (double or float).

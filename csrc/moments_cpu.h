@@ -37,21 +37,24 @@ struct Counts {
 Counts batch_stats(const View& x, const bool* mask, bool normalize, int threads,
                    double* mean, float* scatter);
 
-// The running state a batch merges into: n1 rows so far, mean (D,) and scatter (D, D)
-// row-major, exactly symmetric, both float64 (f64) or float32.
+// The running state a batch merges into: counts (2,) = [n rows so far, n_skipped], mean (D,)
+// and scatter (D, D) row-major, exactly symmetric, both float64 (f64) or float32. An update
+// writes all three (it is the state's one commit point).
 struct State {
   bool f64;
-  int64_t n1;
-  const void* mean;
+  int64_t* counts;
+  void* mean;
   void* scatter;
 };
 
 // batch_stats merged into st in its final pass (Chan et al.), without a (D, D) batch scatter:
 //   scatter ← scatter + C_b + (n1·n/(n1+n))·δδᵀ with δ = mu − mean1 (scatter ← C_b when n1 == 0),
-//   each entry in float64, rounded once to the state's type, mirrored exactly.
-// mean (D,) float64 receives the batch mean mu; the caller updates its own mean and count.
-// The state is left untouched when no row is valid, or when refuse_skipped and a row was
-// skipped (the counts say which).
+//   each entry in float64, rounded once to the state's type, mirrored exactly; then
+//   mean1 ← mean1 + (mu − mean1)·n/(n1+n) (in float64, rounded once; mu when n1 == 0) and
+//   counts ← counts + [n, n_skipped].
+// mean (D,) float64 receives the batch mean mu. With refuse_skipped and a skipped row the state
+// is left untouched (the returned counts say so); so it is when an argument is refused (thrown
+// before anything is written).
 Counts batch_update(const View& x, const bool* mask, bool normalize, int threads,
                     bool refuse_skipped, const State& st, double* mean);
 

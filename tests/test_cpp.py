@@ -189,37 +189,42 @@ def _merge64(parts):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("d", [1, 37, 130])
 def test_batch_update_merges_into_state(ops, isa, state_dtype, dtype, d):
-    """crh::batch_update_ (the batch merged in the kernel's last pass) against float64 Chan
-    merges of independently computed blocks: a fresh state, then blocks whose means drift
-    (mean ≫ spread), a block with no valid row, masks, zero and non-finite rows."""
+    """crh::batch_update_ (the batch merged in the kernel's last pass; the mean and the counts
+    in the same call) against float64 Chan merges of independently computed blocks: a fresh
+    state, then blocks whose means drift (mean ≫ spread), a block with no valid row, masks,
+    zero and non-finite rows."""
     gen = torch.Generator().manual_seed(d)
-    n1, mean = 0, torch.zeros(d, dtype=state_dtype)
-    scatter = torch.full((d, d), float("nan"), dtype=state_dtype)  # fresh: must be overwritten
-    parts = []
+    counts = torch.zeros(2, dtype=torch.int64)
+    mean = torch.full((d,), float("nan"), dtype=state_dtype)  # fresh: must be overwritten
+    scatter = torch.full((d, d), float("nan"), dtype=state_dtype)
+    parts, skipped = [], 0
     for i, (n, ratio) in enumerate([(300, 50.0), (1, 50.0), (700, 60.0), (3, 0.0), (1100, 55.0)]):
         x = hostile(gen, n, d, mean_ratio=ratio, dtype=dtype, zero=n // 100, bad=n // 300)
         mask = torch.rand(n, generator=gen) > 0.2 if i % 2 else None
         if i == 3:
-            x = torch.zeros(n, d, dtype=dtype)  # no valid row: state untouched
+            x = torch.zeros(n, d, dtype=dtype)  # no valid row: mean and scatter untouched
         ref = reference(x, mask)
-        before = scatter.clone()
-        mb, counts = ops.batch_update_(x, mask, True, False, n1, mean, scatter)
-        assert counts.tolist() == [ref[0], ref[1]]
+        before = (mean.clone(), scatter.clone())
+        n1 = int(counts[0])
+        mb, counts_b = ops.batch_update_(x, mask, True, False, counts, mean, scatter)
+        assert counts_b.tolist() == [ref[0], ref[1]]
+        skipped += ref[1]
+        assert counts.tolist() == [n1 + ref[0], skipped], "the state's counts, in the same call"
         if ref[0] == 0:
-            assert torch.equal(scatter, before) or (n1 == 0 and scatter.isnan().all())
+            for a, b in zip(before, (mean, scatter)):
+                assert torch.equal(a, b) or (n1 == 0 and b.isnan().all())
             continue
         assert rel(mb, ref[2]) <= MEAN_TOL
         parts.append(ref)
-        # the caller's part: mean and count
-        if n1 == 0:
-            mean.copy_(mb.to(state_dtype))
-        else:
-            mean.add_(mb.to(state_dtype) - mean, alpha=ref[0] / (n1 + ref[0]))
-        n1 += ref[0]
         assert torch.equal(scatter, scatter.T), "the state must stay exactly symmetric"
         n_ref, mean_ref, c_ref = _merge64(parts)
-        assert n1 == n_ref
+        assert int(counts[0]) == n_ref
         assert rel(scatter, c_ref) <= COV_TOL[dtype], (i, rel(scatter, c_ref))
+        assert rel(mean, mean_ref) <= MEAN_TOL, (i, rel(mean, mean_ref))
+        if n1 > 0:  # μ1 + (μ_b − μ1)·n_b/n in float64, rounded once: Moments' Python formula
+            m1 = before[0].double()
+            want = (m1 + (mb - m1) * (ref[0] / (n1 + ref[0]))).to(state_dtype)
+            assert torch.allclose(mean, want, rtol=0, atol=4 * torch.finfo(state_dtype).eps)
 
 
 def test_batch_update_matches_the_two_step_path(ops):
@@ -229,7 +234,7 @@ def test_batch_update_matches_the_two_step_path(ops):
     xs = [hostile(gen, n, 64, mean_ratio=20.0, dtype=torch.float32) for n in (500, 2, 900, 64)]
 
     class TwoStep(cpp_mod.CppBackend):
-        fused_update = False  # hides the fused path: Moments takes batch_stats + _merge_stats
+        fused_update = False  # hides the fused path: batch_stats + the Python merge
 
     for sd in (torch.float32, torch.float64):
         a, b = Moments(64, backend="cpp", dtype=sd), Moments(64, backend="cpp", dtype=sd)
@@ -288,7 +293,7 @@ for n, d, dtype in [(4096, 64, torch.float32), (3000, 130, torch.bfloat16),
         _, sc, _ = ops.batch_stats(x, mask, True)
         took[mode] = time.perf_counter() - t0
         mu, st = torch.ones(d, dtype=torch.float64), torch.eye(d, dtype=torch.float64)
-        ops.batch_update_(x, mask, True, False, 7, mu, st)
+        ops.batch_update_(x, mask, True, False, torch.tensor([7, 0]), mu, st)
         runs[mode] = (sc, st)
     for mode, (sc, st) in runs.items():
         assert torch.equal(sc, runs["off"][0]) and torch.equal(st, runs["off"][1]), mode
@@ -361,13 +366,32 @@ def test_batch_update_strict_and_bad_state(ops):
         ((mean, torch.zeros(4, 8)[:, ::2]), r"contiguous \(4, 4\)"),
         ((torch.zeros(3), sc), r"contiguous \(4,\)"),
     ]
-    for (mu, s), msg in cases:
-        keep = s.clone()
+    counts = torch.tensor([3, 1])
+    cases += [
+        ((mean, sc), "state_counts must be a contiguous int64", counts.int()),
+        ((mean, sc), "state_counts must be a contiguous int64", torch.tensor([3, 1, 0])),
+        ((mean, sc), "state_counts must be a contiguous int64", torch.tensor([[3, 1]])),
+        ((mean, sc), "state_counts must be >= 0", torch.tensor([-1, 0])),
+        ((mean, sc), "state_counts must be >= 0", torch.tensor([2, -5])),
+    ]
+    for case in cases:
+        (mu, s), msg = case[:2]
+        c = case[2] if len(case) > 2 else counts
+        keep = (c.clone(), mu.clone(), s.clone())
         with pytest.raises(RuntimeError, match=msg):
-            ops.batch_update_(x, None, True, False, 3, mu, s)
-        assert torch.equal(s, keep)
-    with pytest.raises(RuntimeError, match="n1 must be >= 0"):
-        ops.batch_update_(x, None, True, False, -1, mean, sc)
+            ops.batch_update_(x, None, True, False, c, mu, s)
+        assert all(torch.equal(a, b) for a, b in zip(keep, (c, mu, s))), "refused: untouched"
+    # strict with a skipped row: counts, mean and scatter untouched
+    mu, s = torch.randn(4, generator=gen), torch.eye(4)
+    keep = (counts.clone(), mu.clone(), s.clone())
+    xb = x.clone()
+    xb[1, 2] = float("nan")
+    _, cb = ops.batch_update_(xb, None, True, True, counts, mu, s)
+    assert cb.tolist() == [4, 1]
+    assert all(torch.equal(a, b) for a, b in zip(keep, (counts, mu, s)))
+    # not strict: the skipped row is counted, the others merged
+    ops.batch_update_(xb, None, True, False, counts, mu, s)
+    assert counts.tolist() == [7, 2] and not torch.equal(mu, keep[1])
 
 
 # ------------------------------------------------------- staging: pass 1 at copy time
@@ -439,9 +463,9 @@ def test_batch_update_staged_merges_into_state(ops, isa, state_dtype, dtype):
     on the same rows; a staged batch with no valid row leaves the state as it was."""
     d = 45
     gen = torch.Generator().manual_seed(3)
-    n1 = 0
+    counts = torch.zeros(2, dtype=torch.int64)
     mean, scatter = torch.zeros(d, dtype=state_dtype), torch.zeros(d, d, dtype=state_dtype)
-    mean_b, scatter_b = mean.clone(), scatter.clone()
+    counts_b, mean_b, scatter_b = counts.clone(), mean.clone(), scatter.clone()
     parts = []
     for j, ratio in enumerate((40.0, 45.0, 0.0, 60.0)):
         blocks = []
@@ -455,25 +479,25 @@ def test_batch_update_staged_merges_into_state(ops, isa, state_dtype, dtype):
         mask = torch.cat([b[1] if b[1] is not None else torch.ones(b[0].shape[0], dtype=torch.bool)
                           for b in blocks])
         ref = reference(x, mask)
-        before = scatter.clone()
-        mb, counts = ops.batch_update_staged_(buf, scale, status, sum_, False, n1, mean, scatter)
-        mb2, counts2 = ops.batch_update_(x, mask, True, False, n1, mean_b, scatter_b)
-        assert counts.tolist() == counts2.tolist() == [ref[0], ref[1]]
+        before = (mean.clone(), scatter.clone())
+        staged = (buf.clone(), scale.clone(), status.clone(), sum_.clone())
+        mb, cb = ops.batch_update_staged_(buf, scale, status, sum_, False, counts, mean, scatter)
+        mb2, cb2 = ops.batch_update_(x, mask, True, False, counts_b, mean_b, scatter_b)
+        assert cb.tolist() == cb2.tolist() == [ref[0], ref[1]]
+        assert counts.tolist() == counts_b.tolist()
+        for a, b in zip(staged, (buf, scale, status, sum_)):  # read, never written
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
         if ref[0] == 0:
-            assert torch.equal(scatter, before)
+            assert torch.equal(mean, before[0]) and torch.equal(scatter, before[1])
             continue
         assert rel(mb, ref[2]) <= MEAN_TOL and rel(mb, mb2.numpy()) <= 1e-12
         parts.append(ref)
-        for mu, m_new in ((mean, mb), (mean_b, mb2)):
-            if n1 == 0:
-                mu.copy_(m_new.to(state_dtype))
-            else:
-                mu.add_(m_new.to(state_dtype) - mu, alpha=ref[0] / (n1 + ref[0]))
-        n1 += ref[0]
         assert torch.equal(scatter, scatter.T)
-        _, _, c_ref = _merge64(parts)
+        n_ref, mean_ref, c_ref = _merge64(parts)
+        assert int(counts[0]) == n_ref
         assert rel(scatter, c_ref) <= COV_TOL[dtype]
         assert rel(scatter, scatter_b.double().numpy()) <= 1e-5
+        assert rel(mean, mean_ref) <= MEAN_TOL and rel(mean, mean_b.double().numpy()) <= 1e-6
 
 
 def test_staged_strict_and_argument_checks(ops):
@@ -514,7 +538,8 @@ def test_staged_strict_and_argument_checks(ops):
         ops.stage_rows_(x, torch.ones(4, dtype=torch.bool), True, *good.values())
     with pytest.raises(RuntimeError, match="status must be"):
         ops.batch_update_staged_(x, good["scale"], torch.empty(4, dtype=torch.uint8), good["sum_"],
-                                 False, 0, torch.zeros(4), torch.zeros(4, 4))
+                                 False, torch.zeros(2, dtype=torch.int64), torch.zeros(4),
+                                 torch.zeros(4, 4))
 
 
 # ------------------------------------------------------------------ matmul_rows (g_b · W)
@@ -572,17 +597,17 @@ def test_opcheck(ops):
         (ops.batch_stats.default, (x.bfloat16(), mask, False)),
         (ops.batch_stats.default, (x.t().contiguous().t().half(), mask, True)),
         (ops.cross_stats.default, (x, torch.randn(50, 3, generator=gen), mask, True)),
-        (ops.batch_update_.default, (x, mask, True, False, 10, torch.randn(7, generator=gen),
-                                     torch.eye(7))),
-        (ops.batch_update_.default, (x.bfloat16(), None, True, True, 0, torch.zeros(7).double(),
-                                     torch.zeros(7, 7).double())),
+        (ops.batch_update_.default, (x, mask, True, False, torch.tensor([10, 2]),
+                                     torch.randn(7, generator=gen), torch.eye(7))),
+        (ops.batch_update_.default, (x.bfloat16(), None, True, True, torch.tensor([0, 0]),
+                                     torch.zeros(7).double(), torch.zeros(7, 7).double())),
         (ops.stage_rows_.default, (x, mask, True, torch.empty(50, 7), torch.empty(50),
                                    torch.empty(50, dtype=torch.uint8),
                                    torch.zeros(7, dtype=torch.float64))),
         (ops.batch_update_staged_.default,
          (x, torch.rand(50, generator=gen), torch.full((50,), 2, dtype=torch.uint8),
-          torch.randn(7, dtype=torch.float64, generator=gen), False, 5, torch.zeros(7),
-          torch.eye(7))),
+          torch.randn(7, dtype=torch.float64, generator=gen), False, torch.tensor([5, 0]),
+          torch.zeros(7), torch.eye(7))),
         (ops.matmul_rows.default, (x, torch.randn(7, 9, generator=gen))),
         (ops.matmul_rows.default, (x.t().contiguous().t(), torch.randn(9, 7, generator=gen).t())),
     ]
@@ -606,8 +631,12 @@ def test_fake_kernels(ops):
         mm = ops.matmul_rows(g, torch.empty(3, 8))
         assert (mm.shape, mm.dtype) == ((10, 8), torch.float32)
         mb, counts = ops.batch_update_staged_(x, torch.empty(10), torch.empty(10, dtype=torch.uint8),
-                                              torch.empty(5, dtype=torch.float64), False, 0,
-                                              torch.empty(5), torch.empty(5, 5))
+                                              torch.empty(5, dtype=torch.float64), False,
+                                              torch.empty(2, dtype=torch.int64), torch.empty(5),
+                                              torch.empty(5, 5))
+        assert (mb.shape, mb.dtype, counts.shape) == ((5,), torch.float64, (2,))
+        mb, counts = ops.batch_update_(x, None, True, False, torch.empty(2, dtype=torch.int64),
+                                       torch.empty(5), torch.empty(5, 5))
         assert (mb.shape, mb.dtype, counts.shape) == ((5,), torch.float64, (2,))
 
 

@@ -208,6 +208,127 @@ def test_state_dict_round_trip_exact():
     assert torch.equal(r2.update(more).scatter, m.update(more).scatter)
 
 
+def _good_sd(dim=4, n=10):
+    gen = torch.Generator().manual_seed(3)
+    return Moments(dim).update(make_rows(gen, n, dim)).state_dict()
+
+
+def _with(**changes):
+    sd = _good_sd()
+    for k, v in changes.items():
+        if v is _DROP:
+            del sd[k]
+        elif callable(v):
+            sd[k] = v(sd[k])
+        else:
+            sd[k] = v
+    return sd
+
+
+_DROP = object()
+_NAN = float("nan")
+
+
+@pytest.mark.parametrize("changes,exc,field", [
+    (dict(n=-100), ValueError, "'n'"),
+    (dict(n=1.7), ValueError, "'n'"),
+    (dict(n=2.0), ValueError, "'n'"),
+    (dict(n=True), ValueError, "'n'"),
+    (dict(n="10"), ValueError, "'n'"),
+    (dict(n_skipped=-1), ValueError, "'n_skipped'"),
+    (dict(n_skipped=0.5), ValueError, "'n_skipped'"),
+    (dict(normalize="False"), TypeError, "'normalize'"),
+    (dict(normalize=1), TypeError, "'normalize'"),
+    (dict(dim=0), ValueError, "'dim'"),
+    (dict(dim=4.0), ValueError, "'dim'"),
+    (dict(dim=True), ValueError, "'dim'"),
+    (dict(dim=5), ValueError, "'mean'"),
+    (dict(dtype="float16"), ValueError, "'dtype'"),
+    (dict(dtype=torch.float64), ValueError, "'dtype'"),
+    (dict(mean=[0.0] * 4), TypeError, "'mean'"),
+    (dict(mean=lambda t: t.long()), TypeError, "'mean'"),
+    (dict(mean=lambda t: t[:3]), ValueError, "'mean'"),
+    (dict(mean=lambda t: t.clone().index_fill_(0, torch.tensor([1]), _NAN)), ValueError, "'mean'"),
+    (dict(scatter_triu=lambda t: t[:-1]), ValueError, "'scatter_triu'"),
+    (dict(scatter_triu=lambda t: t.reshape(2, 5)), ValueError, "'scatter_triu'"),
+    (dict(scatter_triu=lambda t: t.clone().index_fill_(0, torch.tensor([4]), float("inf"))),
+     ValueError, "'scatter_triu'"),
+    (dict(scatter_triu=lambda t: t.half()), TypeError, "'scatter_triu'"),
+    (dict(n=0), ValueError, "'mean'"),  # n = 0 with a nonzero mean: not a state
+    (dict(scatter_triu=_DROP), KeyError, "scatter_triu"),
+])
+def test_from_state_dict_refuses_bad_fields(changes, exc, field):
+    """Every field is checked (type, bool type, int >= 0, shape, dtype, finite) and a bad one
+    is a one-line error naming it (TypeError for a wrong type; ValueError for a bad value,
+    an int field given a float included, as ``Moments(dim=2.5)``)."""
+    with pytest.raises(exc) as info:
+        Moments.from_state_dict(_with(**changes))
+    msg = str(info.value)
+    assert field in msg and "\n" not in msg, msg
+
+
+def test_from_state_dict_checks_shapes_before_allocating(monkeypatch):
+    """A state dict claiming dim = 20000 with small tensors is refused before any (dim, dim)
+    tensor exists (that would be 3.2 GB)."""
+    big = []
+    for name in ("zeros", "empty", "full", "ones"):
+        real = getattr(torch, name)
+
+        def spy(*size, _real=real, **kw):
+            dims = size[0] if len(size) == 1 and isinstance(size[0], (tuple, list)) else size
+            if all(isinstance(v, int) for v in dims) and int(np.prod(dims or [1])) >= 10**7:
+                big.append(tuple(dims))
+                raise MemoryError(f"test: a {tuple(dims)} tensor")
+            return _real(*size, **kw)
+
+        monkeypatch.setattr(torch, name, spy)
+    sd = _with(dim=20000)
+    with pytest.raises(ValueError, match="'mean' must have shape \\(20000,\\)"):
+        Moments.from_state_dict(sd)
+    assert not big, big
+
+
+def test_from_state_dict_accepts_what_state_dict_writes():
+    """numpy integers and bools (what a round trip through numpy may give) are accepted; a
+    float32 state keeps its dtype; a state with no row (n = 0, zeros) loads."""
+    sd = _with(n=np.int64(10), n_skipped=np.int32(0), normalize=np.bool_(True))
+    m = Moments.from_state_dict(sd)
+    assert (m.n, m.n_skipped, m.normalize) == (10, 0, True) and type(m.n) is int
+    empty = Moments(3, dtype=torch.float32).state_dict()
+    r = Moments.from_state_dict(empty)
+    assert r.n == 0 and r.dtype == torch.float32 and not r.scatter.any()
+
+
+def test_load_packed_and_replace_state_check_first():
+    """The internal loads refuse bad tensors and counts, naming them, and change nothing."""
+    m = Moments(4).update(torch.randn(10, 4))
+    before = _state(m)
+    sd = _good_sd()
+    bad = [
+        (lambda: m.load_packed(sd["mean"][:3], sd["scatter_triu"]), ValueError, "'mean'"),
+        (lambda: m.load_packed(sd["mean"], sd["scatter_triu"].long()), TypeError, "'scatter_triu'"),
+        (lambda: m.load_packed(sd["mean"] * _NAN, sd["scatter_triu"]), ValueError, "'mean'"),
+        (lambda: m.replace_state(-1, 0, sd["mean"], sd["scatter_triu"]), ValueError, "'n'"),
+        (lambda: m.replace_state(3, 1.5, sd["mean"], sd["scatter_triu"]), ValueError,
+         "'n_skipped'"),
+        (lambda: m.replace_state(3, 0), ValueError, "needs a mean"),
+        (lambda: m.replace_state(0, 0, sd["mean"], sd["scatter_triu"]), ValueError, "n=0"),
+    ]
+    for call, exc, field in bad:
+        with pytest.raises(exc, match=field):
+            call()
+        assert _same(before, _state(m))
+    m.replace_state(10, 2, sd["mean"], sd["scatter_triu"])
+    r = Moments.from_state_dict(sd)
+    assert (m.n, m.n_skipped) == (10, 2)
+    assert torch.equal(m.mean, r.mean) and torch.equal(m.scatter, r.scatter)
+    m.replace_state(0, 5)
+    assert (m.n, m.n_skipped) == (0, 5) and not m.scatter.any() and m.device is not None
+    u = Moments(4)
+    u.replace_state(0, 1)
+    assert u.device is None and u.n_skipped == 1
+
+
 def test_views_match_definitions():
     gen = torch.Generator().manual_seed(9)
     x = make_rows(gen, 500, 13, mean_ratio=3.0)

@@ -64,8 +64,9 @@ class CrossStats(NamedTuple):
     scatter: torch.Tensor  # (Dg, Dh), Σ (ĝ − μ_g)(ĥ − μ_h)ᵀ, not symmetric
 
 
-#: the fused result of :meth:`Backend.update_state` / :meth:`Backend.update_staged`:
-#: ``(n_b, n_skipped, μ_b)`` with μ_b float64 (D,)
+#: the fused result of :meth:`Backend.update_state` / :meth:`Backend.update_staged`: the batch's
+#: ``(n_b, n_skipped, μ_b)`` with μ_b float64 (D,) (the state has taken it already, unless
+#: refused)
 FusedResult = Tuple[int, int, torch.Tensor]
 
 
@@ -116,20 +117,24 @@ class Backend:
             f"backend {self.name!r} does not offer {method}() (capability {flag!r} is False)")
 
     def update_state(self, x: torch.Tensor, mask: Optional[torch.Tensor], normalize: bool,
-                     strict: bool, n1: int, mean: torch.Tensor, scatter: torch.Tensor
-                     ) -> Optional[FusedResult]:
-        """Capability ``fused_update``: merge the batch into a running state in the kernel.
+                     strict: bool, counts: torch.Tensor, mean: torch.Tensor,
+                     scatter: torch.Tensor) -> Optional[FusedResult]:
+        """Capability ``fused_update``: merge the batch into a running state, in place, in one
+        step that cannot be interrupted half-way (one compiled op: the state's commit point).
 
-        ``x`` (N, D), ``mask`` (N,) bool or None; the state is ``n1`` rows with ``mean`` (D,)
-        and ``scatter`` (D, D), float32 or float64. The kernel adds, in place,
+        ``x`` (N, D), ``mask`` (N,) bool or None; the state is ``counts`` int64 (2,) =
+        ``[n1, n_skipped]`` on the CPU, ``mean`` (D,) and ``scatter`` (D, D), float32 or
+        float64. The call writes
 
             scatter ← scatter + C_b + δδᵀ · n1·n_b/(n1 + n_b),   δ = μ_b − mean
-            (scatter ← C_b when n1 = 0)
+            (scatter ← C_b when n1 = 0; C_b is never materialised)
+            mean ← mean + δ · n_b/(n1 + n_b)   (float64, rounded once)
+            counts ← counts + [n_b, n_skipped_b]
 
-        (Chan–Golub–LeVeque; C_b is never materialised) and leaves ``mean`` to the caller.
-        With ``strict`` and a skipped row, the state is left untouched. Returns
-        ``(n_b, n_skipped, μ_b)`` (μ_b float64 (D,)), or None when the state is not one the
-        kernel takes (then the caller uses :meth:`batch_stats`).
+        (Chan–Golub–LeVeque). With ``strict`` and a skipped row, or when an argument is
+        refused, nothing is written. Returns the batch's ``(n_b, n_skipped, μ_b)`` (μ_b float64
+        (D,)), or None when the state is not one the kernel takes (then the caller uses
+        :meth:`batch_stats`).
         """
         raise self._unsupported("update_state", "fused_update")
 
@@ -144,11 +149,12 @@ class Backend:
         raise self._unsupported("stage_rows", "row_staging")
 
     def update_staged(self, x: torch.Tensor, scale: torch.Tensor, status: torch.Tensor,
-                      sum_: torch.Tensor, strict: bool, n1: int, mean: torch.Tensor,
+                      sum_: torch.Tensor, strict: bool, counts: torch.Tensor, mean: torch.Tensor,
                       scatter: torch.Tensor) -> Optional[FusedResult]:
         """Capability ``row_staging``: :meth:`update_state` of rows ``x`` (R, D) that
-        :meth:`stage_rows` staged (their ``status``, ``scale`` and ``sum_``), without reading
-        them for pass 1 again. Same state, result and None case as :meth:`update_state`."""
+        :meth:`stage_rows` staged (their ``status``, ``scale`` and ``sum_``, read and never
+        changed), without reading them for pass 1 again. Same state, commit, result and None
+        case as :meth:`update_state`."""
         raise self._unsupported("update_staged", "row_staging")
 
     def matmul_rows(self, x: torch.Tensor, w: torch.Tensor) -> Optional[torch.Tensor]:

@@ -15,13 +15,16 @@ Ops (registered by ``TORCH_LIBRARY(crh)`` in csrc/bindings.cpp)::
     torch.ops.crh.cross_stats(g (N, Dg), h (N, Dh), mask | None, normalize)
         -> mean_g f64 (Dg,), mean_h f64 (Dh,), scatter f32 (Dg, Dh), counts i64 [n, n_skipped]
 
-    torch.ops.crh.batch_update_(x, mask | None, normalize, strict, n1, state_mean, state_scatter)
-        -> mean f64 (D,), counts     (CPU only: the batch merged into state_scatter in place)
+    torch.ops.crh.batch_update_(x, mask | None, normalize, strict, state_counts, state_mean,
+                                state_scatter)
+        -> mean f64 (D,), counts of the batch   (CPU only: the batch merged into the state,
+           counts i64 [n, n_skipped], mean and scatter f32/f64, in place: one commit point)
     torch.ops.crh.stage_rows_(x (R, D), mask | None, normalize, buf (R, D), scale f32 (R,),
                               status u8 (R,), sum f64 (D,)) -> None
         (CPU only: x copied into buf with pass 1 on the way; sum += Σ s_i x_i;
          status 0 masked, 1 skipped, 2 valid: ROW_MASKED, ROW_SKIPPED, ROW_VALID of base.py)
-    torch.ops.crh.batch_update_staged_(x, scale, status, sum, strict, n1, state_mean, state_scatter)
+    torch.ops.crh.batch_update_staged_(x, scale, status, sum, strict, state_counts, state_mean,
+                                       state_scatter)
         -> mean f64 (D,), counts     (CPU only: batch_update_ of rows staged by stage_rows_)
     torch.ops.crh.matmul_rows(x (N, K) f32, w (K, M) f32) -> (N, M) f32   (CPU only)
 
@@ -57,6 +60,9 @@ def load_extension(kind: str):
     """``(module or None, how it was loaded or why it was not)`` for the ``kind`` ("cpu" or
     "cuda") extension: prebuilt, else JIT-built. Cached per process; the first successful
     CPU load registers the ops' fake kernels."""
+    loaded = _LOADED.get(kind)  # no lock once loaded: the dict entry is written once
+    if loaded is not None:
+        return loaded
     with _LOCK:
         if kind in _LOADED:
             return _LOADED[kind]
@@ -94,12 +100,13 @@ def _register_fakes() -> None:
                 x.new_empty((2,), dtype=torch.int64))
 
     @torch.library.register_fake("crh::batch_update_")
-    def _batch_update_fake(x, mask, normalize, strict, n1, state_mean, state_scatter):
+    def _batch_update_fake(x, mask, normalize, strict, state_counts, state_mean, state_scatter):
         d = x.shape[1]
         return x.new_empty((d,), dtype=torch.float64), x.new_empty((2,), dtype=torch.int64)
 
     @torch.library.register_fake("crh::batch_update_staged_")
-    def _batch_update_staged_fake(x, scale, status, sum_, strict, n1, state_mean, state_scatter):
+    def _batch_update_staged_fake(x, scale, status, sum_, strict, state_counts, state_mean,
+                                  state_scatter):
         d = x.shape[1]
         return x.new_empty((d,), dtype=torch.float64), x.new_empty((2,), dtype=torch.int64)
 
@@ -152,16 +159,17 @@ class CppBackend(OpsBackend):
     row_matmul = True
 
     def update_state(self, x: torch.Tensor, mask: Optional[torch.Tensor], normalize: bool,
-                     strict: bool, n1: int, mean: torch.Tensor, scatter: torch.Tensor
-                     ) -> Optional[FusedResult]:
-        """Merge the batch into a CPU state in the kernel's last pass (no (D, D) batch
-        scatter, no separate merge). Returns ``(n, n_skipped, batch mean)``, or None when the
-        state is not one the kernel takes (then use :meth:`batch_stats`)."""
-        if not self._takes_state(mean, scatter):
+                     strict: bool, counts: torch.Tensor, mean: torch.Tensor,
+                     scatter: torch.Tensor) -> Optional[FusedResult]:
+        """Merge the batch into a CPU state (counts, mean and scatter) in one op call, the
+        scatter in the kernel's last pass (no (D, D) batch scatter, no separate merge).
+        Returns the batch's ``(n, n_skipped, mean)``, or None when the state is not one the
+        kernel takes (then use :meth:`batch_stats`)."""
+        if not self._takes_state(counts, mean, scatter):
             return None
-        mean_b, counts = torch.ops.crh.batch_update_(x, mask, bool(normalize), bool(strict),
-                                                     int(n1), mean, scatter)
-        n, skipped = (int(v) for v in counts.tolist())
+        mean_b, counts_b = torch.ops.crh.batch_update_(x, mask, bool(normalize), bool(strict),
+                                                       counts, mean, scatter)
+        n, skipped = counts_b.tolist()
         return n, skipped, mean_b
 
     def stage_rows(self, x: torch.Tensor, mask: Optional[torch.Tensor], normalize: bool,
@@ -173,21 +181,23 @@ class CppBackend(OpsBackend):
         torch.ops.crh.stage_rows_(x, mask, bool(normalize), buf, scale, status, sum_)
 
     def update_staged(self, x: torch.Tensor, scale: torch.Tensor, status: torch.Tensor,
-                      sum_: torch.Tensor, strict: bool, n1: int, mean: torch.Tensor,
-                      scatter: torch.Tensor) -> Optional[FusedResult]:
+                      sum_: torch.Tensor, strict: bool, counts: torch.Tensor,
+                      mean: torch.Tensor, scatter: torch.Tensor) -> Optional[FusedResult]:
         """:meth:`update_state` of rows that :meth:`stage_rows` staged (its status, scale and
-        sum); None when the state is not one the kernel takes."""
-        if not self._takes_state(mean, scatter):
+        sum, which are read, never changed); None when the state is not one the kernel
+        takes."""
+        if not self._takes_state(counts, mean, scatter):
             return None
-        mean_b, counts = torch.ops.crh.batch_update_staged_(x, scale, status, sum_, bool(strict),
-                                                            int(n1), mean, scatter)
-        n, skipped = (int(v) for v in counts.tolist())
+        mean_b, counts_b = torch.ops.crh.batch_update_staged_(x, scale, status, sum_,
+                                                              bool(strict), counts, mean, scatter)
+        n, skipped = counts_b.tolist()
         return n, skipped, mean_b
 
     @staticmethod
-    def _takes_state(mean: torch.Tensor, scatter: torch.Tensor) -> bool:
+    def _takes_state(counts: torch.Tensor, mean: torch.Tensor, scatter: torch.Tensor) -> bool:
         return (scatter.device.type == "cpu" and scatter.dtype in (torch.float32, torch.float64)
-                and scatter.is_contiguous() and mean.is_contiguous())
+                and scatter.is_contiguous() and mean.is_contiguous()
+                and counts.dtype == torch.int64 and counts.device.type == "cpu")
 
     def matmul_rows(self, x: torch.Tensor, w: torch.Tensor) -> Optional[torch.Tensor]:
         """``x @ w`` (2-D float32 CPU tensors) through the covariance's inner kernels
