@@ -1,11 +1,16 @@
 """Build of the optional C++/CUDA extensions (metadata lives in pyproject.toml).
 
+torch is deliberately not a build requirement: in pip's isolated build environment an unpinned
+torch resolves to the newest (multi-GB CUDA) build, which the extension would then be compiled
+against while another torch runs it. So the extensions are built at install time only when
+torch is importable in the build environment, i.e. with the torch already installed:
+
     pip install -c .ci/constraints.txt --no-build-isolation -e ".[test]"
 
-builds ``crh_kernels._C`` (CPU kernels, C++17 + OpenMP) whenever torch is importable, and
-``crh_kernels._C_cuda`` (CUDA kernels) only with a CUDA build of torch and nvcc. Without a
-compiled extension the package still installs: the ``cpp`` backend then tries a JIT build on
-first use (crh_kernels/_build.py) and otherwise reports why it is unavailable.
+builds ``crh_kernels._C`` (CPU kernels, C++17 + OpenMP), and ``crh_kernels._C_cuda`` (CUDA
+kernels) only with a CUDA build of torch and nvcc. A plain ``pip install .`` (isolated build, no
+torch there) installs pure Python: the ``cpp`` backend then JIT-builds the extension on first
+use and caches it (crh_kernels/_build.py), and otherwise reports why it is unavailable.
 
 Switches (read here, at build time only):
   CRH_REQUIRE_CPP=1       a failed CPU build fails the install (CI) instead of a warning
@@ -15,9 +20,11 @@ Switches (read here, at build time only):
                           visible GPUs, else "8.0;9.0+PTX"
 """
 import os
+import shutil
 import sys
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 
 def _flag(name):
@@ -28,17 +35,6 @@ def _log(msg):
     print(f"crh_kernels setup: {msg}", file=sys.stderr)
 
 
-ext_modules = []
-cmdclass = {}
-
-try:
-    import torch
-    from torch.utils import cpp_extension
-except Exception as exc:  # no torch in this environment (e.g. pip's isolated build env)
-    torch = None
-    _log(f"torch is not importable ({type(exc).__name__}: {exc}); installing without the C++ "
-         f"extension (use --no-build-isolation to build it)")
-
 # Sources and headers of the two extensions: the same lists as crh_kernels/_build.py's (the JIT
 # build; tests/test_cpp.py checks that they agree).
 CPU_SOURCES = ("moments_cpu.cpp", "matmul_rows.cpp", "bindings.cpp")
@@ -47,7 +43,34 @@ CPU_HEADERS = ("moments_cpu.h", "cpu_common.h", "cpu_microkernels.h", "row_statu
 CUDA_SOURCES = ("moments_cuda.cu", "bindings_cuda.cpp")
 CUDA_HEADERS = ("moments_cuda.h", "row_status.h", "bindings_common.h")
 
-if torch is not None:
+
+class BuildPyWithSources(build_py):
+    """Ships csrc/ inside the package (``crh_kernels/_csrc``) so that an install without a
+    prebuilt extension can JIT-build it (crh_kernels/_build.py looks there first). Editable
+    installs skip this: the JIT build reads the checkout's csrc/."""
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return
+        dest = os.path.join(self.build_lib, "crh_kernels", "_csrc")
+        os.makedirs(dest, exist_ok=True)
+        for name in sorted({*CPU_SOURCES, *CPU_HEADERS, *CUDA_SOURCES, *CUDA_HEADERS}):
+            shutil.copy2(os.path.join("csrc", name), dest)
+
+
+def extensions():
+    """``(ext_modules, cmdclass)`` for setup(): empty when torch is not importable here."""
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except Exception as exc:  # no torch in this environment (e.g. pip's isolated build env)
+        _log(f"torch is not importable ({type(exc).__name__}: {exc}); installing without the "
+             f"C++ extension (it is JIT-built at first use; --no-build-isolation with torch "
+             f"installed builds it now)")
+        return [], {}
+
+    ext_modules = []
     csrc = "csrc"  # relative: setuptools wants source paths relative to setup.py
     openmp = [] if sys.platform == "darwin" else ["-fopenmp"]  # Apple clang has no -fopenmp
     # no -std: torch's cpp_extension picks the standard its headers need (C++17 or newer)
@@ -120,7 +143,11 @@ if torch is not None:
         def get_output_mapping(self):
             return {k: v for k, v in super().get_output_mapping().items() if os.path.exists(v)}
 
-    cmdclass["build_ext"] = BuildExt.with_options(
-        use_ninja=cpp_extension.is_ninja_available())
+    return ext_modules, {"build_ext": BuildExt.with_options(
+        use_ninja=cpp_extension.is_ninja_available())}
 
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+
+# setuptools runs this file as __main__; tests import it to call extensions()
+if __name__ == "__main__":
+    ext_modules, cmdclass = extensions()
+    setup(ext_modules=ext_modules, cmdclass={"build_py": BuildPyWithSources, **cmdclass})

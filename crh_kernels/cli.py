@@ -1,12 +1,14 @@
 """``crh``: reproduce the paper's experiments and measure real models.
 
-Argument parsing and progress bars only; the work lives in :mod:`crh_kernels.experiments`.
+Argument parsing and progress only; the work lives in :mod:`crh_kernels.experiments`.
+Progress goes to stderr: tqdm bars on a terminal, plain lines otherwise (a log file, a pipe, CI):
+no carriage return or escape code ever reaches a file.
 
     crh run fc1                         # the main job (CPU settings)
     crh run fc2 --steps 20000 --seed 1
     crh run transformer --device cuda   # full-scale settings on a GPU
     crh run minilm --set n_texts=512
-    crh run fc1 --tiny --out /tmp/x     # seconds: the configuration the tests use
+    crh run fc1 --tiny --out /tmp/x     # seconds: a smoke test (the tests' configuration)
     crh report runs/fc1-20250101-120000 # rebuild table, claims and figures from report.json
     crh list                            # experiments, profiles and settings
     crh check                           # each backend: accuracy against float64, time
@@ -30,6 +32,11 @@ from pathlib import Path
 from typing import List, Optional
 
 from .experiments import EXPERIMENTS
+
+
+#: How long `crh run fc1` takes: one measured figure, quoted verbatim in README.md and
+#: docs/experiments.md (tests/test_cli.py checks that the three agree).
+FC1_RUN_TIME = "92 s on a 2-core CPU shared with other jobs, measured 2026-11-30"
 
 
 def _positive_int(text: str) -> int:
@@ -75,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "Alignment Hypothesis (PAH) of Ziyin et al.: reproduce the paper's experiments "
                     "and measure a real pretrained transformer (experiments: "
                     f"{', '.join(EXPERIMENTS)}; `crh list` describes each).",
-        epilog="Start with `crh run fc1` (≈ 2 minutes on a CPU). `crh run EXPERIMENT --help` lists "
+        epilog=f"Start with `crh run fc1` ({FC1_RUN_TIME}). `crh run EXPERIMENT --help` lists "
                "the run options; `crh list` the experiments and their settings.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -97,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "replaced once the new run has finished training (other files are kept)")
     r.add_argument("--seed", type=_int, default=0, metavar="S", help="seed of everything (default 0)")
     r.add_argument("--tiny", action="store_true",
-                   help="the tiny configuration the tests use (seconds; numbers not meaningful)")
+                   help="a smoke test: the tests' tiny configuration (seconds); its numbers mean "
+                        "nothing, and table.txt, claims.md and the output say so")
     r.add_argument("--profile", choices=("tiny", "cpu", "cuda"),
                    help="settings profile (default: cpu, or cuda with --device cuda)")
     r.add_argument("--set", dest="settings", action="append", type=_setting, default=[],
@@ -133,14 +141,74 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _progress(quiet: bool):
+class LineBar:
+    """The progress of one loop as plain lines, for output that is not a terminal: a line at
+    most every ``interval`` seconds while it runs and one when it ends (tqdm-like: ``update``,
+    ``set_postfix``, ``set_description``, ``close``, context manager)."""
+
+    def __init__(self, total: Optional[int] = None, desc: str = "", stream=None,
+                 interval: float = 30.0):
+        self.total, self.desc, self.n = total, desc, 0
+        self.stream = stream if stream is not None else sys.stderr
+        self.interval = interval
+        self._t0 = self._last = time.monotonic()
+        self._postfix: dict = {}
+        self._closed = False
+
+    def _line(self, what: str) -> None:
+        took = time.monotonic() - self._t0
+        tail = "".join(f", {k}={v}" for k, v in self._postfix.items())
+        print(f"{self.desc or 'progress'}: {what} after {took:.0f} s{tail}", file=self.stream, flush=True)
+
+    def _count(self) -> str:
+        if self.total:
+            return f"{self.n}/{self.total} ({100.0 * self.n / self.total:.0f}%)"
+        return str(self.n)
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.monotonic()
+        if now - self._last >= self.interval:
+            self._last = now
+            self._line(self._count())
+
+    def set_postfix(self, ordered_dict=None, refresh: bool = True, **kwargs) -> None:
+        self._postfix = dict(ordered_dict or {}, **kwargs)  # formatted only when a line is printed
+
+    def set_description(self, desc: str, refresh: bool = True) -> None:
+        self.desc = desc
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._line(f"done, {self._count()}")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _progress(quiet: bool, stream=None):
+    """The progress-bar factory of a run: nothing with ``--quiet``; tqdm on a terminal; plain
+    lines (:class:`LineBar`) when ``stream`` (default stderr) is not one."""
     if quiet:
         from .experiments.runs import null_progress
         return null_progress
+    stream = stream if stream is not None else sys.stderr
+    try:
+        tty = stream.isatty()
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        tty = False
+    if not tty:
+        def lines(total=None, desc: str = "", leave: bool = False, **kwargs):
+            return LineBar(total, desc, stream)
+        return lines
     from tqdm.auto import tqdm
 
     def make(total=None, desc: str = "", leave: bool = False, **kwargs):
-        return tqdm(total=total, desc=desc, leave=leave, dynamic_ncols=True, file=sys.stderr,
+        return tqdm(total=total, desc=desc, leave=leave, dynamic_ncols=True, file=stream,
                     mininterval=0.5, **kwargs)
     return make
 
@@ -192,7 +260,8 @@ def _backend_problem(name: str, device) -> Optional[str]:
 def _cmd_run(args, parser) -> int:
     import torch
     from . import _env
-    from .experiments import (ExperimentError, MissingData, RunDirError, profile_config, run_experiment)
+    from .experiments import (ExperimentError, MissingData, RunDirError, profile_config, run_experiment,
+                              smoke_note)
     from .experiments import claims as C
     from .experiments.runs import Context, default_max_memory, human_bytes, prepare_run_dir, remove_if_empty
 
@@ -232,8 +301,9 @@ def _cmd_run(args, parser) -> int:
     ctx = Context(device=device, seed=args.seed, progress=_progress(args.quiet), log=_log(args.quiet),
                   warn=_warn, max_memory=max_memory, backend=args.backend)
     log = _log(args.quiet)
+    note = smoke_note(profile)
     log(f"crh run {args.experiment}: profile {profile}, device {device}, seed {args.seed}, "
-        f"out {out}, memory budget {human_bytes(max_memory)}")
+        f"out {out}, memory budget {human_bytes(max_memory)}" + (f"\n{note}" if note else ""))
     t0 = time.perf_counter()
     try:
         result, claims, figures, saved = run_experiment(args.experiment, out, ctx, profile=profile,
@@ -250,9 +320,12 @@ def _cmd_run(args, parser) -> int:
         raise
     wall = time.perf_counter() - t0
     out = Path(saved.get("run_dir", out))
+    if note:
+        print(note)
+        print()
     print(result.report.table())
     print()
-    print(C.to_text(claims))
+    print(C.to_text(claims, note=note))
     print()
     if args.no_plots:
         figs = "no figures (--no-plots)"
@@ -268,7 +341,7 @@ def _cmd_run(args, parser) -> int:
 
 
 def _cmd_report(args, parser) -> int:
-    from .experiments import ExperimentError, SavedRunError, rebuild
+    from .experiments import ExperimentError, SavedRunError, rebuild, smoke_note
     from .experiments import claims as C
     run_dir = Path(args.run_dir)
     rp = parser.commands["report"]
@@ -286,12 +359,18 @@ def _cmd_report(args, parser) -> int:
         print(f"crh report: error: {run_dir}: cannot read the saved run ({type(exc).__name__}: {first})",
               file=sys.stderr)
         return 2
+    note = smoke_note(saved.get("profile"))
+    if note:
+        print(note)
+        print()
     print(report.table())
     print()
-    print(C.to_text(claims))
+    print(C.to_text(claims, note=note))
     print()
+    missing = saved.get("not_redrawn") or {}
     print(f"rebuilt {run_dir}/table.txt, {run_dir}/claims.md"
-          + (f" and {len(figures)} figures in {run_dir}/figures" if figures else ""))
+          + (f" and {len(figures)} figures in {run_dir}/figures" if figures else "")
+          + (f"; not redrawn: {', '.join(missing)} ({next(iter(missing.values()))})" if missing else ""))
     return 0
 
 

@@ -7,6 +7,8 @@ derived views, and (de)serialisation. The batch statistics come from a backend
 from __future__ import annotations
 
 import numbers
+import os
+import sys
 import threading
 import warnings
 from collections.abc import Mapping
@@ -94,6 +96,25 @@ class _State:
         self.mean = mean
         self.scatter = scatter
         self.device = device
+
+
+
+# Where this package and torch live: a warning about the user's rows names the first frame
+# outside both (the user's call), as Python 3.12's warnings.warn(skip_file_prefixes=...) would;
+# 3.10 and 3.11 lack that argument, so the stack level is counted here.
+_INTERNAL_DIRS = (os.path.dirname(os.path.abspath(__file__)) + os.sep,
+                  os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)
+
+
+def _user_stacklevel(fallback: int) -> int:
+    """The ``stacklevel`` for a ``warnings.warn`` made by the caller of this function that names
+    the first frame outside crh_kernels and torch: the user's ``m.update(x)``, ``model(x)``,
+    ``loss.backward()``, ``col.step()`` or ``with col:`` rather than the collector's hooks or row
+    stager. ``fallback`` when every frame is internal (autograd's worker threads)."""
+    f, level = sys._getframe(1), 1
+    while f is not None and f.f_code.co_filename.startswith(_INTERNAL_DIRS):
+        f, level = f.f_back, level + 1
+    return level if f is not None else fallback
 
 
 class Moments:
@@ -285,7 +306,7 @@ class Moments:
         if not self._warned:
             warnings.warn(f"Moments(dim={self.dim}): skipped {k} {what} row(s); they are counted "
                           f"in n_skipped (further occurrences are not reported)", RuntimeWarning,
-                          stacklevel=stacklevel)
+                          stacklevel=_user_stacklevel(stacklevel))
             self._warned = True
 
     def _merged(self, st: _State, n2: int, k2: int, mean2: Optional[torch.Tensor],

@@ -15,6 +15,11 @@ notebook's backend.
 * ``phase.png`` — the (p, q) plane: the six relation lines, the phase points of SPEC §4 and
   each layer as a point.
 * ``heatmap_<layer>.png`` — H, G, Z of a layer (b and a sides; paper Fig. 2).
+
+Every figure has a title saying what it shows, and a panel that cannot show what it is for (an
+exponent fit on too few modes, a spectrum without a slope) says why on the panel.
+* ``alpha_series.png`` — the six α against the training step, one panel per layer (heads of a
+  module: mean and min–max band), when the report has an α series (paper Fig. 6).
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ import numpy as np
 from .analysis import LINES, PHASES, RELATIONS, pairing_fit
 
 __all__ = ["plot_report", "plot_alpha", "plot_spectra", "plot_exponents", "plot_phase",
-           "plot_heatmaps", "unavailable"]
+           "plot_heatmaps", "plot_alpha_series", "unavailable", "heatmap_layers", "MAX_HEATMAPS"]
 
 _REL = RELATIONS
 _COLORS = {"forward_RGA": "#d62728", "forward_RWA": "#ff7f0e", "forward_GWA": "#bcbd22",
@@ -87,6 +92,38 @@ def _pick(items: list, k: Optional[int]) -> list:
     return [items[i] for i in idx]
 
 
+#: How many heatmap figures a run draws (``crh run`` and ``crh report`` alike).
+MAX_HEATMAPS = 8
+
+
+def _heatmap_groups(rep, max_heatmaps: Optional[int]) -> list:
+    return _pick(list(_groups(rep).items()), max_heatmaps)
+
+
+def heatmap_layers(rep, max_heatmaps: Optional[int] = MAX_HEATMAPS, max_heads: int = 8) -> List[str]:
+    """The layers whose matrices :func:`plot_heatmaps` draws with these limits (what a run
+    saves so that ``crh report`` can draw the same heatmaps again)."""
+    out = []
+    for _, members in _heatmap_groups(rep, max_heatmaps):
+        kind = (rep.layers.get(members[0]) or {}).get("kind")
+        out += members[:max_heads] if kind == "head" else members[:1]
+    return out
+
+
+def _fit_gap(fit) -> Optional[str]:
+    """Why an exponent fit (a :class:`LineFit` dict) has no slope, in short lines for a panel;
+    None when it has one."""
+    if not fit:
+        return "not fitted"
+    if fit.get("slope") is not None:
+        return None
+    n = fit.get("n_modes") or 0
+    if n < 2:
+        return (f"a fit needs ≥ 2 modes\nabove the floor; this layer\nhas "
+                f"{n} ({'a single singular value' if n == 1 else 'none'})")
+    return f"z is flat on its {n} modes\n(Z ∝ a projection)"
+
+
 # ---------------------------------------------------------------------------- alpha per layer
 def plot_alpha(rep, path: str) -> str:
     groups = _groups(rep)
@@ -119,6 +156,9 @@ def plot_alpha(rep, path: str) -> str:
         ax.set_title(title)
         if j == 0:
             ax.legend(fontsize=7, ncol=2, loc="lower left")
+    fig.suptitle("Alignment α of the six CRH relations per layer (1 = proportional matrices)\n"
+                 "solid: forward = the layer's output side (H_b, G_b, Z_b); dashed: backward = its "
+                 "input side (H_a, G_a, Z_a)", fontsize=9)
     return save_figure(fig, path)
 
 
@@ -131,6 +171,14 @@ def _ref_lines(ax, x: np.ndarray, y: np.ndarray) -> None:
     xs = np.array([x.min(), x.max()])
     for k in (1, 2, 3):
         ax.plot(xs, y[i] * (xs / x[i]) ** k, "--", color="0.6", lw=0.8)
+
+
+def _fit_ranks(lh: np.ndarray, lg: np.ndarray, floor: float) -> int:
+    """How many ranks :func:`~crh_kernels.analysis.pairing_fit` would fit (its support)."""
+    ok = np.isfinite(lh) & np.isfinite(lg) & (lh > 0) & (lg > 0)
+    if not ok.any():
+        return 0
+    return int((ok & (lh > floor * lh[ok].max()) & (lg > floor * lg[ok].max())).sum())
 
 
 def plot_spectra(rep, path: str, max_panels: Optional[int] = 24) -> str:
@@ -147,7 +195,7 @@ def plot_spectra(rep, path: str, max_panels: Optional[int] = 24) -> str:
         pass
     for k, (gname, members) in enumerate(groups):
         ax = fig.add_subplot(nrow, ncol, k + 1)
-        slopes, side = [], "b"
+        slopes, side, shown, ranks = [], "b", 0, []
         for c, name in enumerate(members):
             sp = rep.spectra(name)
             if "H_b" in sp and "G_b" in sp:
@@ -158,11 +206,13 @@ def plot_spectra(rep, path: str, max_panels: Optional[int] = 24) -> str:
                 side = "a"
             else:
                 continue
+            shown += 1
             m = min(lh.size, lg.size)
             lh, lg = lh[:m], lg[:m]
             ok = np.isfinite(lh) & np.isfinite(lg) & (lh > 0) & (lg > 0)
             ok &= (lh > 1e-9 * np.nanmax(lh)) & (lg > 1e-9 * np.nanmax(lg)) if ok.any() else ok
             color = cmap(c % 10) if cmap is not None else None
+            ranks.append(_fit_ranks(lh, lg, 1e-6))
             ax.scatter(lg[ok], lh[ok], s=6, color=color, alpha=0.8)
             if c == 0:
                 _ref_lines(ax, lg[ok], lh[ok])
@@ -179,8 +229,26 @@ def plot_spectra(rep, path: str, max_panels: Optional[int] = 24) -> str:
         if slopes:
             title += f"\nslope {np.mean(slopes):.2f}" + (f" ({min(slopes):.2f}–{max(slopes):.2f})"
                                                           if len(slopes) > 1 else "")
+        else:
+            title += "\nslope -"
         ax.set_title(title, fontsize=8)
+        if not shown:
+            have = sorted(rep.spectra(members[0]))
+            why = ("no spectra: needs H and G of one side\n(this layer has "
+                   + (", ".join(have) if have else "none") + ")")
+        elif not slopes:
+            n_ranks = max(ranks) if ranks else 0
+            why = ("no slope: a fit needs ≥ 3 ranks\nwith both λ above 10⁻⁶ of their\nmaximum "
+                   f"(this layer has {n_ranks})" if n_ranks < 3 else
+                   "no slope: λ_G is flat on the ranks above 10⁻⁶\nof its maximum")
+        else:
+            why = None
+        if why:
+            ax.text(0.5, 0.5, why, transform=ax.transAxes, ha="center", va="center", fontsize=7,
+                    color="0.3")
         _log_ticks(ax)
+    fig.suptitle("Sorted eigenvalues of H against those of G, paired by rank (paper Fig. 3)\n"
+                 "output side H_b, G_b where collected; grey dashed: slopes 1, 2, 3", fontsize=9)
     return save_figure(fig, path)
 
 
@@ -211,6 +279,12 @@ def plot_exponents(rep, path: str, max_panels: Optional[int] = 24) -> str:
         ax.set_xlabel("z = s² of W", fontsize=8)
         ax.set_title(f"{_short(name, 28)}\np={'-' if p is None else f'{p:.2f}'} "
                      f"q={'-' if q is None else f'{q:.2f}'}", fontsize=8)
+        gp, gq = _fit_gap(ex.get("p")), _fit_gap(ex.get("q"))
+        gaps = ([f"p, q undefined:\n{gp}"] if gp and gp == gq else
+                [f"{w} undefined:\n{g}" for w, g in (("p", gp), ("q", gq)) if g])
+        if gaps:
+            ax.text(0.5, 0.5, "\n".join(gaps), transform=ax.transAxes, ha="center", va="center",
+                    fontsize=7, color="0.3")
         _log_ticks(ax)
         if k == 0:
             ax.legend(fontsize=7)
@@ -218,6 +292,8 @@ def plot_exponents(rep, path: str, max_panels: Optional[int] = 24) -> str:
         ax = fig.add_subplot(1, 1, 1)
         ax.text(0.5, 0.5, "no layer has exponents\n(needs W, H_a and G_a)", ha="center", va="center")
         ax.set_axis_off()
+    fig.suptitle("Exponents in W's singular basis (docs/spec.md §4), one panel per layer with a weight\n"
+                 "h_i = v_iᵀH_a v_i ~ z_i^p and g_i = v_iᵀG_a v_i ~ z_i^q, z_i = s_i²", fontsize=9)
     return save_figure(fig, path)
 
 
@@ -256,14 +332,19 @@ def plot_phase(rep, path: str) -> str:
             ax.plot(p, q, "o", color=color, ms=7, mec="k", mew=0.5)
             ax.annotate(_short(name, 16), (p, q), textcoords="offset points", xytext=(5, -9),
                         fontsize=7, color="0.2")
+        left = [n for n, e in rep.layers.items() if e.get("p") is None or e.get("q") is None]
+        if left:
+            ax.text(0.99, 0.01, f"not placed, p or q undefined: {', '.join(_short(n, 16) for n in left[:4])}"
+                    + (f" and {len(left) - 4} more" if len(left) > 4 else ""),
+                    transform=ax.transAxes, ha="right", va="bottom", fontsize=7, color="0.3")
     else:
-        ax.text(0.5, 0.02, "no layer has (p, q): gradients or weights missing",
+        ax.text(0.5, 0.02, "no layer has (p, q): each needs W, H_a and G_a, and ≥ 2 modes above the floor",
                 transform=ax.transAxes, ha="center", fontsize=8)
     ax.set_xlim(lo_p, hi_p)
     ax.set_ylim(lo_q, hi_q)
     ax.set_xlabel("p   (h ~ z^p)")
     ax.set_ylabel("q   (g ~ z^q)")
-    ax.set_title("phase diagram (SPEC §4): layers in the (p, q) plane", fontsize=9)
+    ax.set_title("Phase diagram (docs/spec.md §4, the paper's Table 1): layers in the (p, q) plane", fontsize=9)
     ax.legend(fontsize=7, loc="upper left")
     return save_figure(fig, path)
 
@@ -290,7 +371,7 @@ def _heat(fig, nrow, ncol, k, m: Optional[np.ndarray], title: str):
 def plot_heatmaps(rep, out_dir: str, max_heatmaps: Optional[int] = None,
                   max_heads: int = 8) -> List[str]:
     paths = []
-    groups = _pick(list(_groups(rep).items()), max_heatmaps)
+    groups = _heatmap_groups(rep, max_heatmaps)
     for gname, members in groups:
         if not any(rep.matrices.get(n) for n in members):
             continue
@@ -301,15 +382,75 @@ def plot_heatmaps(rep, out_dir: str, max_heatmaps: Optional[int] = None,
                 mats = rep.matrices.get(name, {})
                 _heat(fig, len(heads), 2, 2 * i + 1, mats.get("H_b"), f"{_short(name, 24)}: H_b")
                 _heat(fig, len(heads), 2, 2 * i + 2, mats.get("G_b"), "G_b")
+            fig.suptitle(f"{gname}: per-head H_b, G_b (covariances of each head's output and its "
+                         f"gradient; {len(heads)} of {len(members)} heads)", fontsize=9)
         else:
             name = members[0]
             mats = rep.matrices.get(name, {})
             fig = figure(9.0, 5.6)
             for i, key in enumerate(("H_b", "G_b", "Z_b", "H_a", "G_a", "Z_a")):
                 _heat(fig, 2, 3, i + 1, mats.get(key), key)
-            fig.suptitle(name, fontsize=9)
+            fig.suptitle(f"{name}: H, G, Z (paper Fig. 2). Top: output side (H_b, G_b, Z_b = WWᵀ); "
+                         "bottom: input side (H_a, G_a, Z_a = WᵀW)", fontsize=9)
         paths.append(save_figure(fig, os.path.join(out_dir, f"heatmap_{_slug(gname)}.png")))
     return paths
+
+
+# --------------------------------------------------------------------------- α over training
+def plot_alpha_series(rep, path: str, max_panels: Optional[int] = 24) -> str:
+    """The six α against the step per layer, from ``rep.alpha_series`` (see Report)."""
+    series = rep.alpha_series
+    steps = np.array(series["steps"], dtype=float)
+    names = [n for n in rep.layers if n in series["layers"]]
+    names += [n for n in series["layers"] if n not in rep.layers]
+    groups: Dict[str, List[str]] = {}
+    for name in names:
+        e = rep.layers.get(name, {})
+        key = e.get("parent") if e.get("kind") == "head" and e.get("parent") else name
+        groups.setdefault(key, []).append(name)
+    groups_list = _pick(list(groups.items()), max_panels)
+    n = max(1, len(groups_list))
+    ncol = min(3, n)
+    nrow = math.ceil(n / ncol)
+    fig = figure(4.2 * ncol, 3.0 * nrow + 0.6)
+    for k, (gname, members) in enumerate(groups_list):
+        ax = fig.add_subplot(nrow, ncol, k + 1)
+        drawn = False
+        for rel in _REL:
+            vals = np.array([[_f(v) for v in series["layers"][m][rel]] for m in members])
+            if vals.size == 0 or not np.isfinite(vals).any():
+                continue
+            with np.errstate(all="ignore"):
+                ok = np.isfinite(vals)
+                cnt = ok.sum(axis=0)
+                mean = np.where(cnt > 0, np.where(ok, vals, 0.0).sum(axis=0) / np.maximum(cnt, 1), np.nan)
+            style = "-" if rel.startswith("forward") else "--"
+            ax.plot(steps, mean, style, marker="o", ms=3, color=_COLORS[rel],
+                    label=rel.replace("_", " "))
+            if len(members) > 1:
+                lo = np.where(cnt > 0, np.where(ok, vals, np.inf).min(axis=0), np.nan)
+                hi = np.where(cnt > 0, np.where(ok, vals, -np.inf).max(axis=0), np.nan)
+                ax.fill_between(steps, lo, hi, color=_COLORS[rel], alpha=0.15, lw=0)
+            drawn = True
+        if not drawn:
+            ax.text(0.5, 0.5, "no α yet\n(no rows collected at these steps)", ha="center",
+                    va="center", fontsize=8, transform=ax.transAxes)
+        ax.axhline(0.0, color="0.8", lw=0.8)
+        ax.set_ylim(-1.05, 1.05)
+        ax.set_xlabel("training step", fontsize=8)
+        ax.set_ylabel("α (covariances)", fontsize=8)
+        label = _short(gname, 32) + (f" ({len(members)} heads)" if len(members) > 1 else "")
+        ax.set_title(label, fontsize=9)
+        ax.tick_params(labelsize=7)
+        if k == 0 and drawn:
+            ax.legend(fontsize=6, ncol=2, loc="lower left")
+    if not groups_list:
+        ax = fig.add_subplot(1, 1, 1)
+        ax.text(0.5, 0.5, "the α series has no layer", ha="center", va="center")
+        ax.set_axis_off()
+    fig.suptitle(f"α over training: six relations per layer every {series['every']} steps "
+                 f"(rows since the start; forward solid, backward dashed)", fontsize=9)
+    return save_figure(fig, path)
 
 
 def plot_report(rep, out_dir: str, *, heatmaps: bool = True,
@@ -339,6 +480,9 @@ def plot_report(rep, out_dir: str, *, heatmaps: bool = True,
     paths = [each(name, lambda fn=fn, name=name: fn(rep, os.path.join(out_dir, name)))
              for name, fn in (("alpha.png", plot_alpha), ("spectra.png", plot_spectra),
                               ("exponents.png", plot_exponents), ("phase.png", plot_phase))]
+    if getattr(rep, "alpha_series", None) is not None:
+        paths.append(each("alpha_series.png", lambda: plot_alpha_series(
+            rep, os.path.join(out_dir, "alpha_series.png"))))
     if heatmaps and rep.matrices:
         paths += each("heatmap_*.png", lambda: plot_heatmaps(rep, out_dir, max_heatmaps=max_heatmaps)) or []
     return [p for p in paths if p is not None]

@@ -31,6 +31,9 @@ Undefined numbers (a missing stream, a constant matrix, a flat z) are ``None``, 
 JSON alike (strict JSON has no NaN). ``Report.meta`` holds the collector's configuration and
 notes (``forward_only`` when no gradient was seen). The matrices needed for heatmaps are kept in
 memory only (``Report.matrices``, downsized by block averaging to at most ``heatmap_size``).
+``Report.alpha_series`` (None unless the collector had ``alpha_every=K``) holds the six α per
+layer every K steps (:mod:`crh_kernels.collect.series`): ``{"kind": "cov", "every": K, "steps":
+[...], "layers": {name: {relation: [α or null per step]}}}``, in JSON too.
 """
 from __future__ import annotations
 
@@ -39,6 +42,7 @@ import json
 import math
 import os
 import re
+import textwrap
 import warnings
 from typing import Dict, List, Optional
 
@@ -47,7 +51,7 @@ import torch
 
 from ._version import __version__
 
-__all__ = ["Report", "read_json", "check_report_dict", "MAX_JSON_DEPTH"]
+__all__ = ["Report", "read_json", "check_report_dict", "check_alpha_series", "MAX_JSON_DEPTH"]
 
 _FORMAT = "crh_kernels.Report/1"
 _SIDE = {"h": ("h_a", "h_b"), "g": ("g_a", "g_b")}
@@ -227,6 +231,35 @@ _LAYER_STRINGS = ("kind", "parent", "side_h", "side_g", "phase", "phase_explanat
                   "forward_slope_source")
 
 
+def _check_series(c: "_Checker", path: str, d) -> None:
+    from .analysis import RELATIONS
+    c.obj(path, d)
+    c.string(f"{path}.kind", d.get("kind"), null=False, choices=("cov",))
+    c.integer(f"{path}.every", d.get("every"), lo=1)
+    steps = c.lst(f"{path}.steps", d.get("steps"))
+    for i, s in enumerate(steps):
+        c.integer(f"{path}.steps[{i}]", s)
+        if i and s <= steps[i - 1]:
+            c.fail(f"{path}.steps[{i}]", f"larger than the step before ({steps[i - 1]})", s)
+    for name, rels in c.obj(f"{path}.layers", d.get("layers")).items():
+        lp = _key(f"{path}.layers", name)
+        c.obj(lp, rels)
+        if set(rels) != set(RELATIONS):
+            c.fail(lp, "an object of the six relations " + ", ".join(RELATIONS), rels)
+        for r in RELATIONS:
+            c.num_list(f"{lp}.{r}", rels[r], null=False)
+            if len(rels[r]) != len(steps):
+                c.fail(f"{lp}.{r}", f"a list of {len(steps)} values (one per step)", rels[r])
+
+
+def check_alpha_series(d, where: str = "α series") -> None:
+    """Check the dict form of an α series (``Report.alpha_series``; written by
+    :meth:`crh_kernels.collect.series.AlphaSeries.to_dict`): ``kind`` "cov", ``every`` a
+    positive int, ``steps`` increasing non-negative ints, ``layers`` an object of six-relation
+    objects holding one finite number or null per step. Raises ``ValueError`` naming the field."""
+    _check_series(_Checker(where), "alpha_series", d)
+
+
 def check_report_dict(d, where: str = "report.json") -> None:
     """Check that ``d`` has the shape :meth:`Report.to_dict` writes: the format tag, ``layers``
     an object of layer objects whose known fields have their types (numbers finite or null,
@@ -254,6 +287,8 @@ def check_report_dict(d, where: str = "report.json") -> None:
         c.str_list("meta.notes", meta["notes"])
     if "experiment" in meta:
         c.string("meta.experiment", meta["experiment"])
+    if d.get("alpha_series") is not None:
+        _check_series(c, "alpha_series", d["alpha_series"])
     for name, e in c.obj("layers", d["layers"]).items():
         path = _key("layers", name)
         c.obj(path, e)
@@ -354,15 +389,18 @@ class Report:
     Attributes:
         layers: ``{layer name: dict}`` (keys in the module docstring).
         meta: configuration, analysis settings and notes.
+        alpha_series: the six α per layer over training (module docstring), or None.
         matrices: ``{layer name: {"H_a", "G_a", "Z_a", "H_b", "G_b", "Z_b": ndarray}}`` for
             heatmaps (in memory only; empty after :meth:`from_json`).
     """
 
     def __init__(self, layers: Dict[str, dict], meta: Optional[dict] = None,
-                 matrices: Optional[Dict[str, Dict[str, np.ndarray]]] = None):
+                 matrices: Optional[Dict[str, Dict[str, np.ndarray]]] = None,
+                 alpha_series: Optional[dict] = None):
         self.layers = layers
         self.meta = dict(meta or {})
         self.matrices = matrices or {}
+        self.alpha_series = alpha_series
 
     # ------------------------------------------------------------- building
     @classmethod
@@ -396,7 +434,9 @@ class Report:
             "torch": torch.__version__,
         })
         meta["crh_kernels"] = __version__
-        return cls(layers, _clean(meta), matrices)
+        series = getattr(col, "alpha_series", None)
+        series = None if series is None else _clean(series.to_dict())
+        return cls(layers, _clean(meta), matrices, alpha_series=series)
 
     @staticmethod
     def _analyse(A, st, *, floor, tol, kind, heatmap_size):
@@ -499,7 +539,10 @@ class Report:
         return out
 
     def to_dict(self) -> dict:
-        return {"format": _FORMAT, "meta": self.meta, "layers": self.layers}
+        d = {"format": _FORMAT, "meta": self.meta, "layers": self.layers}
+        if self.alpha_series is not None:
+            d["alpha_series"] = self.alpha_series
+        return d
 
     def to_json(self, path) -> str:
         """Write the report (numbers only, strict JSON); returns the path."""
@@ -519,11 +562,12 @@ class Report:
         path = os.fspath(path)
         d = read_json(path)
         check_report_dict(d, os.path.basename(path) or path)
-        return cls(d["layers"], d.get("meta", {}))
+        return cls(d["layers"], d.get("meta", {}), alpha_series=d.get("alpha_series"))
 
     # ----------------------------------------------------------------- table
-    def table(self) -> str:
-        """A readable fixed-width table: one row per layer, then the notes."""
+    def table(self, legend: bool = True) -> str:
+        """A readable fixed-width table: one row per layer, then the settings, the notes and
+        (``legend``) what every column and phase name means (:meth:`legend`)."""
         cols = [("layer", None), ("kind", None), ("n", None),
                 ("fRGA", "forward_RGA"), ("fRWA", "forward_RWA"), ("fGWA", "forward_GWA"),
                 ("bRGA", "backward_RGA"), ("bRWA", "backward_RWA"), ("bGWA", "backward_GWA"),
@@ -573,11 +617,62 @@ class Report:
         m = self.meta
         lines.append("")
         lines.append(f"α on {'covariances' if m.get('kind', 'cov') == 'cov' else 'second moments'} "
-                     f"(f = forward/b side, b = backward/a side); steps={m.get('steps')}, "
-                     f"normalize={m.get('normalize')}, phase tol={m.get('tol')}")
+                     f"of the {'normalized ' if m.get('normalize', True) else ''}rows; "
+                     f"steps={m.get('steps')}, normalize={m.get('normalize')}, "
+                     f"phase tol={m.get('tol')}")
         for note in m.get("notes", []):
             lines.append(f"note: {note}")
+        if legend:
+            lines += ["", self.legend()]
         return "\n".join(lines)
+
+    def legend(self) -> str:
+        """What each column of :meth:`table` and each phase name means (SPEC §1, §3, §4), as
+        the lines printed under the table."""
+        from .analysis import PHASES
+        shown = {str(e.get("phase")) for e in self.layers.values() if e.get("phase")}
+        rows = [
+            ("layer", "module name (per-head layers: <module>.head<i>)"),
+            ("kind", "linear, conv2d, conv1d (Hugging Face Conv1D) or head (one attention head's output)"),
+            ("n", "rows counted (of h_a; heads: of h_b): samples × tokens or positions"),
+            ("fRGA fRWA fGWA", "forward side = the layer's output side (h_b, g_b, Z_b = W Wᵀ): "
+                               "α(H_b, G_b), α(H_b, Z_b), α(G_b, Z_b)"),
+            ("bRGA bRWA bGWA", "backward side = the layer's input side (h_a, g_a, Z_a = Wᵀ W): "
+                               "α(H_a, G_a), α(H_a, Z_a), α(G_a, Z_a)"),
+            ("", "RGA, RWA, GWA: representation–gradient, representation–weight, gradient–weight "
+                 "alignment; α = Pearson correlation of the two matrices' entries, in [-1, 1], 1 "
+                 "when proportional; two random rank-40 covariances of dimension 200 give ≈ 0.14"),
+            ("r_h r_g", "‖E[x]‖² / tr E[x xᵀ] of the normalized activations h and gradients g of the "
+                        "input side (heads: output side): 0 = zero mean, 1 = every row the same "
+                        "(paper Fig. 10)"),
+            ("erank_h erank_g", "effective rank of H and G (same side): exp of the entropy of the "
+                                "normalized eigenvalues"),
+            ("p q", "exponents h_i ~ z_i^p and g_i ~ z_i^q in W's singular basis: z_i = s_i², "
+                    "h_i = v_iᵀ H_a v_i, g_i = v_iᵀ G_a v_i (input side)"),
+            ("fslope", "forward slope: log u_iᵀH_b u_i against log u_iᵀG_b u_i in W's left singular "
+                       "basis (heads: of the sorted spectra); (p+1)/(q-1) when the matrices commute"),
+            ("comm", "how far H_a is from commuting with Z_a (off-diagonal energy of VᵀH_aV, 0 to 1): "
+                     "p, q and the phase can be trusted only when it is small"),
+            ("phase", "the phase of the paper's Table 1 that (p, q), or for a flat z the α ≥ 0.5, "
+                      "indicate; a relation holds within tol of its line:"),
+        ]
+        for name, ph in PHASES.items():
+            where = "" if ph.point is None else f", at (p, q) = ({ph.point[0]:g}, {ph.point[1]:g})"
+            rows.append((f"  {name}", ph.description + where))
+        rows.append(("  none", "(p, q) near no phase: no backward line crosses a forward line "
+                               "there (partial CRH at most)"))
+        for other in sorted(shown - set(PHASES) - {"none"}):
+            rows.append((f"  {other}", "see phase_explanation in report.json"))
+        rows.append(("-", "undefined: a stream not collected, a constant matrix, no weight (heads) "
+                          "or a fit on fewer than 2 modes above the floor (report.json's "
+                          "phase_explanation says which)"))
+        width = max(len(k) for k, _ in rows)
+        out = ["Legend (docs/spec.md §1, §3, §4):"]
+        for k, text in rows:
+            out += textwrap.wrap(text, 100, initial_indent=f"  {k.ljust(width)}  ",
+                                 subsequent_indent=" " * (width + 4),
+                                 break_on_hyphens=False)
+        return "\n".join(out)
 
     def __str__(self) -> str:
         return self.table()
@@ -589,7 +684,8 @@ class Report:
         ``alpha.png`` (six α per layer, covariance and second-moment panels), ``spectra.png``
         (eigenvalue log-log scatter with fitted slopes, paper Fig. 3), ``exponents.png`` (h, g
         against z with the fitted p, q), ``phase.png`` (the (p, q) diagram with the six lines
-        and each layer as a point) and, when the matrices are in memory, one
+        and each layer as a point), ``alpha_series.png`` (the six α against the step per layer)
+        when the report has an α series and, when the matrices are in memory, one
         ``heatmap_<layer>.png`` per layer (H, G, Z; paper Fig. 2). Needs matplotlib.
         """
         from . import plots

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -398,3 +399,78 @@ def test_report_refuses_another_experiments_data(saved_run, tmp_path, capsys):
         _one_error_line(capsys.readouterr().err, "another experiment")
     # the untouched run still rebuilds
     assert main(["report", str(saved_run), "--no-plots"]) == 0
+
+
+# ----------------------------------------------------------------------------- issue 15, item 3
+def test_progress_is_plain_lines_when_stderr_is_not_a_terminal(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", "fc1", "--tiny", "--out", str(out), "--no-plots", "--steps", "20",
+                 "--set", "weight_decays=1e-3", "--set", "batch_sizes=100"]) == 0
+    cap = capsys.readouterr()
+    for stream in (cap.err, cap.out):
+        assert "\r" not in stream and "\x1b" not in stream
+    lines = cap.err.splitlines()
+    assert any(line.startswith("base γ=0.001 B=100 train: done, 20/20 (100%) after ") and "loss=" in line
+               for line in lines), lines
+    # --tiny is labelled a smoke test: at the start (stderr), above the table and in the tally
+    assert "SMOKE TEST (profile tiny" in cap.err
+    assert cap.out.startswith("SMOKE TEST (profile tiny") and "numbers mean nothing" in cap.out
+    assert "claims hold (smoke test: the verdicts mean nothing)" in cap.out
+    assert "Legend (docs/spec.md" in cap.out
+
+
+def test_line_bar_and_the_terminal_bar():
+    import io
+    from tqdm.auto import tqdm
+    from crh_kernels.cli import LineBar, _progress
+    buf = io.StringIO()
+    with _progress(False, buf)(total=4, desc="train") as bar:        # not a terminal: lines
+        assert isinstance(bar, LineBar)
+        bar.interval = 0.0                                            # a line per update
+        for _ in range(4):
+            bar.set_postfix(loss="0.100", refresh=False)
+            bar.update(1)
+    lines = buf.getvalue().splitlines()
+    assert lines[0].startswith("train: 1/4 (25%) after ") and lines[0].endswith(" s, loss=0.100")
+    assert lines[-1].startswith("train: done, 4/4 (100%) after ") and len(lines) == 5
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    term = Terminal()
+    bar = _progress(False, term)(total=2, desc="train")
+    assert isinstance(bar, tqdm)
+    bar.update(2)
+    bar.close()
+    assert "\r" in term.getvalue()                                   # a real bar on a terminal
+    assert _progress(True, term)(total=2).__class__.__name__ == "NullBar"
+
+
+def test_report_says_which_figures_it_cannot_redraw(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "run"
+    assert main(["run", "fc1", "--tiny", "--out", str(out), "--quiet", "--steps", "20",
+                 "--set", "weight_decays=1e-3", "--set", "batch_sizes=100"]) == 0
+    capsys.readouterr()
+    assert main(["report", str(out)]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.endswith("and 11 figures in " + str(out) + "/figures"), last
+    (out / "matrices.npz").unlink()
+    assert main(["report", str(out)]) == 0
+    cap = capsys.readouterr()
+    last = cap.out.strip().splitlines()[-1]
+    assert "7 figures" in last and "not redrawn: heatmap_layers.0.png, heatmap_layers.1.png" in last
+    assert "no matrices.npz" in last and "crh: warning: not redrawn" in cap.err
+
+
+def test_one_measured_run_time_everywhere():
+    """`crh run fc1` takes the same measured time in README, `crh --help` and docs/experiments.md."""
+    from crh_kernels.cli import FC1_RUN_TIME, build_parser
+    assert re.search(r"\d+ s\b", FC1_RUN_TIME) and re.search(r"20\d\d-\d\d-\d\d", FC1_RUN_TIME)
+    flat = lambda text: " ".join(text.split())
+    helptext = flat(build_parser().format_help())
+    readme, docs = flat((ROOT / "README.md").read_text()), flat((ROOT / "docs/experiments.md").read_text())
+    for where, text in (("crh --help", helptext), ("README.md", readme), ("docs/experiments.md", docs)):
+        assert FC1_RUN_TIME in text, where
+        for stale in ("about a minute", "≈ 1 minute", "≈ 2 minutes", "| 58 s |"):
+            assert stale not in text, (where, stale)

@@ -179,3 +179,25 @@ def test_report_runs_on_collector_with_heads():
     assert rep.layers["fc1"]["p"] is not None
     assert any("only the forward RGA" in n for n in rep.meta["notes"])
 
+
+@pytest.mark.parametrize("stage_rows", [0, 4096])
+def test_the_skipped_row_warning_points_at_the_users_line(stage_rows):
+    """The warning names the user's call (the forward that fed the row, or the `with` whose
+    exit flushed the staged rows), never the collector's hooks or row stager (staging.py)."""
+    import inspect
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3))
+    x = torch.randn(8, 4)
+    x[0] = 0.0                                    # a zero row of h_a: skipped when normalizing
+    col = Collector(model, stage_rows=stage_rows)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        here = inspect.currentframe().f_lineno
+        with col:                                 # here + 1: its exit flushes staged rows
+            model(x).sum().backward()             # here + 2: the hooks see the zero row
+            col.step()
+    hits = [w for w in caught if "skipped" in str(w.message)]
+    assert hits, [str(w.message) for w in caught]
+    assert {w.filename for w in hits} == {__file__}, [(w.filename, w.lineno) for w in hits]
+    # unstaged: the forward; staged: the flush, at col.step() or at the exit of `with col`
+    assert hits[0].lineno in ({here + 2} if stage_rows == 0 else {here + 1, here + 3})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import re
 import struct
 
 import pytest
@@ -256,3 +257,88 @@ def test_rebuild_refuses_a_config_of_another_experiment(tmp_path):
     (out / "config.json").write_text(json.dumps(dict(cfg, experiment="resnet", config={})))
     with pytest.raises(SavedRunError, match="report.json: holds a fc1 run but config.json says resnet"):
         rebuild(out, plots=False)
+
+
+# ----------------------------------------------------------------------------- issue 15, item 3
+_QUICK = dict(steps=20, weight_decays=[1e-3], batch_sizes=[100], checkpoints=1)
+
+
+def test_a_tiny_run_is_labelled_a_smoke_test_and_its_outputs_have_legends(tmp_path):
+    from crh_kernels.analysis import PHASES
+    out = tmp_path / "run"
+    _run_tiny("fc1", out, **_QUICK)
+    table, md = (out / "table.txt").read_text(), (out / "claims.md").read_text()
+    assert table.startswith("SMOKE TEST (profile tiny") and "numbers mean nothing" in table
+    assert "SMOKE TEST (profile tiny" in md.split("| claim (paper) |")[0]
+    assert "(smoke test: the verdicts mean nothing)" in md
+    assert "Legend (docs/spec.md" in table and "\nLegend:" in md
+    for term in ("**verdict**", "**source**", "**RGA, RWA, GWA**", "the layer's output side",
+                 "the layer's input side", "**baseline**", "**ρ**"):
+        assert term in md, term
+    for name in PHASES:
+        assert f"- **{name}**:" in md, name
+    # a real profile carries no banner (the rendering, without training one)
+    rep = rebuild(out, plots=False)[1]
+    from crh_kernels.experiments.runs import smoke_note, write_outputs
+    assert smoke_note("cpu") is None and smoke_note("cuda") is None
+    (tmp_path / "cpu").mkdir()
+    write_outputs(tmp_path / "cpu", rep, [], "fc1", "cpu")
+    assert not (tmp_path / "cpu" / "table.txt").read_text().startswith("SMOKE")
+    assert "smoke" not in (tmp_path / "cpu" / "claims.md").read_text().lower()
+
+
+def test_config_records_the_threads_the_run_used(tmp_path):
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        _run_tiny("fc1", tmp_path / "one", **_QUICK)                       # the profile's threads=1
+        _run_tiny("fc1", tmp_path / "two", threads=2, **_QUICK)
+        assert torch.get_num_threads() == 3                              # restored after the run
+    finally:
+        torch.set_num_threads(before)
+    assert json.loads((tmp_path / "one" / "config.json").read_text())["torch_threads"] == 1
+    assert json.loads((tmp_path / "two" / "config.json").read_text())["torch_threads"] == 2
+
+
+def test_rebuild_draws_every_figure_of_the_run_or_names_those_it_cannot(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "run"
+    _run_tiny("fc1", out, plots=True, **_QUICK)
+    ran = json.loads((out / "config.json").read_text())["figures"]
+    assert sum(f.startswith("heatmap_") for f in ran) == 4 and (out / "matrices.npz").is_file()
+    for p in (out / "figures").glob("*.png"):
+        p.unlink()
+    warned = []
+    saved, _, _, figs = rebuild(out, warn=warned.append)
+    assert sorted(p.split("/")[-1] for p in figs) == sorted(ran) and not warned
+    assert "not_redrawn" not in saved
+    # without the matrices (a run saved before they were): the heatmaps are named, with the reason
+    (out / "matrices.npz").unlink()
+    saved, _, _, figs = rebuild(out, warn=warned.append)
+    heat = sorted(f for f in ran if f.startswith("heatmap_"))
+    assert sorted(p.split("/")[-1] for p in figs) == sorted(set(ran) - set(heat))
+    assert sorted(saved["not_redrawn"]) == heat
+    assert len(warned) == 1 and "not redrawn: heatmap_layers.0.png" in warned[0] and "no matrices.npz" in warned[0]
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (lambda p, np: p.write_bytes(b"not a zip"), "matrices.npz: not a matrices file written by `crh run`"),
+    (lambda p, np: np.savez(p, **{"nope|H_a": np.eye(2)}), "names no layer of report.json"),
+    (lambda p, np: np.savez(p, **{"layers.0|H_a": np.ones((2, 3))}), "must be a square matrix of finite floats"),
+    (lambda p, np: np.savez(p, **{"layers.0|H_a": np.full((2, 2), np.nan)}), "must be a square matrix"),
+    (lambda p, np: np.savez(p, **{"layers.0|H_a": np.array([[object()]], dtype=object)}), "not a matrices file"),
+])
+def test_rebuild_refuses_a_damaged_matrices_file(tmp_path, damage, needle):
+    import numpy as np
+    from crh_kernels.experiments import SavedRunError
+    out = tmp_path / "run"
+    _run_tiny("fc1", out, **_QUICK)
+    damage(out / "matrices.npz", np)
+    with pytest.raises(SavedRunError, match=re.escape(needle)):
+        rebuild(out, plots=False)
+
+
+def test_a_modules_pattern_that_matches_nothing_is_an_experiment_error(tmp_path):
+    with pytest.raises(ExperimentError, match=r"modules='nomatch' .*matched no module.*'layers.0'"):
+        _run_tiny("fc1", tmp_path / "run", modules="nomatch", **_QUICK)
+    assert not (tmp_path / "run").exists()

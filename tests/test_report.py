@@ -190,3 +190,100 @@ def test_read_json_is_strict_and_depth_limited(tmp_path):
         p.write_bytes(text.encode("latin-1"))
         with pytest.raises(ValueError, match=needle):
             read_json(p)
+
+
+# ----------------------------------------------------------------------------- issue 15, item 3
+def test_table_has_a_legend_for_every_column_and_phase_name(collected):
+    from crh_kernels.analysis import PHASES
+    _, rep = collected
+    text = rep.table()
+    header = text.splitlines()[0].split()
+    legend = rep.legend()
+    assert legend in text and text.index(legend) > text.index(header[-1])
+    keys = " ".join(line[:20] for line in legend.splitlines()[1:])  # the left column
+    for col in header:
+        assert col in keys, f"column {col!r} has no legend entry"
+    for name in PHASES:
+        assert f"  {name}  " in legend, f"phase {name!r} has no legend entry"
+    assert "  none  " in legend and "\n  -  " in legend
+    # forward and backward are named by what they are, never "f = forward/b side"
+    assert "forward side = the layer's output side (h_b, g_b, Z_b" in " ".join(legend.split())
+    assert "backward side = the layer's input side (h_a, g_a, Z_a" in " ".join(legend.split())
+    assert "b side" not in text and "a side" not in text
+    assert rep.table(legend=False) == text[:text.index("\n\n" + legend)]
+
+
+def _saved_figures(monkeypatch):
+    """Every matplotlib Figure written from now on (with the path)."""
+    from matplotlib.figure import Figure
+    saved = []
+    original = Figure.savefig
+
+    def savefig(self, path, *args, **kwargs):
+        saved.append((str(path), self))
+        return original(self, path, *args, **kwargs)
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    return saved
+
+
+def _texts(fig):
+    out = [fig._suptitle.get_text() if fig._suptitle is not None else ""]
+    for ax in fig.axes:
+        out.append(ax.get_title())
+        out += [t.get_text() for t in ax.texts]
+    return out
+
+
+def _title(fig) -> str:
+    sup = fig._suptitle.get_text() if fig._suptitle is not None else ""
+    if sup:
+        return sup
+    axes = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+    return axes[0].get_title() if len(axes) == 1 else ""
+
+
+class Degenerate(nn.Module):
+    """A layer with one output (one mode: no exponent, no spectrum slope) and a layer whose W
+    is a projection (flat z: p, q undefined)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = nn.Linear(6, 6, bias=False)
+        with torch.no_grad():
+            self.proj.weight.copy_(torch.eye(6))
+        self.hidden = nn.Linear(6, 12)
+        self.out = nn.Linear(12, 1)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.hidden(self.proj(x))))
+
+
+def test_every_figure_has_a_title_and_degenerate_panels_say_why(collected, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    net = Degenerate()
+    col = Collector(net)
+    with col:
+        for _ in range(4):
+            x = torch.randn(64, 6)
+            (net(x) - x[:, :1]).pow(2).mean().backward()
+            col.step()
+    rep = col.report()
+    assert rep.layers["out"]["p"] is None and rep.layers["proj"]["p"] is None
+    saved = _saved_figures(monkeypatch)
+    paths = rep.plot(tmp_path / "figs") + collected[1].plot(tmp_path / "figs2")
+    assert len(saved) == len(paths) >= 10
+    for path, fig in saved:
+        assert len(_title(fig)) >= 20, f"{path}: no title"
+    figs = {(path.split("/")[-2], path.split("/")[-1]): fig for path, fig in saved}
+    exponents = " ".join(_texts(figs["figs", "exponents.png"]))
+    assert "p=- q=-" in exponents                      # the one-mode and the flat-z panels …
+    assert "a fit needs ≥ 2 modes" in exponents and "this layer\nhas 1" in exponents  # … say why
+    assert "z is flat on its 6 modes" in exponents
+    spectra = " ".join(_texts(figs["figs", "spectra.png"]))
+    assert "no slope: a fit needs ≥ 3 ranks" in spectra and "(this layer has 1)" in spectra
+    phase = " ".join(_texts(figs["figs", "phase.png"]))
+    assert "not placed, p or q undefined: proj, out" in phase
+    # a healthy report has no such notes
+    assert not any("undefined" in t or "no slope" in t
+                   for t in _texts(figs["figs2", "exponents.png"]) + _texts(figs["figs2", "spectra.png"]))

@@ -27,3 +27,23 @@ def test_module_selection():
     with pytest.raises(ValueError):
         Collector(mlp(), heads={"2": 5})                     # 16 features, 5 heads
 
+
+
+def test_a_pattern_or_predicate_that_matches_nothing_is_an_error_naming_modules():
+    net = ConvNet()
+    with pytest.raises(ValueError, match=r"modules='nomatch' .*matched no module") as info:
+        Collector(net, modules="nomatch")
+    msg = str(info.value)
+    assert "'c1'" in msg and "'fc'" in msg          # a few names the user could have meant
+    assert "\n" not in msg
+    # a regex that names only unsupported modules says so
+    with pytest.raises(ValueError, match=r"only unsupported ones \('g': Conv2d\)"):
+        Collector(net, modules=r"^g$")
+    with pytest.raises(ValueError, match="predicate .* matched no module"):
+        Collector(net, modules=lambda n, m: False)
+    # a model without any supported module
+    with pytest.raises(ValueError, match="has no supported module"):
+        Collector(nn.Sequential(nn.ReLU()), modules="0")
+    # a pattern that picks nothing is fine when heads= supplies the layers
+    col = Collector(net, modules="nomatch", heads={"c3": 2})
+    assert set(col.layers) == {"c3.head0", "c3.head1"}

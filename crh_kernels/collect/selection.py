@@ -23,9 +23,10 @@ __all__ = ["select_modules", "layer_dims", "Layers", "build_layers", "memory_pla
 def select_modules(model: nn.Module, modules) -> List[Tuple[str, nn.Module]]:
     """``[(name, module)]`` of the supported modules that ``modules`` picks (see
     :class:`~crh_kernels.collect.Collector`): None picks all; an iterable of names must name
-    supported modules only; a regex or a predicate picks among the supported ones."""
+    supported modules only; a regex or a predicate picks among the supported ones (one that
+    picks none is refused by :func:`build_layers`, unless ``heads=`` names layers)."""
     named = [(n, m) for n, m in model.named_modules() if n != "" or m is model]
-    supported = lambda m: isinstance(m, nn.MultiheadAttention) or adapter_for(m)[0] is not None
+    supported = _supported
     if modules is None:
         return [(n, m) for n, m in named if supported(m)]
     if isinstance(modules, (str, re.Pattern)):
@@ -53,6 +54,36 @@ def select_modules(model: nn.Module, modules) -> List[Tuple[str, nn.Module]]:
         return out
     raise TypeError("modules must be None, a regex (str or re.Pattern), a predicate or an "
                     f"iterable of module names; got {type(modules).__name__}")
+
+
+def _supported(m: nn.Module) -> bool:
+    return isinstance(m, nn.MultiheadAttention) or adapter_for(m)[0] is not None
+
+
+def _no_match(model: nn.Module, modules) -> ValueError:
+    """The error for a regex or predicate that picks no supported module: what it was, what it
+    matched instead (a regex naming only unsupported modules) and a few names it could pick."""
+    named = [(n, m) for n, m in model.named_modules() if n != "" or m is model]
+    names = [n or "(the model itself)" for n, m in named if _supported(m)]
+    if isinstance(modules, (str, re.Pattern)):
+        pat = re.compile(modules) if isinstance(modules, str) else modules
+        what = f"modules={pat.pattern!r} (re.search on module names)"
+        others = [(n, type(m).__name__) for n, m in named if not _supported(m) and pat.search(n)]
+    else:
+        what = f"the modules predicate {getattr(modules, '__name__', type(modules).__name__)}"
+        others = []
+    msg = f"{what} matched no module the collector can measure"
+    if others:
+        msg += ("; it matches only unsupported ones (" + ", ".join(f"{n!r}: {t}" for n, t in others[:3])
+                + (", …" if len(others) > 3 else "") + ")")
+    if names:
+        shown = ", ".join(repr(n) for n in names[:6])
+        msg += (f"; the model's supported modules are {shown}"
+                + (f" … ({len(names)} in all)" if len(names) > 6 else ""))
+    else:
+        msg += ("; the model has no supported module (nn.Linear, nn.Conv2d, HF Conv1D, "
+                "nn.MultiheadAttention)")
+    return ValueError(msg)
 
 
 def layer_dims(adapter: Adapter, module: nn.Module, include_bias: bool) -> Tuple[Dict[str, int], bool]:
@@ -99,7 +130,10 @@ class Layers:
 
 def build_layers(model: nn.Module, modules, streams: Sequence[str], heads: Dict[str, int],
                  include_bias: bool) -> Layers:
-    """The layers of a collector with these arguments (``heads`` validated here)."""
+    """The layers of a collector with these arguments (``heads`` validated here). A regex or
+    predicate ``modules`` that picks no supported module raises ``ValueError`` naming a few
+    modules it could pick (unless ``heads`` supplies the layers): a collector measuring nothing
+    is never what was meant."""
     table = dict(model.named_modules())
     for name, n_heads in heads.items():
         if name not in table:
@@ -107,7 +141,11 @@ def build_layers(model: nn.Module, modules, streams: Sequence[str], heads: Dict[
         if isinstance(n_heads, bool) or not isinstance(n_heads, int) or n_heads < 1:
             raise ValueError(f"heads[{name!r}] must be a positive int, got {n_heads!r}")
     out = Layers()
-    for name, module in select_modules(model, modules):
+    chosen = select_modules(model, modules)
+    if not chosen and not heads and modules is not None and (
+            isinstance(modules, (str, re.Pattern)) or callable(modules)):
+        raise _no_match(model, modules)
+    for name, module in chosen:
         if isinstance(module, nn.MultiheadAttention):
             out.add_heads(name, module, int(module.num_heads), True, streams)
             continue

@@ -24,8 +24,8 @@ import torch
 from . import claims as C
 from .data import MissingData
 from .runs import (Context, ExperimentError, MemoryPlanError, RunDirError, RunResult, SavedRunError,
-                   clear_run_files, holds_run, load_run, merge_config, prepare_run_dir, remove_if_empty,
-                   save_run, seed_everything, write_config, write_outputs)
+                   SMOKE_PROFILES, clear_run_files, holds_run, load_run, merge_config, prepare_run_dir,
+                   remove_if_empty, save_run, seed_everything, smoke_note, write_config, write_outputs)
 
 #: The experiments, in the order ``crh list`` shows them: the one list (the CLI's choices, its
 #: help and ``crh list`` are built from it; each name is a module of this package).
@@ -33,7 +33,7 @@ EXPERIMENTS = ("fc1", "fc2", "resnet", "transformer", "minilm")
 
 __all__ = ["EXPERIMENTS", "get", "profile_config", "run_experiment", "rebuild", "Context",
            "ExperimentError", "MemoryPlanError", "MissingData", "RunDirError", "RunResult",
-           "SavedRunError", "figures_unavailable"]
+           "SavedRunError", "figures_unavailable", "SMOKE_PROFILES", "smoke_note"]
 
 
 def get(name: str):
@@ -61,7 +61,7 @@ def make_figures(mod, report, extras, cfg, run_dir: Path, heatmaps: bool = True,
     """Draw the report's figures and the experiment's own under ``run_dir/figures``. A figure
     that fails is reported through ``warn`` and the others are still drawn. Returns
     ``(paths written, one line per failure)``."""
-    from ..plots import plot_report
+    from ..plots import MAX_HEATMAPS, plot_report
     warn = warn or (lambda msg: warnings.warn(msg, RuntimeWarning, stacklevel=2))
     fig_dir = Path(run_dir) / "figures"
     failures: List[str] = []
@@ -72,7 +72,7 @@ def make_figures(mod, report, extras, cfg, run_dir: Path, heatmaps: bool = True,
         failures.append(line)
         warn(line)
 
-    paths = list(plot_report(report, str(fig_dir), heatmaps=heatmaps, max_heatmaps=8,
+    paths = list(plot_report(report, str(fig_dir), heatmaps=heatmaps, max_heatmaps=MAX_HEATMAPS,
                              on_error=failed))
     try:
         paths += mod.figures(report, extras, cfg, fig_dir)
@@ -110,6 +110,7 @@ def run_experiment(name: str, out_dir, ctx: Context, *, profile: str = "cpu",
     old_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(int(threads))
+    used_threads = torch.get_num_threads()  # what the run uses (restored below, before saving)
     t0 = time.perf_counter()
     try:
         seed_everything(ctx.seed)
@@ -126,10 +127,11 @@ def run_experiment(name: str, out_dir, ctx: Context, *, profile: str = "cpu",
         taken, out_dir = out_dir, Path(tempfile.mkdtemp(prefix=f"{out_dir.name}-", dir=out_dir.parent))
         ctx.warn(f"{taken} received another run while this one trained: this run is saved in "
                  f"{out_dir} instead")
-    saved = save_run(out_dir, name, profile, result, ctx, None, (), time.perf_counter() - t0)
+    saved = save_run(out_dir, name, profile, result, ctx, None, (), time.perf_counter() - t0,
+                     torch_threads=used_threads)
     with ctx.timed("claims"):
         claims = mod.claims(result.report, result.extras, result.config)
-    write_outputs(out_dir, result.report, claims, name)
+    write_outputs(out_dir, result.report, claims, name, profile)
     figures: List[str] = []
     if plots and not skipped:
         with ctx.timed("figures"):
@@ -184,8 +186,11 @@ def rebuild(run_dir, plots: bool = True, warn: Optional[Callable[[str], None]] =
     """Rebuild table, claims and figures of a saved run from its files alone, every file
     checked first (:func:`~.runs.load_run`, then the files must agree on the experiment).
     Malformed or contradicting files raise :class:`SavedRunError` naming the file and field; a
-    figure that fails, or matplotlib missing, is a ``warn``. Returns ``(saved config, report,
-    claims, figure paths)``."""
+    figure that fails, or matplotlib missing, is a ``warn``. Every figure the run drew is drawn
+    again; heatmaps need the run's matrices.npz: without it (a run saved before it existed, or
+    the file removed) a ``warn`` names the heatmaps not redrawn, and so does the returned config's
+    ``not_redrawn`` (``{figure: reason}``). Returns ``(saved config, report, claims, figure
+    paths)``."""
     warn = warn or (lambda msg: warnings.warn(msg, RuntimeWarning, stacklevel=2))
     run_dir = Path(run_dir)
     saved, report, extras, _ = load_run(run_dir)
@@ -196,12 +201,21 @@ def rebuild(run_dir, plots: bool = True, warn: Optional[Callable[[str], None]] =
         first = (str(exc).splitlines() or [""])[0]
         raise SavedRunError(f"extras.json or report.json: not what a {mod.NAME} run writes "
                             f"({type(exc).__name__}: {first})") from None
-    write_outputs(run_dir, report, claims, mod.NAME)
+    profile = saved.get("profile", "cpu")
+    write_outputs(run_dir, report, claims, mod.NAME, profile)
     figures: List[str] = []
+    saved = dict(saved)
     if plots:
         why = figures_unavailable()
         if why:
             warn(f"{why}: no figure drawn (--no-plots silences this)")
         else:
-            figures, _ = make_figures(mod, report, extras, cfg, run_dir, heatmaps=False, warn=warn)
+            figures, _ = make_figures(mod, report, extras, cfg, run_dir, heatmaps=True, warn=warn)
+            if not report.matrices:
+                ran = saved.get("figures") if isinstance(saved.get("figures"), list) else []
+                heat = [f for f in ran if isinstance(f, str) and f.startswith("heatmap_")]
+                reason = ("their matrices are not in the saved run: no matrices.npz; any PNG "
+                          "the run drew is left as it is")
+                saved["not_redrawn"] = {f: reason for f in heat or ["heatmap_*.png"]}
+                warn(f"not redrawn: {', '.join(saved['not_redrawn'])} ({reason})")
     return saved, report, claims, figures

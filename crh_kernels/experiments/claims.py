@@ -33,30 +33,83 @@ class Claim:
         return {True: "holds", False: "FAILS", None: "n/a"}[self.holds]
 
 
-def to_markdown(claims: Sequence[Claim], title: Optional[str] = None) -> str:
+#: What the columns of a claims table and the abbreviations of its cells mean (claims.md).
+LEGEND = (
+    ("claim (paper)", "what Ziyin, Chuang, Galanti, Poggio, *Formation of Representations in Neural "
+                      "Networks* (2024) states, in short"),
+    ("source", "where the paper states it (section, figure; C.x: appendix)"),
+    ("measured", "this run's numbers behind the verdict"),
+    ("rule", "the threshold the verdict applies to them"),
+    ("verdict", "**holds**: the rule is met; **FAILS**: it is not; **n/a**: it could not be "
+                "evaluated (too few layers or finite values: the measured cell says why)"),
+    ("α", "alignment of two matrices: the Pearson correlation of their entries, in [−1, 1], 1 when "
+          "proportional (docs/spec.md §3)"),
+    ("RGA, RWA, GWA", "representation–gradient α(H, G), representation–weight α(H, Z) and "
+                      "gradient–weight α(G, Z) alignment; H, G: covariances of the normalized "
+                      "activations and gradients; Z: the weight Gram"),
+    ("forward, f (fRGA …)", "the layer's output side: h_b, g_b, Z_b = W Wᵀ"),
+    ("backward, b (bRGA …)", "the layer's input side: h_a, g_a, Z_a = Wᵀ W"),
+    ("p, q, p/q", "exponents h ~ z^p, g ~ z^q in W's singular basis (z = s²), and h ~ g^(p/q)"),
+    ("forward_slope, pairing_slope", "slope of log H_b against log G_b: in W's basis, and of the "
+                                     "sorted spectra paired by rank (paper Fig. 3)"),
+    ("baseline", "α of two independent random rank-D/5 covariances of the layer's dimension D "
+                 "(≈ 0.14 at D = 200): above it, an alignment is significant"),
+    ("ρ", "Spearman's rank correlation of the listed pairs (x→y)"),
+    ("γ, B", "weight decay, batch size"),
+    ("r_g", "‖E[g]‖² / tr E[g gᵀ] of the normalized gradients (paper Fig. 10)"),
+)
+
+
+def legend_markdown() -> str:
+    """The legend of a claims table, as a markdown list: :data:`LEGEND`, then the phase names
+    of the paper's Table 1 (:data:`crh_kernels.analysis.PHASES`)."""
+    from ..analysis import PHASES
+    lines = ["Legend:", ""] + [f"- **{k}**: {v}" for k, v in LEGEND]
+    lines.append("- **phases** (the paper's Table 1, docs/spec.md §4; (p, q) where the phase has a "
+                 "point):")
+    for name, ph in PHASES.items():
+        where = "" if ph.point is None else f" — (p, q) = ({ph.point[0]:g}, {ph.point[1]:g})"
+        lines.append(f"  - **{name}**: {ph.description}{where}")
+    return "\n".join(lines) + "\n"
+
+
+def _summary(claims: Sequence[Claim]) -> str:
+    n_hold = sum(c.holds is True for c in claims)
+    n_fail = sum(c.holds is False for c in claims)
+    n_na = sum(c.holds is None for c in claims)
+    return f"{n_hold} hold, {n_fail} fail, {n_na} not evaluated"
+
+
+def to_markdown(claims: Sequence[Claim], title: Optional[str] = None, *, note: Optional[str] = None,
+                legend: bool = False) -> str:
+    """The claims table in markdown; ``note`` (a smoke-test banner) goes above the table and
+    beside the tally, ``legend`` adds what every column and abbreviation means."""
     lines = []
     if title:
         lines += [f"### {title}", ""]
+    if note:
+        lines += [f"> **{note}**", ""]
     lines += ["| claim (paper) | source | measured | rule | verdict |", "| --- | --- | --- | --- | --- |"]
     for c in claims:
         cells = [c.claim, c.source, c.measured, c.rule, f"**{c.verdict}**"]
         lines.append("| " + " | ".join(s.replace("|", "\\|").replace("\n", " ") for s in cells) + " |")
-    n_hold = sum(c.holds is True for c in claims)
-    n_fail = sum(c.holds is False for c in claims)
-    n_na = sum(c.holds is None for c in claims)
-    lines += ["", f"{n_hold} hold, {n_fail} fail, {n_na} not evaluated."]
+    lines += ["", _summary(claims) + (" (smoke test: the verdicts mean nothing)." if note else ".")]
+    if legend:
+        lines += ["", legend_markdown().rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 
-def to_text(claims: Sequence[Claim], width: int = 100) -> str:
-    """Plain-text rendering for the terminal."""
-    out = []
+def to_text(claims: Sequence[Claim], width: int = 100, note: Optional[str] = None) -> str:
+    """Plain-text rendering for the terminal; ``note`` (a smoke-test banner) first and in the
+    tally."""
+    out = [note, ""] if note else []
     for i, c in enumerate(claims, 1):
         out.append(f"[{c.verdict:>5s}] {i}. {c.claim}  ({c.source})")
         out.append(f"         measured: {c.measured}")
         out.append(f"         rule:     {c.rule}")
     n_hold = sum(c.holds is True for c in claims)
-    out.append(f"{n_hold}/{len(claims)} claims hold")
+    out.append(f"{n_hold}/{len(claims)} claims hold" + (" (smoke test: the verdicts mean nothing)"
+                                                         if note else ""))
     return "\n".join(out)
 
 

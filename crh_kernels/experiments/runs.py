@@ -6,13 +6,15 @@ A run directory holds::
 
     config.json    experiment, profile, the full config, device, seed, timings, versions
     report.json    the main Report (crh_kernels.report.Report.to_json)
+    matrices.npz   the heatmaps' matrices (H, G, Z per side, downsized) of the layers they show
     extras.json    experiment-specific numbers (sweeps, α over training, baselines)
-    table.txt      Report.table()
-    claims.md      the claims table (also claims.json)
+    table.txt      Report.table() and its legend (a smoke-test banner for the tiny profile)
+    claims.md      the claims table and its legend (also claims.json)
     figures/       Report.plot() PNGs and the experiment's own PNGs
     reports/       further Reports of a sweep (one JSON per setting), when the experiment has them
 
-``crh report RUN_DIR`` rebuilds table, claims and figures from these files alone.
+``crh report RUN_DIR`` rebuilds table, claims and every figure from these files alone (a run
+saved without matrices.npz: every figure but the heatmaps, and it says so).
 
 A run directory is checked before training (:func:`prepare_run_dir`: it must be creatable and
 writable, and empty unless ``overwrite``). What was measured is written first (report.json,
@@ -57,6 +59,20 @@ class RunDirError(ExperimentError):
 class SavedRunError(ExperimentError):
     """A saved run's files are malformed or contradict each other (the message names the file
     and the field)."""
+
+
+# ----------------------------------------------------------------------------- smoke runs
+#: Profiles that only check that the pipeline runs (``--tiny``): their numbers mean nothing.
+SMOKE_PROFILES = ("tiny",)
+
+
+def smoke_note(profile: Optional[str]) -> Optional[str]:
+    """The banner that table.txt, claims.md and ``crh run``'s output carry for a smoke-test
+    profile, or None for a real run."""
+    if profile not in SMOKE_PROFILES:
+        return None
+    return (f"SMOKE TEST (profile {profile}, `--tiny`): a tiny model and a few steps, to check that "
+            "the pipeline runs; these numbers mean nothing, and neither do the verdicts.")
 
 
 # ----------------------------------------------------------------------------- progress
@@ -253,8 +269,13 @@ def make_collector(model, ctx: Context, *, modules=None, streams=("h_a", "h_b", 
         raise ExperimentError(f"state_dtype must be 'float64' or 'float32', got {state_dtype!r}")
     if isinstance(modules, str) and modules in ("", "all", "None"):
         modules = None
-    col = Collector(model, modules=modules, streams=tuple(streams), heads=heads, backend=ctx.backend,
-                    state_dtype=dtype, **kwargs)
+    try:
+        col = Collector(model, modules=modules, streams=tuple(streams), heads=heads,
+                        backend=ctx.backend, state_dtype=dtype, **kwargs)
+    except ValueError as exc:  # e.g. --set modules=REGEX that picks nothing: the user can fix it
+        if modules is None:
+            raise
+        raise ExperimentError(f"{what}: {str(exc).splitlines()[0]}") from None
     if not col.layers:
         raise ExperimentError(f"{what}: no layer matched modules={modules!r}")
     check_memory_plan(col, ctx.max_memory, what)
@@ -281,7 +302,8 @@ def measure(col, batches: Iterable, step_fn: Callable[[Any], torch.Tensor], ctx:
 
 # ----------------------------------------------------------------------------- saving
 #: The files and folders a run writes (what ``overwrite`` replaces; nothing else is touched).
-RUN_FILES = ("report.json", "extras.json", "config.json", "table.txt", "claims.md", "claims.json")
+RUN_FILES = ("report.json", "matrices.npz", "extras.json", "config.json", "table.txt", "claims.md",
+             "claims.json")
 RUN_FOLDERS = {"figures": "*.png", "reports": "*.json"}
 
 
@@ -382,13 +404,16 @@ def _write_json(path: Path, obj) -> None:
 
 def save_run(run_dir: Path, experiment: str, profile: str, result: RunResult, ctx: Context,
              claims: Optional[Sequence[C.Claim]] = None, figures: Sequence[str] = (),
-             wall_s: float = 0.0) -> Dict[str, Any]:
-    """Write what was measured: report.json (its meta names the experiment), reports/,
-    extras.json, config.json; then table and claims when ``claims`` is given."""
+             wall_s: float = 0.0, torch_threads: Optional[int] = None) -> Dict[str, Any]:
+    """Write what was measured: report.json (its meta names the experiment), matrices.npz (the
+    heatmaps' matrices, when the report holds them), reports/, extras.json, config.json; then
+    table and claims when ``claims`` is given. ``torch_threads``: the torch CPU threads the run
+    used (default: the current setting)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     result.report.meta["experiment"] = experiment
     result.report.to_json(run_dir / "report.json")
+    save_matrices(run_dir / "matrices.npz", result.report)
     for name, rep in result.reports.items():
         rep.meta["experiment"] = experiment
         rep.to_json(run_dir / "reports" / f"{name}.json")
@@ -397,22 +422,96 @@ def save_run(run_dir: Path, experiment: str, profile: str, result: RunResult, ct
            "device": str(ctx.device), "seed": ctx.seed, "backend": ctx.backend,
            "max_memory": ctx.max_memory, "wall_s": round(wall_s, 2),
            "timings_s": {k: round(v, 2) for k, v in ctx.timings.items()},
-           "torch_threads": torch.get_num_threads(), "versions": _versions(),
+           "torch_threads": torch.get_num_threads() if torch_threads is None else int(torch_threads),
+           "versions": _versions(),
            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     write_config(run_dir, cfg)
     if claims is not None:
-        write_outputs(run_dir, result.report, claims, experiment)
+        write_outputs(run_dir, result.report, claims, experiment, profile)
     return cfg
+
+
+#: What a heatmap draws per layer (plots.plot_heatmaps), and the largest side a saved one may
+#: have (Report keeps them at most ``heatmap_size``, 128 by default).
+_MATRIX_KEYS = ("H_a", "G_a", "Z_a", "H_b", "G_b", "Z_b")
+_MAX_MATRIX_SIDE = 4096
+
+
+def save_matrices(path: Path, report) -> Optional[Path]:
+    """Write the matrices behind the run's heatmaps (those of the layers
+    :func:`crh_kernels.plots.heatmap_layers` picks, float32, downsized as the report keeps them)
+    to ``path`` (a compressed ``.npz``, through a temporary file), so that ``crh report`` can
+    draw them again. Nothing is written when the report holds no matrices."""
+    import numpy as np
+    from ..plots import MAX_HEATMAPS, heatmap_layers
+    if not getattr(report, "matrices", None):
+        return None
+    arrays = {}
+    for name in heatmap_layers(report, MAX_HEATMAPS):
+        for key, m in (report.matrices.get(name) or {}).items():
+            if key in _MATRIX_KEYS and m is not None:
+                arrays[f"{name}|{key}"] = np.asarray(m, dtype=np.float32)
+    if not arrays:
+        return None
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp.npz")
+    np.savez_compressed(tmp, **arrays)
+    os.replace(tmp, path)
+    return path
+
+
+def load_matrices(path: Path, layers) -> Dict[str, Dict[str, Any]]:
+    """``{layer: {"H_a": ndarray, ...}}`` from a file :func:`save_matrices` wrote, every entry
+    checked first (names of known layers and matrices, square finite float arrays of a bounded
+    size; no pickles). Raises :class:`SavedRunError` naming the file and the entry."""
+    import zipfile
+
+    import numpy as np
+    name = Path(path).name
+    limit = _MAX_MATRIX_SIDE ** 2 * 8 + 4096
+    try:
+        with zipfile.ZipFile(path) as zf:
+            big = [i.filename for i in zf.infolist() if i.file_size > limit]
+        if big:
+            raise SavedRunError(f"{name}: entry {big[0]!r} is larger than a saved heatmap matrix can be")
+        out: Dict[str, Dict[str, Any]] = {}
+        with np.load(path, allow_pickle=False) as npz:
+            for key in npz.files:
+                layer, _, which = key.rpartition("|")
+                if layer not in layers or which not in _MATRIX_KEYS:
+                    raise SavedRunError(f"{name}: entry {key[:60]!r} names no layer of report.json "
+                                        f"and matrix ({', '.join(_MATRIX_KEYS)})")
+                m = npz[key]
+                if (m.ndim != 2 or m.shape[0] != m.shape[1] or m.dtype.kind != "f"
+                        or not np.isfinite(m).all()):
+                    raise SavedRunError(f"{name}: entry {key[:60]!r} must be a square matrix of finite "
+                                        f"floats, got shape {tuple(m.shape)}, dtype {m.dtype}")
+                out.setdefault(layer, {})[which] = m
+        return out
+    except SavedRunError:
+        raise
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as exc:
+        first = (str(exc).splitlines() or [""])[0]
+        raise SavedRunError(f"{name}: not a matrices file written by `crh run` "
+                            f"({type(exc).__name__}: {first[:80]})") from None
 
 
 def write_config(run_dir: Path, cfg: Dict[str, Any]) -> None:
     _write_json(Path(run_dir) / "config.json", cfg)
 
 
-def write_outputs(run_dir: Path, report, claims: Sequence[C.Claim], experiment: str) -> None:
+def write_outputs(run_dir: Path, report, claims: Sequence[C.Claim], experiment: str,
+                  profile: Optional[str] = None) -> None:
+    """table.txt (with its legend) and claims.md (with its legend), both under a smoke-test
+    banner for a smoke profile (:func:`smoke_note`), and claims.json."""
     run_dir = Path(run_dir)
-    (run_dir / "table.txt").write_text(report.table() + "\n")
-    (run_dir / "claims.md").write_text(C.to_markdown(claims, f"Claims: {experiment}"))
+    note = smoke_note(profile)
+    table = report.table()
+    if note:
+        table = f"{note}\n\n{table}"
+    (run_dir / "table.txt").write_text(table + "\n")
+    (run_dir / "claims.md").write_text(C.to_markdown(claims, f"Claims: {experiment}", note=note,
+                                                     legend=True))
     C.to_json(claims, run_dir / "claims.json")
 
 
@@ -427,7 +526,8 @@ def _read(path: Path, what: str):
 def load_run(run_dir: Path):
     """``(config dict, Report, extras dict, {name: Report})`` of a saved run, every file checked
     first (strict JSON nested at most :data:`crh_kernels.report.MAX_JSON_DEPTH` levels; report
-    schema; config.json and extras.json objects). Raises :class:`SavedRunError` with one line
+    schema; config.json and extras.json objects; matrices.npz, when present, becomes the
+    Report's ``matrices``: :func:`load_matrices`). Raises :class:`SavedRunError` with one line
     naming the file and the field."""
     from ..report import Report
     run_dir = Path(run_dir)
@@ -451,6 +551,8 @@ def load_run(run_dir: Path):
     extras = _read(ex_path, "extras.json") if ex_path.exists() else {}
     if not isinstance(extras, dict):
         raise SavedRunError(f"extras.json: must be an object, got {type(extras).__name__}")
+    if (run_dir / "matrices.npz").exists():
+        rep.matrices = load_matrices(run_dir / "matrices.npz", rep.layers)
     reports = {}
     if (run_dir / "reports").is_dir():
         for p in sorted((run_dir / "reports").glob("*.json")):
