@@ -33,6 +33,7 @@ LAYERS: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
     ("plots", ("plots",)),                         # figures of a report (duck-typed)
     ("report", ("report",)),                       # numbers of a collector, laid out
     ("collect", ("collect",)),                     # hooks -> Moments; Collector.report()
+    ("integrations", ("integrations",)),           # trainer callbacks over Collector and Report
     ("selfcheck", ("selfcheck",)),                 # `crh check`
     ("experiments", ("experiments",)),             # the paper's experiments
     ("cli", ("cli", "__main__")),                  # `crh`

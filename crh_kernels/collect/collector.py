@@ -96,6 +96,37 @@ Life cycle
 attached per forward call, fire once, and do nothing once the collector is stopped (a backward
 after ``stop()`` adds no rows) or after a ``reset()`` or ``load_state_dict()`` (those rows
 belong to the replaced states). ``load_state_dict`` is all or nothing (see there).
+
+α over training
+---------------
+``alpha_every=K`` keeps :attr:`Collector.alpha_series` (:class:`.series.AlphaSeries`): at every
+``step()`` that makes ``steps`` a multiple of K, the six α on covariances of every layer are
+computed from the running states (the ones the report reads; no second pass over data), so the
+point at step s is the report's ``alpha_cov`` at step s. The report stores the series and
+draws it (``alpha_series.png``). Cost of a point: per layer, the four covariance views, WᵀW and
+WWᵀ in float64 and six correlations of D×D matrices, no eigendecomposition (see
+:mod:`.series`). ``reset()`` keeps the points taken so far (they are history, not rows);
+``state_dict()`` carries them.
+
+Raw moments (``raw_moments=True``)
+----------------------------------
+The lines of SPEC §4 rest on ``H_b = W H_a Wᵀ`` and ``G_a = Wᵀ G_b W``, which hold exactly
+for raw second moments (rows not normalized, not centered, bias folded in: ``h_a → (h_a, 1)``,
+``W → W̃ = [W | b]``) and only roughly for the normalized covariances α uses. With
+``raw_moments=True`` every layer with a weight also accumulates two raw streams: the rows
+``(h_a, 1)`` (``LayerStats.H_a_raw``; the 1 where the module has a bias, whatever
+``include_bias`` says) and the per-sample output gradients ``g_b`` (``LayerStats.G_b_raw``;
+scaled to per-sample gradients as with ``normalize=False``: ``loss_terms``, else each call's row
+count). Their uncentered second moments give the other two exactly, ``H_b = W̃ H̃_a W̃ᵀ`` and
+``G̃_a = W̃ᵀ G_b W̃``, so those are not accumulated. The report then fits exponents and phases on
+these raw moments (``exponent_moments: "raw"``) and shows, per layer, how far the normalized
+covariances that α uses are from the same identities (``identity``). W̃ at the first raw row is
+kept (``LayerStats.raw_weight0``): the report says when W changed while the raw moments
+accumulated (the identities are then taken with the final W). Per-head layers have no W and
+no raw streams. Cost: two more Moments per layer, ``(D_in+1)²`` and ``D_out²``, about half as
+much again as the four streams; off by default (measured in NOTES.md, "Raw moments").
+``normalize=False, include_bias=True`` already makes H_a and G_b raw: the report uses them
+without the option.
 """
 from __future__ import annotations
 
@@ -107,8 +138,9 @@ import torch.nn as nn
 
 from ..moments import Moments
 from . import attention, checkpoint, hooks
-from .layer import STATE_ATTR, STREAMS, LayerStats, module_device
+from .layer import RAW_ATTR, STATE_ATTR, STREAMS, LayerStats, module_device
 from .selection import build_layers, memory_plan
+from .series import AlphaSeries
 from .staging import RowStager
 
 __all__ = ["Collector", "LayerStats", "STREAMS"]
@@ -153,6 +185,13 @@ class Collector:
         stage_bytes: bound on the memory of those row buffers, all streams together (the
             default holds 16 streams of 1024 fp32 features; a stream that does not fit is
             updated on every call). Masked streams add one byte a row.
+        alpha_every: keep the six α of every layer every this many steps
+            (:attr:`alpha_series`, module doc "α over training"); None: no series.
+        raw_moments: also accumulate, per layer with a weight, the raw (unnormalized,
+            uncentered, bias folded in) moments of ``(h_a, 1)`` and of the per-sample ``g_b``,
+            for which ``H_b = W̃ H̃_a W̃ᵀ`` and ``G̃_a = W̃ᵀ G_b W̃`` hold exactly: the report's
+            exponents and phases use them (module doc "Raw moments"). Two more states per
+            layer; off by default.
     """
 
     STREAMS = STREAMS
@@ -163,7 +202,8 @@ class Collector:
                  backend: Optional[str] = None, heads: Optional[Dict[str, int]] = None,
                  mask: Optional[torch.Tensor] = None, *, loss_terms=None,
                  g_a_source: str = "auto", state_dtype: torch.dtype = torch.float32,
-                 seed: int = 0, stage_rows: int = 4096, stage_bytes: int = 256 << 20):
+                 seed: int = 0, stage_rows: int = 4096, stage_bytes: int = 256 << 20,
+                 alpha_every: Optional[int] = None, raw_moments: bool = False):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         streams = tuple(streams)
@@ -181,6 +221,8 @@ class Collector:
             raise ValueError(f"g_a_source must be 'auto' or 'weight', got {g_a_source!r}")
         if state_dtype not in (torch.float32, torch.float64):
             raise TypeError(f"state_dtype must be torch.float32 or torch.float64, got {state_dtype}")
+        if not isinstance(raw_moments, bool):
+            raise TypeError(f"raw_moments must be a bool, got {raw_moments!r}")
         self.model = model
         self.streams = tuple(s for s in STREAMS if s in streams)
         self.normalize = bool(normalize)
@@ -198,6 +240,10 @@ class Collector:
         self._stager, self._shared = self._new_rows(RowStager(stage_rows, stage_bytes))
         # .all (name -> LayerStats), .weight_layers (hooked by hooks.py), .groups (attention.py)
         self._layers = build_layers(model, modules, self.streams, self.heads, self.include_bias)
+        self.raw_moments = raw_moments
+        if raw_moments:
+            for st in self._layers.weight_layers.values():
+                st.enable_raw()
         self._handles: list = []
         self._running = False
         self._collecting = False
@@ -208,6 +254,7 @@ class Collector:
         self._loss_terms = None
         self._warned_terms = False
         self._modules_arg = modules
+        self._series = None if alpha_every is None else AlphaSeries(alpha_every)
         self.set_mask(mask)
         if loss_terms is not None:
             self.set_loss_terms(loss_terms)
@@ -220,17 +267,24 @@ class Collector:
         if model is not None and model is not self.model:
             other = Collector(model, self._modules_arg, self.streams, self.normalize,
                               include_bias=self.include_bias, heads=self.heads,
-                              state_dtype=self.state_dtype)
+                              state_dtype=self.state_dtype, raw_moments=self.raw_moments)
             return other.memory_plan()
-        return memory_plan(self._layers.all, self.state_dtype)
+        plan = memory_plan(self._layers.all, self.state_dtype)
+        item = torch.empty((), dtype=self.state_dtype).element_size()
+        order = {name: i for i, name in enumerate(self._layers.all)}
+        for name, st in self._layers.all.items():
+            for s, d in st.raw_dims.items():
+                plan.append((name, s, (d, d), item * (d + d * d)))
+        plan.sort(key=lambda row: order[row[0]])        # stable: each layer's rows together
+        return plan
 
     @classmethod
     def estimate_bytes(cls, model: nn.Module, modules=None, streams: Sequence[str] = STREAMS,
                        include_bias: bool = False, heads: Optional[Dict[str, int]] = None,
-                       state_dtype: torch.dtype = torch.float32) -> int:
+                       state_dtype: torch.dtype = torch.float32, raw_moments: bool = False) -> int:
         """Total bytes of the Moments states a Collector with these arguments would hold."""
         col = cls(model, modules, streams, include_bias=include_bias, heads=heads,
-                  state_dtype=state_dtype)
+                  state_dtype=state_dtype, raw_moments=raw_moments)
         return sum(b for *_, b in col.memory_plan())
 
     def nbytes(self) -> int:
@@ -277,7 +331,14 @@ class Collector:
         self.steps += 1
         self._shared.new_step()
         self._update_collecting()
+        if self._series is not None and self._series.due(self.steps):
+            self._series.record(self.steps, self.layers)
         return self.steps
+
+    @property
+    def alpha_series(self) -> Optional[AlphaSeries]:
+        """The six α per layer every ``alpha_every`` steps (None without ``alpha_every``)."""
+        return self._series
 
     @property
     def layers(self) -> Dict[str, LayerStats]:
@@ -348,11 +409,18 @@ class Collector:
         idx = torch.randperm(r, generator=self._gen)[: self.max_rows]
         return idx.to(device, non_blocking=True)
 
-    def _grad_scale(self, terms):
+    def _grad_scale(self, terms, raw: bool = False):
         """Factor turning autograd's rows into per-sample gradients (None: leave them as they are).
-        ``terms = (rows of the call, its full mask or None)`` gives the default N."""
-        if self.normalize or self.loss_reduction == "sum":
+        ``terms = (rows of the call, its full mask or None)`` gives the default N. ``raw``: for
+        the raw streams, which are never normalized (the warning about N is the
+        ``normalize=False`` one only)."""
+        if (self.normalize and not raw) or self.loss_reduction == "sum":
             return None
+        if raw and self.normalize:
+            if self._loss_terms is not None:
+                return self._loss_terms
+            r, mask = terms
+            return r if mask is None else mask.sum()
         if self._loss_terms is not None:
             return self._loss_terms
         if not self._warned_terms:
@@ -365,23 +433,26 @@ class Collector:
         return r if mask is None else mask.sum()
 
     def _moments(self, st: LayerStats, stream: str, dim: int, device) -> Moments:
-        """The Moments of ``st``'s stream, made on first use."""
-        attr = STATE_ATTR[stream]
+        """The Moments of ``st``'s stream (a raw stream too: never normalized), made on first
+        use."""
+        attr = STATE_ATTR.get(stream) or RAW_ATTR[stream]
         m = getattr(st, attr)
         if m is None:
-            m = Moments(dim, normalize=self.normalize, device=device, backend=self.backend,
-                        dtype=self.state_dtype)
+            m = Moments(dim, normalize=self.normalize and stream in STATE_ATTR, device=device,
+                        backend=self.backend, dtype=self.state_dtype)
             setattr(st, attr, m)
         return m
 
     def _unique_moments(self, create: bool = False) -> List[Moments]:
         out, seen = [], set()
         for st in self._layers.all.values():
-            for s in st.streams:
-                m = getattr(st, STATE_ATTR[s])
-                if m is None and create and s in st.dims:
+            dims = dict(st.dims)
+            dims.update(st.raw_dims)
+            for s in st.streams + tuple(st.raw_dims):
+                m = getattr(st, STATE_ATTR.get(s) or RAW_ATTR[s])
+                if m is None and create and s in dims:
                     dev = module_device(st.module) or torch.device("cpu")
-                    m = self._moments(st, s, st.dims[s], dev)
+                    m = self._moments(st, s, dims[s], dev)
                 if m is not None and id(m) not in seen:
                     seen.add(id(m))
                     out.append(m)
@@ -409,10 +480,11 @@ class Collector:
         states = self._unique_moments(create=True)
         names = {}
         for st in self._layers.all.values():
-            for s in st.streams:
-                m = getattr(st, STATE_ATTR[s])
+            for s in st.streams + tuple(st.raw_dims):
+                attr = STATE_ATTR.get(s) or RAW_ATTR[s]
+                m = getattr(st, attr)
                 if m is not None:
-                    names.setdefault(id(m), f"{st.name}.{STATE_ATTR[s]}")
+                    names.setdefault(id(m), f"{st.name}.{attr}")
         all_reduce_moments(states, group=group, names=[names[id(m)] for m in states],
                            timeout=timeout)
 
@@ -475,6 +547,8 @@ class Collector:
             "include_bias": self.include_bias, "loss_reduction": self.loss_reduction,
             "g_a_source": self.g_a_source, "forward_only": forward_only,
             "rows_without_grad": lost, "notes": notes,
+            "alpha_every": None if self._series is None else self._series.every,
+            "raw_moments": self.raw_moments,
         }
 
     # ------------------------------------------------------------ checkpoints
@@ -486,8 +560,11 @@ class Collector:
         config = {"streams": list(self.streams), "normalize": self.normalize,
                   "every": self.every, "max_rows": self.max_rows,
                   "include_bias": self.include_bias, "loss_reduction": self.loss_reduction,
-                  "g_a_source": self.g_a_source}
-        return checkpoint.state_dict(self._layers.all, self.steps, self._gen.get_state(), config)
+                  "g_a_source": self.g_a_source, "raw_moments": self.raw_moments}
+        sd = checkpoint.state_dict(self._layers.all, self.steps, self._gen.get_state(), config)
+        if self._series is not None:
+            sd["alpha_series"] = self._series.to_dict()
+        return sd
 
     def load_state_dict(self, sd: dict, strict: bool = True) -> None:
         """Restore :meth:`state_dict` output into this collector (same model structure).
@@ -498,28 +575,40 @@ class Collector:
         interruption at any point (KeyboardInterrupt included) puts the old ones back. Rows
         gathered for the replaced states are dropped with them; gradient hooks of forward
         passes made before the restore add nothing. ``strict=False``: layers present on one
-        side only are left out (those of this collector keep their states and staged rows)."""
+        side only are left out (those of this collector keep their states and staged rows).
+        With ``alpha_every``, the α series is replaced by the state dict's (emptied when it has
+        none; a series taken every other number of steps is an error)."""
         self._shared.resolve_all()   # a restore between the calls of layers sharing an input
         plan = checkpoint.plan_restore(self._layers.all, sd, strict, normalize=self.normalize,
-                                       include_bias=self.include_bias, backend=self.backend)
+                                       include_bias=self.include_bias, backend=self.backend,
+                                       raw_moments=self.raw_moments)
+        series = self._series
+        if series is not None:
+            series = AlphaSeries(series.every)
+            if sd.get("alpha_series") is not None:
+                series = AlphaSeries.from_dict(sd["alpha_series"], "state dict")
+                if series.every != self._series.every:
+                    raise ValueError(f"alpha_series was taken every {series.every} steps, this "
+                                     f"collector has alpha_every={self._series.every}")
         gen = torch.Generator()
         gen.set_state(plan.rng)
         kept = [m for st in self._layers.all.values() if st not in plan.layers
-                for m in st.moments().values() if m is not None]
+                for m in (*st.moments().values(), *st.raw_moments().values()) if m is not None]
         stager, shared = self._new_rows(self._stager, keep=kept)
         old = checkpoint.snapshot(self._layers.all.values())
         old_top = (self.steps, self._gen, self._stager, self._shared, self._epoch,
-                   self._collecting)
+                   self._collecting, self._series)
         try:
             self._epoch += 1             # first: hooks of earlier passes are inert from here
             checkpoint.apply(plan)
             shared.adopt(self._layers.all.values())
             self.steps, self._gen, self._stager, self._shared = plan.steps, gen, stager, shared
+            self._series = series
             self._update_collecting()
         except BaseException:
             checkpoint.restore(old)
             (self.steps, self._gen, self._stager, self._shared, self._epoch,
-             self._collecting) = old_top
+             self._collecting, self._series) = old_top
             raise
 
     def __repr__(self) -> str:
