@@ -1,153 +1,523 @@
-"""Ahead-of-time compilation of every Triton kernel for a GPU target, without a GPU.
+"""Ahead-of-time compilation of every Triton kernel the GPU launcher runs, without a GPU.
 
-``compile_kernel(name, dtype, cc, config)`` returns PTX facts and the register/spill report
-that ``cuobjdump --dump-resource-usage`` gives for the cubin. ``python -m
-crh_kernels.backends.triton_aot`` prints the table recorded in NOTES.md.
+Owns: which kernel variants the GPU path can launch (read from ``backends/triton.py`` itself),
+compiling each exactly as Triton would specialize it at run time, for sm_80 and sm_90, and the
+resource report (registers, spills, shared memory, matrix instructions) that NOTES.md records
+and ``tests/test_aot.py`` asserts.
+
+How a case is made, and why each step:
+
+1. **The launcher's own calls.** The launcher's public functions (``row_stats``,
+   ``syrk_update``, ``cross_update``, called as ``moments_op`` / ``cross_moments_op`` call
+   them) run on fake CUDA tensors (``FakeTensorMode``) while Triton's two launch entry points
+   (``JITFunction.run``, ``Autotuner.run``) record instead of launching. So the positional
+   arguments, the constexprs and the autotune configs are the launcher's, not a copy of them
+   that could drift.
+2. **The run-time specialization.** Triton specializes every launch on its arguments: an int
+   equal to 1 becomes a compile-time constant (a unit column stride), pointers and ints
+   divisible by 16 get ``tt.divisibility = 16`` (vector loads, fewer masks). Compiling with
+   plain ``i32`` strides and no hints measures another kernel (issue 14: 171 registers instead
+   of the 165 that run, and no sight of the spills at unaligned D). The recorded arguments go
+   through Triton's own binder (``create_function_from_signature``, the function a launch
+   calls), with stand-ins whose ``data_ptr`` is a 256-byte-aligned base plus the view's
+   offset, as the CUDA caching allocator gives. The binder and ``ASTSource(fn, signature,
+   constexprs, attrs)`` are the same in Triton 3.6 (the lent GPU machine's) and 3.9 (here).
+3. **Layouts.** ``aligned``: (8192, 1024) contiguous, everything divisible by 16. ``D1000``:
+   (8192, 1000), D and the row stride not divisible by 16. ``D1025``: (8191, 1025), a bias
+   column on an odd number of rows. A case that specializes identically under two layouts is
+   compiled once (``D1000`` and ``D1025`` differ only in N's divisibility).
+4. **The report.** ``cuobjdump --dump-resource-usage`` of the cubin gives REG, STACK (spilled
+   registers live on the stack frame: this is where spills show) and LOCAL; the PTX says
+   whether the matrix loop uses ``wgmma`` or ``mma.sync``.
+
+    python -m crh_kernels.backends.triton_aot            # the NOTES.md table (markdown)
+    python -m crh_kernels.backends.triton_aot --rows     # one line per compiled case
+    python -m crh_kernels.backends.triton_aot --json     # every case as JSON (tests/test_aot.py)
+
+Everything that needs real ``triton.jit`` kernels and the GPU launcher runs in a fresh
+interpreter (``list_cases``, ``compile_cases``): the test process has ``TRITON_INTERPRET=1``,
+under which the launcher is built for the interpreter.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
+import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional
 
-import triton
-import triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-
-from ..kernels.cross import _cross_scatter_kernel
-from ..kernels.row_stats import _row_stats_kernel
-from ..kernels.syrk import _scatter_upper_kernel
-
-_PTR = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16"}
-_TL = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}
+#: (N, D) per layout name; see the module docstring
+LAYOUTS = {"aligned": (8192, 1024), "D1000": (8192, 1000), "D1025": (8191, 1025)}
+CCS = (80, 90)
+#: operand types × fp32 precision of the matrix kernels; row_stats has no precision
+MM_OPERANDS = (("bf16", "ieee"), ("fp16", "ieee"), ("fp32", "tf32"), ("fp32", "ieee"))
+ROW_OPERANDS = ("bf16", "fp16", "fp32")
+#: shared memory per block that each target allows (bytes)
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+_BASE_ADDRESS = 1 << 20  # a CUDA allocation: 512-byte aligned
+_KERNEL_NAMES = {"_row_stats_kernel": "row_stats", "_scatter_upper_kernel": "syrk",
+                 "_cross_scatter_kernel": "cross"}
 
 
 @dataclass
 class AotResult:
+    id: str
     kernel: str
     dtype: str
-    cc: int
+    precision: str
+    variant: str
     config: str
-    registers: int
-    local_bytes: int
-    shared_bytes: int
-    wgmma: bool
-    mma_sync: bool
+    layout: str
+    cc: int
+    spec: str = ""  # the run-time specialization: constants and 16-divisible arguments
+    registers: int = -1
+    stack: int = -1
+    local: int = -1
+    shared: int = -1
+    wgmma: bool = False
+    mma_sync: bool = False
+    ints: Dict[str, int] = field(default_factory=dict)  # the launch's integer arguments
+    same_as: str = ""  # the id this case compiled identically to (compiled once)
+    notes: List[str] = field(default_factory=list)
+
+    @property
+    def spills(self) -> bool:
+        return self.stack != 0 or self.local != 0
 
 
-def _mm_spec(kernel, dtype, precision, cfg):
-    x = _PTR[dtype]
-    common = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_K": cfg["BLOCK_K"], "DOT_DTYPE": _TL[dtype],
-              "INPUT_PRECISION": precision, "ROUND_ONLY": False}
-    if kernel == "syrk":
-        sig = {"x_ptr": x, "scale_ptr": "*fp32", "shift_ptr": "*fp32", "out_ptr": "*fp32",
-               "N": "i32", "D": "i32", "stride_xn": "i32", "stride_xd": "i32"}
-        return _scatter_upper_kernel, sig, dict(common, USE_ATOMIC=cfg.get("USE_ATOMIC", False))
-    sig = {"g_ptr": x, "h_ptr": x, "sg_ptr": "*fp32", "sh_ptr": "*fp32", "kg_ptr": "*fp32",
-           "kh_ptr": "*fp32", "out_ptr": "*fp32", "N": "i32", "DG": "i32", "DH": "i32",
-           "stride_gn": "i32", "stride_gd": "i32", "stride_hn": "i32", "stride_hd": "i32"}
-    return _cross_scatter_kernel, sig, common
+# ----------------------------------------------------------------------------- recording
+
+class _Launch:
+    def __init__(self, fn, configs, args, kwargs):
+        self.fn, self.configs, self.args, self.kwargs = fn, configs, args, kwargs
 
 
-def _rows_spec(dtype, cfg):
-    sig = {"x_ptr": _PTR[dtype], "mask_ptr": "*u8", "gate_ptr": "*fp32", "scale_ptr": "*fp32",
-           "status_ptr": "*u8", "psum_ptr": "*fp32", "N": "i32", "D": "i32",
-           "stride_xn": "i32", "stride_xd": "i32", "stride_m": "i32"}
-    const = {"HAS_MASK": True, "HAS_GATE": False, "NORMALIZE": True, "WITH_SUM": True,
-             "BLOCK_N": cfg["BLOCK_N"], "BLOCK_D": cfg["BLOCK_D"]}
-    return _row_stats_kernel, sig, const
+class _Ptr:
+    """What the binder needs of a tensor argument: its dtype and its address."""
+
+    def __init__(self, dtype, address):
+        self.dtype = dtype
+        self._address = address
+
+    def data_ptr(self):
+        return self._address
 
 
-def _resource_usage(cubin: bytes):
+def _stand_in(arg):
+    import torch
+
+    if isinstance(arg, torch.Tensor):
+        return _Ptr(arg.dtype, _BASE_ADDRESS + arg.storage_offset() * arg.element_size())
+    return arg
+
+
+class _Recorder:
+    """Within it, Triton launches are recorded, not run, and CUDA tensors can be fake."""
+
+    SM_COUNT = 132  # H200; only the grid (not compiled) depends on it
+
+    def __enter__(self):
+        import torch
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from triton.runtime.autotuner import Autotuner
+        from triton.runtime.jit import JITFunction
+
+        self.launches: List[_Launch] = []
+        launches = self.launches
+
+        def autotuned(tuner, *args, grid=None, warmup=False, **kwargs):
+            launches.append(_Launch(tuner.fn, [c.all_kwargs() for c in tuner.configs], args, kwargs))
+
+        def direct(fn, *args, grid=None, warmup=False, **kwargs):
+            launches.append(_Launch(fn, [{}], args, kwargs))
+
+        class _Props:
+            multi_processor_count = self.SM_COUNT
+
+        self._saved = [(Autotuner, "run", Autotuner.run), (JITFunction, "run", JITFunction.run),
+                       (torch.cuda, "get_device_properties", torch.cuda.get_device_properties)]
+        Autotuner.run = autotuned
+        JITFunction.run = direct
+        torch.cuda.get_device_properties = lambda *a, **k: _Props()
+        self._mode = FakeTensorMode(allow_non_fake_inputs=True)
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._mode.__exit__(*exc)
+        for owner, name, value in self._saved:
+            setattr(owner, name, value)
+        return False
+
+
+def _scenarios():
+    """(kernel, dtype, precision, variant, layout, call) for every launcher call the GPU path
+    makes: ``call()`` runs the launcher function on fake CUDA tensors."""
+    out = []
+    for layout, (n, d) in LAYOUTS.items():
+        out += _layout_calls(layout, n, d)
+    return out
+
+
+def _layout_calls(layout: str, n: int, d: int):
+    import torch
+
+    from . import triton as launch
+
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+    def x_of(dt):
+        return torch.empty(n, d, dtype=dtypes[dt], device="cuda")
+
+    def rows():
+        return torch.empty(n, dtype=torch.float32, device="cuda")
+
+    def mask():
+        return torch.ones(n, dtype=torch.bool, device="cuda")
+
+    def cols():
+        return torch.empty(d, dtype=torch.float32, device="cuda")
+
+    out = []
+    for dt in ROW_OPERANDS:
+        # as moments_op calls it, with and without a mask / normalization; as
+        # cross_moments_op calls it: first look at h (no sums), then gated
+        out += [
+            ("row_stats", dt, "", "mask,norm,sum", layout,
+             lambda dt=dt: launch.row_stats(x_of(dt), mask(), True)),
+            ("row_stats", dt, "", "sum", layout,
+             lambda dt=dt: launch.row_stats(x_of(dt), None, False)),
+            ("row_stats", dt, "", "mask,norm", layout,
+             lambda dt=dt: launch.row_stats(x_of(dt), mask(), True, with_sum=False)),
+            ("row_stats", dt, "", "mask,norm,gate,sum", layout,
+             lambda dt=dt: launch.row_stats(x_of(dt), mask(), True, gate=rows())),
+        ]
+    for dt, prec in MM_OPERANDS:
+        for atomic in (False, True):  # CRH_TRITON_ATOMICS
+            out.append(("syrk", dt, prec, "atomic" if atomic else "det", layout,
+                        lambda dt=dt, prec=prec, atomic=atomic: launch.syrk_update(
+                            x_of(dt), rows(), cols(), prec, atomic=atomic)))
+        out.append(("cross", dt, prec, "", layout,
+                    lambda dt=dt, prec=prec: launch.cross_update(
+                        x_of(dt), x_of(dt), rows(), rows(), cols(), cols(), prec)))
+    return out
+
+
+def _config_label(fn, cfg: dict, kwargs: dict) -> str:
+    """Block sizes, warps, stages (and a register cap) of one launch: "128x64 w8 s3"."""
+    merged = dict(kwargs, **cfg)
+    blocks = [str(merged[p.name]) for p in fn.params if p.name.startswith("BLOCK_") and p.name in merged]
+    label = "x".join(blocks) + f" w{merged.get('num_warps', 4)}"
+    if "num_stages" in merged:
+        label += f" s{merged['num_stages']}"
+    if merged.get("maxnreg"):
+        label += f" r{merged['maxnreg']}"
+    return label
+
+
+def _short(fn) -> str:
+    return _KERNEL_NAMES.get(fn.__name__, fn.__name__.strip("_").removesuffix("_kernel"))
+
+
+def jobs():
+    """Every (case, how to compile it), in the order of ``_scenarios``; ``build`` compiles one.
+    Needs real ``triton.jit`` kernels (no ``TRITON_INTERPRET``)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    backends = {cc: make_backend(GPUTarget("cuda", cc, 32)) for cc in CCS}
+    out, seen = [], set()
+    for kernel, dt, prec, variant, layout, call in _scenarios():
+        with _Recorder() as rec:
+            try:
+                call()
+                stopped = ""
+            except Exception as e:  # noqa: BLE001 - fake tensors cannot run every torch op
+                if not rec.launches:
+                    raise
+                stopped = f"launcher stopped after its first launch under fake tensors: {e}"
+        for launch_ in rec.launches:  # every launch of the call: a new epilogue kernel too
+            fn = launch_.fn
+            name = _short(fn)
+            args = [_stand_in(a) for a in launch_.args]
+            for cfg in launch_.configs:
+                kwargs = dict(launch_.kwargs, **cfg)
+                for cc in CCS:
+                    backend = backends[cc]
+                    binder = create_function_from_signature(fn.signature, fn.params, backend)
+                    bound, spec, options = binder(*args, **kwargs)
+                    config = _config_label(fn, cfg, launch_.kwargs)
+                    # a kernel the call launches besides its own: named after the call
+                    var = variant if name == kernel else "+".join(x for x in (kernel, variant) if x)
+                    parts = [name, dt] + ([prec] if name != "row_stats" and dt == "fp32" else [])
+                    parts += [var, config.replace(" ", ""), layout, f"sm{cc}"]
+                    case = AotResult("-".join(x for x in parts if x), name, dt, prec, var, config, layout, cc)
+                    if case.id in seen:
+                        continue
+                    seen.add(case.id)
+                    case.ints = {p.name: v for p, v in zip(fn.params, bound.values())
+                                 if not p.is_constexpr and type(v) is int}
+                    if stopped:
+                        case.notes.append(stopped)
+                    out.append((case, fn, list(bound.values()), spec, options, backend))
+    return out
+
+
+def _specialization(fn, values, spec, backend):
+    """Triton's own packing of a launch (``JITFunction._pack_args``), flat arguments only."""
+    signature = {p.name: s[0] for p, s in zip(fn.params, spec)}
+    constexprs = {(i,): v for i, (v, s) in enumerate(zip(values, spec)) if s[0] == "constexpr"}
+    attrs = {(i,): backend.parse_attr(s[1]) for i, s in enumerate(spec)
+             if s[0] != "constexpr" and isinstance(s[1], str)}
+    consts = [f"{p.name}={values[i]}" for i, p in enumerate(fn.params)
+              if spec[i][0] == "constexpr" and not p.is_constexpr]
+    div16 = [p.name for i, p in enumerate(fn.params) if attrs.get((i,))]
+    label = "; ".join(x for x in (" ".join(consts), "16 | " + ",".join(div16) if div16 else "") if x)
+    return signature, constexprs, attrs, label
+
+
+# ----------------------------------------------------------------------------- compiling
+
+def _resource_usage(cubin: bytes) -> Dict[str, int]:
+    import triton
+
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(cubin)
     try:
-        text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True,
-                              check=True).stdout
+        text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True,
+                              text=True, check=True).stdout
     finally:
         os.unlink(f.name)
-    fields = {k: int(v) for k, v in re.findall(r"(REG|LOCAL|SHARED):(\d+)", text)}
-    return fields.get("REG", -1), fields.get("LOCAL", -1), fields.get("SHARED", 0)
+    fields = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", text))
+    missing = {"REG", "STACK", "LOCAL"} - set(fields)
+    if missing:
+        raise RuntimeError(f"cuobjdump printed no {sorted(missing)}:\n{text}")
+    return {k: int(v) for k, v in fields.items()}
 
 
-def compile_kernel(kernel: str, dtype: str, cc: int, cfg: dict, precision: str = "ieee") -> AotResult:
-    """Compile ``kernel`` ("row_stats", "syrk", "cross") for sm_``cc`` with launch config ``cfg``
-    (block sizes plus ``num_warps``/``num_stages``)."""
-    if kernel == "row_stats":
-        fn, sig, const = _rows_spec(dtype, cfg)
-    else:
-        fn, sig, const = _mm_spec(kernel, dtype, precision, cfg)
-    sig = dict(sig, **{k: "constexpr" for k in const})
-    src = ASTSource(fn=fn, signature=sig, constexprs=const)
-    opts = {k: cfg[k] for k in ("num_warps", "num_stages", "maxnreg") if k in cfg}
-    compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=opts)
+def build(job):
+    """Compile one job of ``jobs()``: ``(AotResult with its resources, Triton's compiled
+    kernel)``; the kernel's ``asm`` holds the PTX and the cubin (bench/sass_model.py reads it)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    case, fn, values, spec, options, backend = job
+    signature, constexprs, attrs, case.spec = _specialization(fn, values, spec, backend)
+    opts = backend.parse_options(options)
+    compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs),
+                              target=GPUTarget("cuda", case.cc, 32), options=opts.__dict__)
+    usage = _resource_usage(compiled.asm["cubin"])
     ptx = compiled.asm["ptx"]
-    regs, local, shared = _resource_usage(compiled.asm["cubin"])
-    shared = max(shared, int(getattr(compiled.metadata, "shared", 0) or 0))
-    label = ",".join(f"{k}={v}" for k, v in cfg.items())
-    if kernel != "row_stats" and dtype == "fp32":
-        label += f",{precision}"
-    return AotResult(kernel, dtype, cc, label, regs, local, shared, "wgmma" in ptx, "mma.sync" in ptx)
+    case.registers, case.stack, case.local = usage["REG"], usage["STACK"], usage["LOCAL"]
+    # dynamic shared memory (the pipeline's stages) is in the metadata, static in the cubin
+    case.shared = int(getattr(compiled.metadata, "shared", 0) or 0) + usage.get("SHARED", 0)
+    case.wgmma = "wgmma.mma_async" in ptx
+    case.mma_sync = "mma.sync" in ptx
+    return case, compiled
 
 
-def gpu_configs():
-    """Every launch config the GPU path can use, per kernel."""
-    from . import triton as launch
-
-    mm = {bits: [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in cfgs]
-          for bits, cfgs in launch._GPU_MM_CONFIGS.items()}
-    rows = [dict(launch._GPU_ROWS)]
-    return {"row_stats": {16: rows, 32: rows}, "syrk": mm, "cross": mm}
+def _compile(job) -> AotResult:
+    return build(job)[0]
 
 
-def compile_many(cases, timeout: float = 1800.0):
-    """Compile ``cases`` [(kernel, dtype, cc, cfg, precision), ...] in a fresh interpreter.
+def _key(job):
+    case, fn, values, spec, options, backend = job
+    return (fn.__name__, case.cc, repr(spec), repr(sorted(options.items())))
 
-    Compilation needs real ``triton.jit`` functions, which ``TRITON_INTERPRET=1`` replaces, so
-    the work runs in a subprocess with the variable removed. Returns a list of AotResult.
-    """
-    import json
-    import sys
 
+_POOL_JOBS: list = []
+
+
+def _compile_index(i: int) -> dict:
+    return asdict(_compile(_POOL_JOBS[i]))
+
+
+def run_all(jobs_n: int = 1, only: Optional[set] = None) -> List[AotResult]:
+    """Record, specialize and compile every case (in this process; needs ``triton.jit``
+    kernels, i.e. no ``TRITON_INTERPRET``). ``only``: ids to compile (all by default)."""
+    global _POOL_JOBS
+    todo = [j for j in jobs() if only is None or j[0].id in only]
+    first: Dict[tuple, int] = {}
+    unique = []
+    for i, j in enumerate(todo):
+        k = _key(j)
+        if k not in first:
+            first[k] = i
+            unique.append(i)
+    _POOL_JOBS = todo
+    if jobs_n > 1 and len(unique) > 1:
+        import multiprocessing as mp
+
+        # fork: the children inherit the recorded jobs (kernels and dtypes do not pickle)
+        with mp.get_context("fork").Pool(min(jobs_n, len(unique))) as pool:
+            done = dict(zip(unique, pool.map(_compile_index, unique, chunksize=1)))
+    else:
+        done = {i: _compile_index(i) for i in unique}
+    results = []
+    for i, j in enumerate(todo):
+        src = first[_key(j)]
+        r = dict(done[src])
+        r.update({k: getattr(j[0], k) for k in ("id", "dtype", "precision", "variant", "config", "layout",
+                                                 "ints", "notes")})
+        r["same_as"] = "" if src == i else todo[src][0].id
+        results.append(AotResult(**r))
+    return results
+
+
+def list_all() -> List[AotResult]:
+    """Every case with its specialization, without compiling (in this process)."""
+    out = []
+    for case, fn, values, spec, options, backend in jobs():
+        case.spec = _specialization(fn, values, spec, backend)[3]
+        out.append(case)
+    return out
+
+
+def defined_kernels() -> List[str]:
+    """Short names of every ``triton.jit`` kernel (``*_kernel``) in ``crh_kernels.kernels``."""
+    import importlib
+    import pkgutil
+
+    from triton.runtime.jit import JITFunction
+
+    from .. import kernels
+
+    names = set()
+    for mod in pkgutil.iter_modules(kernels.__path__):
+        m = importlib.import_module(f"{kernels.__name__}.{mod.name}")
+        for name, obj in vars(m).items():
+            if name.endswith("_kernel") and isinstance(obj, JITFunction):
+                names.add(_short(obj))
+    return sorted(names)
+
+
+def _subprocess(args, timeout: float):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, "-m", "crh_kernels.backends.triton_aot", "--json"],
-                          input=json.dumps(cases), capture_output=True, text=True, env=env,
-                          timeout=timeout)
+    proc = subprocess.run([sys.executable, "-m", "crh_kernels.backends.triton_aot", *args],
+                          capture_output=True, text=True, env=env, timeout=timeout)
     if proc.returncode != 0:
-        raise RuntimeError(f"AOT compilation failed:\n{proc.stderr[-4000:]}")
-    return [AotResult(**r) for r in json.loads(proc.stdout.strip().splitlines()[-1])]
+        raise RuntimeError(f"triton_aot {' '.join(args)} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _json_main():  # pragma: no cover - runs in the subprocess of compile_many
-    import dataclasses
-    import json
-    import sys
-
-    cases = json.loads(sys.stdin.read())
-    out = [dataclasses.asdict(compile_kernel(k, dt, cc, cfg, prec)) for k, dt, cc, cfg, prec in cases]
-    print(json.dumps(out))
+def list_cases(timeout: float = 600.0) -> dict:
+    """``{"kernels": [...defined...], "cases": [AotResult without resources, ...]}`` from a
+    fresh interpreter (no compiling)."""
+    got = _subprocess(["--list"], timeout)
+    return {"kernels": got["kernels"], "cases": [AotResult(**c) for c in got["cases"]]}
 
 
-def main():  # pragma: no cover - a report for NOTES.md
-    print(f"triton {triton.__version__}")
-    print(f"{'kernel':10s} {'dtype':5s} {'sm':>3s} {'REG':>4s} {'LOCAL':>5s} {'SHARED':>7s} wgmma mma.sync  config")
-    for kernel, cfgs in gpu_configs().items():
-        for dtype in ("bf16", "fp16", "fp32"):
-            precisions = ("tf32", "ieee") if (dtype == "fp32" and kernel != "row_stats") else ("ieee",)
-            for precision in precisions:
-                for cfg in cfgs[32 if dtype == "fp32" else 16]:
-                    for cc in (80, 90):
-                        r = compile_kernel(kernel, dtype, cc, cfg, precision)
-                        print(f"{r.kernel:10s} {r.dtype:5s} {r.cc:3d} {r.registers:4d} {r.local_bytes:5d} "
-                              f"{r.shared_bytes:7d} {str(r.wgmma):5s} {str(r.mma_sync):8s} {r.config}")
+def compile_cases(jobs: int = 0, timeout: float = 3600.0) -> List[AotResult]:
+    """Compile every case in a fresh interpreter with ``jobs`` processes (0: one per CPU)."""
+    jobs = jobs or (os.cpu_count() or 1)
+    return [AotResult(**r) for r in _subprocess(["--json", f"--jobs={jobs}"], timeout)]
+
+
+# ----------------------------------------------------------------------------- report
+
+def _cell(r: AotResult) -> str:
+    cell = str(r.registers)
+    if r.stack or r.local:
+        cell += f" **S{r.stack}" + (f" L{r.local}" if r.local else "") + "**"
+    return cell
+
+
+def markdown(results: List[AotResult]) -> str:
+    """One row per kernel × operands × variant × config: REG per target and layout, spills
+    in bold (S = STACK bytes, L = LOCAL bytes), shared memory, matrix instruction."""
+    layouts = list(LAYOUTS)
+    by = {}
+    for r in results:
+        row = (r.kernel, r.dtype, r.precision, r.variant, r.config)
+        by.setdefault(row, {})[(r.cc, r.layout)] = r
+    lines = ["| kernel | operands | variant | config | "
+             + " | ".join(f"sm_{cc} {lay}" for cc in CCS for lay in layouts)
+             + " | SHARED (B) sm_80 / sm_90 | matrix instr. sm_80 / sm_90 |",
+             "| --- " * (6 + len(CCS) * len(layouts)) + "|"]
+    rows = list(by.items())
+    merged = set()
+    for i, ((kernel, dt, prec, variant, config), cells) in enumerate(rows):
+        if i in merged:
+            continue
+        label = dt + (f" ({prec})" if dt == "fp32" and kernel != "row_stats" else "")
+        # bf16 and fp16 rows that agree on every number: one row
+        twin = next((j for j, ((k2, d2, p2, v2, c2), c) in enumerate(rows)
+                     if j > i and (k2, p2, v2, c2) == (kernel, prec, variant, config)
+                     and {dt, d2} == {"bf16", "fp16"}
+                     and all(_cell(c[key]) == _cell(cells[key]) and c[key].shared == cells[key].shared
+                             for key in cells if key in c)), None)
+        if twin is not None:
+            merged.add(twin)
+            label = "bf16, fp16"
+        line = [kernel, label, variant or "—", config]
+        line += [_cell(cells[(cc, lay)]) if (cc, lay) in cells else "—" for cc in CCS for lay in layouts]
+        shared = [sorted({cells[k].shared for k in cells if k[0] == cc}) for cc in CCS]
+        line.append(" / ".join("–".join(map(str, (s[0], s[-1])) if len(s) > 1 else map(str, s)) for s in shared))
+
+        def instr(cc):
+            rs = [cells[k] for k in cells if k[0] == cc]
+            return ("wgmma" if all(r.wgmma for r in rs) else "mma.sync" if all(r.mma_sync for r in rs)
+                    else "—" if not any(r.wgmma or r.mma_sync for r in rs) else "mixed")
+        line.append(" / ".join(instr(cc) for cc in CCS))
+        lines.append("| " + " | ".join(line) + " |")
+    return "\n".join(lines)
+
+
+def summary(results: List[AotResult]) -> str:
+    """One line: how many cases, how many spill (per kernel, the largest STACK), registers."""
+    spilled = [r for r in results if r.spills]
+    regs = [r.registers for r in results]
+    per_kernel = ", ".join(f"{k} {sum(r.kernel == k for r in spilled)}" for k in sorted({r.kernel for r in spilled}))
+    line = (f"{len(results)} cases ({len({r.same_as or r.id for r in results})} compiled), "
+            f"{len(spilled)} spill")
+    if spilled:
+        line += (f" ({per_kernel}; STACK up to {max(r.stack for r in spilled)} B, "
+                 f"LOCAL up to {max(r.local for r in spilled)} B)")
+    return line + f"; registers {min(regs)}–{max(regs)}"
+
+
+def main(argv=None) -> int:  # pragma: no cover - a report for NOTES.md, run as a module
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m crh_kernels.backends.triton_aot",
+                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", action="store_true", help="compile every case, print JSON (one line)")
+    p.add_argument("--list", action="store_true", help="list every case and kernel as JSON, no compiling")
+    p.add_argument("--rows", action="store_true", help="one line per case instead of the markdown table")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiling processes")
+    args = p.parse_args(argv)
+    # as the launcher runs (bench/gpu_check.sh, tests/conftest.py), and Triton 3.6's default
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    if os.environ.get("TRITON_INTERPRET", "").strip() not in ("", "0"):
+        p.error("unset TRITON_INTERPRET: ahead-of-time compilation needs the GPU launcher")
+    if args.list:
+        print(json.dumps({"kernels": defined_kernels(), "cases": [asdict(c) for c in list_all()]}))
+        return 0
+    results = run_all(args.jobs)
+    if args.json:
+        print(json.dumps([asdict(r) for r in results]))
+        return 0
+    import triton
+
+    if args.rows:  # the spilling cases are the lines with STACK or LOCAL above 0
+        for r in results:
+            print(f"{r.id:60s} REG {r.registers:3d} STACK {r.stack:4d} LOCAL {r.local:3d} "
+                  f"SHARED {r.shared:6d} wgmma={int(r.wgmma)} mma.sync={int(r.mma_sync)}  [{r.spec}]")
+    else:
+        print(f"triton {triton.__version__}; REG per target and layout "
+              f"({', '.join(f'{k} = {n}×{d}' for k, (n, d) in LAYOUTS.items())}); "
+              "bold: spills (S = STACK bytes, L = LOCAL bytes)\n")
+        print(markdown(results))
+    print("\n" + summary(results))
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover
-    import sys
-
-    _json_main() if "--json" in sys.argv else main()
+    sys.exit(main())
