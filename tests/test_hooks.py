@@ -207,3 +207,60 @@ def test_g_a_source_weight_gives_each_layer_its_own_share():
     for n, st in (("q", q), ("k", k)):
         assert_stream(st.G_a, naive.rows(n, "g_b") @ np64(getattr(blk, n).weight), what=f"{n} own g_a")
 
+
+
+@pytest.mark.filterwarnings("ignore:Moments.*zero-norm:RuntimeWarning")
+def test_raw_streams_of_conv_layers_and_masks():
+    """raw_moments=True: the patches with a ones column where the conv has a bias (c2 has
+    none; c3 pads by reflection), the output gradients unscaled under a sum loss, the mask's
+    rows only; and H_b = W̃ H̃_a W̃ᵀ against the layer's actual outputs (issue 13, item 2)."""
+    net = ConvNet()
+    col = Collector(net, ["c1", "c2", "c3"], raw_moments=True, loss_reduction="sum")
+    naive = Naive(net, ["c1", "c2", "c3"])
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(4, 3, 9, 8, generator=g) for _ in range(2)]
+    keep = torch.tensor([True, False, True, True])
+    with col:
+        for i, x in enumerate(xs):
+            col.set_mask(keep if i else None)       # second batch: image 1 masked out
+            net(x).square().sum().backward()
+    naive.remove()
+    for n in ("c1", "c2", "c3"):
+        conv, st = getattr(net, n), col.layers[n]
+        rows, hb, gb = [], [], []
+        for i, (x, y) in enumerate(naive.calls[n]):
+            per_image = y.shape[2] * y.shape[3]
+            m = np.ones(x.shape[0] * per_image, bool) if i == 0 else np.repeat(keep.numpy(), per_image)
+            rows.append(np_patches(x, conv)[m])
+            hb.append(chan_rows(y)[m])
+            gb.append(chan_rows(y.grad)[m])
+        ha, hb, gb = (np.concatenate(r) for r in (rows, hb, gb))
+        if conv.bias is not None:
+            ha = np.concatenate([ha, np.ones((ha.shape[0], 1))], 1)
+        w = np64(conv.weight).reshape(conv.out_channels, -1)
+        if conv.bias is not None:
+            w = np.concatenate([w, np64(conv.bias)[:, None]], 1)
+        assert torch.equal(st.raw_weight().double(), torch.from_numpy(w))
+        assert st.H_a_raw.n == st.G_b_raw.n == ha.shape[0] == st.H_a.n
+        for m, r in ((st.H_a_raw, ha), (st.G_b_raw, gb)):
+            got = m.second_moment().double().numpy()
+            ref = r.T @ r / r.shape[0]
+            assert np.linalg.norm(got - ref) <= 2e-5 * np.linalg.norm(ref), n
+        h = st.H_a_raw.second_moment().double().numpy()
+        ref = hb.T @ hb / hb.shape[0]
+        assert np.linalg.norm(w @ h @ w.T - ref) <= 2e-5 * np.linalg.norm(ref), n
+
+
+def test_raw_streams_are_per_layer_on_a_shared_input():
+    """q and k share one H_a (the dedup), but each keeps its own raw states, of the same rows
+    (those the first taker kept under max_rows)."""
+    blk = Block()
+    x, keep = torch.randn(2, 5, 16), torch.ones(2, 5, dtype=torch.bool)
+    col = Collector(blk, ["q", "k"], raw_moments=True, max_rows=7)
+    with col:
+        blk(x, keep).square().sum().backward()
+    q, k = col.layers["q"], col.layers["k"]
+    assert q.H_a is k.H_a and q.H_a_raw is not k.H_a_raw
+    assert q.H_a_raw.n == k.H_a_raw.n == q.G_b_raw.n == 7
+    assert torch.equal(q.H_a_raw.scatter, k.H_a_raw.scatter)
+    assert torch.equal(q.H_a_raw.mean, k.H_a_raw.mean)

@@ -4,7 +4,9 @@ Owns: the robust symmetric eigendecomposition :func:`eigh` (float64, descending,
 :func:`effective_rank`, the exponent fit :func:`fit_exponents` (``h ~ z^p``, ``g ~ z^q`` in W's
 singular basis, plus the forward slope and the sorted-spectrum pairing the paper plots), the
 pairing slope :func:`pairing_fit` (log λ_H against log λ_G by rank, the paper's Fig. 3), and
-:func:`commutation_error` (how far the exponents can be trusted). Every fit of the package
+:func:`commutation_error` (how far the exponents can be trusted), and :func:`identity_residual`
+(how far a layer's matrices are from ``H_b = W H_a Wᵀ`` and ``G_a = Wᵀ G_b W``, the identities
+the (p, q) lines rest on). Every fit of the package
 lives here: the report and the figures call these and fit nothing themselves. It only measures;
 naming the phase a measured ``(p, q)`` belongs to is :mod:`crh_kernels.analysis.phases`.
 
@@ -20,10 +22,10 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 import torch
 
-from .align import _as_f64
+from .align import _as_f64, alignment
 
 __all__ = ["eigh", "effective_rank", "fit_exponents", "pairing_fit", "commutation_error", "LineFit",
-           "ExponentFit"]
+           "ExponentFit", "identity_residual"]
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -359,3 +361,69 @@ def commutation_error(W, H, *, side: Optional[str] = None, rtol: float = 1e-8) -
     same = (z[:, None] - z[None, :]).abs() <= rtol * float(z.max())
     off = float(m.square().masked_fill(same, 0.0).sum())
     return off / total
+
+
+# ---------------------------------------------------------------------------- identities
+def _one_identity(B: torch.Tensor, M: torch.Tensor) -> dict:
+    nb = float(torch.linalg.matrix_norm(B))
+    nm = float(torch.linalg.matrix_norm(M))
+    nan = float("nan")
+    if nb == 0.0:
+        return {"residual": nan, "scale": nan, "alpha": nan}
+    dot = float((B * M).sum())
+    if nm == 0.0 or dot <= 0.0:
+        residual, scale = 1.0, 0.0            # the best c ≥ 0 is 0
+    else:
+        cos = min(1.0, dot / (nb * nm))
+        residual = math.sqrt(max(0.0, 1.0 - cos * cos))
+        scale = dot / (nm * nm)
+    with warnings.catch_warnings():      # a constant B or M (a 1×1 H_b): α is NaN, said once
+        warnings.simplefilter("ignore")  # by the six relations, not again here
+        alpha = alignment(B, M)
+    return {"residual": residual, "scale": scale, "alpha": alpha}
+
+
+def identity_residual(W, H_a=None, H_b=None, G_a=None, G_b=None) -> Dict[str, Optional[dict]]:
+    """How far a layer's matrices are from the identities ``H_b = W H_a Wᵀ`` and
+    ``G_a = Wᵀ G_b W`` (SPEC §4, "Which moments the lines are about").
+
+    For each identity ``B ≟ M`` (``B = H_b, M = W H_a Wᵀ``; ``B = G_a, M = Wᵀ G_b W``):
+
+    * ``residual = min over c ≥ 0 of ‖B − c·M‖_F / ‖B‖_F`` = ``sqrt(1 − cos²)``, with
+      ``cos = ⟨B, M⟩_F / (‖B‖_F ‖M‖_F)`` (1 when ``cos ≤ 0``). The overall factor is left out
+      because the (p, q) lines are about proportionality: a factor moves no exponent (it
+      differs anyway between normalized sides). 0 when the identity holds up to a factor;
+      residual r means the best multiple of M misses B by r of its Frobenius norm;
+    * ``scale``: that best c (1 for raw moments where the identity holds exactly);
+    * ``alpha``: α(B, M) (SPEC §3), the same comparison in the paper's measure.
+
+    Float64 throughout. An identity whose matrices are not all given is None; ``B = 0`` gives
+    NaN for all three; α of a constant matrix (e.g. a 1×1 H_b) is NaN, without a warning.
+
+    Returns:
+        ``{"H_b": {"residual", "scale", "alpha"} or None, "G_a": ... or None}``.
+
+    Raises:
+        ValueError: wrong shapes (H_a, G_a must be D_in×D_in, H_b, G_b D_out×D_out for W of
+            shape (D_out, D_in)) or non-finite entries.
+    """
+    w = _matrix(W, "W", square=False)
+    d_out, d_in = w.shape
+    mats = {}
+    for name, m, d in (("H_a", H_a, d_in), ("G_a", G_a, d_in), ("H_b", H_b, d_out),
+                       ("G_b", G_b, d_out)):
+        if m is None:
+            mats[name] = None
+            continue
+        t = _matrix(m, name, device=w.device)
+        if t.shape[0] != d:
+            side = "D_in" if name.endswith("_a") else "D_out"
+            raise ValueError(f"{name} must be {side}×{side} = {d}×{d} for W of shape "
+                             f"{tuple(w.shape)}, got {tuple(t.shape)}")
+        mats[name] = (t + t.T) / 2
+    out: Dict[str, Optional[dict]] = {"H_b": None, "G_a": None}
+    if mats["H_a"] is not None and mats["H_b"] is not None:
+        out["H_b"] = _one_identity(mats["H_b"], w @ mats["H_a"] @ w.T)
+    if mats["G_b"] is not None and mats["G_a"] is not None:
+        out["G_a"] = _one_identity(mats["G_a"], w.T @ mats["G_b"] @ w)
+    return out

@@ -3,7 +3,9 @@
 Owns the format ``"crh_kernels.Collector/1"``: every Moments once (a Moments shared by several
 layers is stored under its first layer and stream, the others hold ``{"alias": [layer,
 stream]}``), each layer's shared-input names, dims and counters, the step count, the state of the
-``max_rows`` generator and the configuration; and the restore, in two halves:
+``max_rows`` generator and the configuration; with ``raw_moments``, each layer's entry also has
+``"raw": {"h_a_raw": state or None, "g_b_raw": state or None, "weight0": W̃ or None}`` (the raw
+streams are never shared); and the restore, in two halves:
 
 * :func:`plan_restore` checks everything (types, the configuration that changes the meaning of
   the states, layer names, streams, dims, aliases, counters, the generator state, and every
@@ -22,7 +24,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from ..moments import Moments
-from .layer import STATE_ATTR, STREAMS, LayerStats, module_device
+from .layer import RAW_ATTR, RAW_STREAMS, STATE_ATTR, STREAMS, LayerStats, module_device
 
 __all__ = ["FORMAT", "state_dict", "Plan", "plan_restore", "apply", "snapshot", "restore"]
 
@@ -30,7 +32,8 @@ FORMAT = "crh_kernels.Collector/1"
 
 # what a restore replaces on a LayerStats (snapshot/restore/apply work on exactly these)
 _ATTRS = ("H_a", "H_b", "G_a", "G_b", "dims", "shared", "forward_calls", "grad_calls",
-          "forward_only_calls", "unmasked_calls", "calls_without_grad", "_without_grad")
+          "forward_only_calls", "unmasked_calls", "calls_without_grad", "_without_grad",
+          "H_a_raw", "G_b_raw", "raw_weight0")
 _COUNTERS = ("forward_calls", "grad_calls", "forward_only_calls", "unmasked_calls",
              "calls_without_grad")
 _SHAREABLE = ("h_a", "g_a")    # the streams the shared-input dedup shares
@@ -52,6 +55,10 @@ def state_dict(layers: Dict[str, LayerStats], steps: int, rng_state: torch.Tenso
             else:
                 owner_of[id(m)] = (name, s)
                 entry[s] = m.state_dict()
+        if st.raw:
+            raw = {s: (None if m is None else m.state_dict()) for s, m in st.raw_moments().items()}
+            raw["weight0"] = None if st.raw_weight0 is None else st.raw_weight0.detach().cpu().clone()
+            entry["raw"] = raw
         entry["shared"] = dict(st.shared)
         entry["dims"] = dict(st.dims)
         entry["counters"] = st.counters()
@@ -95,7 +102,7 @@ class Plan:
 
 
 def plan_restore(layers: Dict[str, LayerStats], sd, strict: bool, *, normalize: bool,
-                 include_bias: bool, backend: Optional[str]) -> Plan:
+                 include_bias: bool, backend: Optional[str], raw_moments: bool = False) -> Plan:
     """Check ``sd`` against ``layers`` and build every new state (Moments on each module's
     device, with ``backend``); nothing is changed. ``strict``: the layer names must be the
     same on both sides (else layers missing on either side are left out).
@@ -117,6 +124,12 @@ def plan_restore(layers: Dict[str, LayerStats], sd, strict: bool, *, normalize: 
             raise TypeError(f"config[{k!r}] must be a bool, got {cfg[k]!r}")
         if cfg[k] != mine:
             raise ValueError(f"state dict has {k}={cfg[k]}, this collector {mine}")
+    raw_cfg = cfg.get("raw_moments", False)     # state dicts from before the option: False
+    if not isinstance(raw_cfg, bool):
+        raise TypeError(f"config['raw_moments'] must be a bool, got {raw_cfg!r}")
+    if raw_cfg != raw_moments:
+        raise ValueError(f"state dict has raw_moments={raw_cfg}, this collector {raw_moments} "
+                         f"(the raw states would not count the same rows as the others)")
     entries = _mapping(sd["layers"], "layers")
     for name in entries:
         if not isinstance(name, str):
@@ -189,6 +202,7 @@ def plan_restore(layers: Dict[str, LayerStats], sd, strict: bool, *, normalize: 
                 e = ("alias", (a[0], a[1]))
             wanted.append((st, s, e))
         vals["dims"] = new_dims
+        vals.update(_plan_raw(st, entry, what, backend))
         new_vals[st] = vals
 
     # pass 2: build every Moments (each stored state once; aliases share it)
@@ -227,6 +241,56 @@ def plan_restore(layers: Dict[str, LayerStats], sd, strict: bool, *, normalize: 
             vals.setdefault(STATE_ATTR[s], None)
         vals["shared"] = {}                      # named again from the aliases (SharedInputs)
     return Plan(steps, rng, new_vals)
+
+
+def _plan_raw(st: LayerStats, entry: Mapping, what: str, backend: Optional[str]) -> dict:
+    """The raw states of one layer's entry, checked and built (nothing changed): a layer with
+    raw streams needs ``entry["raw"]``, one without must not have it."""
+    e = entry.get("raw")
+    if not st.raw:
+        if e is not None:
+            raise ValueError(f"{what}['raw']: this layer keeps no raw streams (no weight, or "
+                             f"the collector has raw_moments=False)")
+        return {}
+    if e is None:
+        raise KeyError(f"{what} lacks 'raw' (this collector has raw_moments=True)")
+    e = _mapping(e, f"{what}['raw']")
+    for k in e:
+        if k not in RAW_STREAMS and k != "weight0":
+            raise ValueError(f"{what}['raw']: unknown key {k!r}")
+    vals = {}
+    dev = module_device(st.module)
+    for s in RAW_STREAMS:
+        r = e.get(s)
+        m = None
+        if r is not None:
+            r = _mapping(r, f"{what}['raw'][{s!r}]")
+            want, d = st.raw_dims[s], r.get("dim")
+            if isinstance(d, bool) or not isinstance(d, numbers.Integral) or d != want:
+                raise ValueError(f"{what}['raw'][{s!r}]: state dim {d!r}, layer has {want}")
+            try:
+                m = Moments.from_state_dict(r, device=dev, backend=backend)
+            except (TypeError, ValueError, KeyError) as err:
+                msg = err.args[0] if err.args else str(err)
+                raise type(err)(f"{what}['raw'][{s!r}]: {msg}") from None
+            if m.normalize:
+                raise ValueError(f"{what}['raw'][{s!r}]: normalize=True, raw states are not "
+                                 f"normalized")
+        vals[RAW_ATTR[s]] = m
+    w0 = e.get("weight0")
+    if w0 is not None:
+        shape = (st.raw_dims["g_b_raw"], st.raw_dims["h_a_raw"])
+        if not isinstance(w0, torch.Tensor) or not w0.is_floating_point():
+            raise TypeError(f"{what}['raw']['weight0'] must be a float tensor, got "
+                            f"{getattr(w0, 'dtype', type(w0).__name__)}")
+        if tuple(w0.shape) != shape:
+            raise ValueError(f"{what}['raw']['weight0'] has shape {tuple(w0.shape)}, layer's W̃ "
+                             f"is {shape}")
+        if not bool(torch.isfinite(w0).all()):
+            raise ValueError(f"{what}['raw']['weight0'] has non-finite entries")
+        w0 = w0.detach().to(dev if dev is not None else "cpu").clone()
+    vals["raw_weight0"] = w0
+    return vals
 
 
 # ------------------------------------------------------------------------- commit

@@ -123,8 +123,9 @@ these raw moments (``exponent_moments: "raw"``) and shows, per layer, how far th
 covariances that α uses are from the same identities (``identity``). W̃ at the first raw row is
 kept (``LayerStats.raw_weight0``): the report says when W changed while the raw moments
 accumulated (the identities are then taken with the final W). Per-head layers have no W and
-no raw streams. Cost: two more Moments per layer, ``(D_in+1)²`` and ``D_out²``, about half as
-much again as the four streams; off by default (measured in NOTES.md, "Raw moments").
+no raw streams. Cost: two more Moments per layer, ``(D_in+1)²`` and ``D_out²``: half as much
+state again as the four streams, and 1.4–1.9× the collector's time per step; off by default
+(measured in NOTES.md, "Raw moments").
 ``normalize=False, include_bias=True`` already makes H_a and G_b raw: the report uses them
 without the option.
 """

@@ -17,6 +17,14 @@ generation ``_epoch`` (tensor hooks of an earlier generation, from before a ``re
 ``_grad_scale``, ``_moments`` (the Moments of a stream, made on first use), the stager
 ``_stager``, ``_shared`` (a :class:`SharedInputs`), ``_mask`` (its identity only) and
 ``g_a_source``.
+
+Raw streams (a layer with ``st.raw``, ``Collector(raw_moments=True)``): each call also gives
+the rows ``(h_a, 1)`` (the 1 where the module has a bias) to ``H_a_raw`` and, from the same
+output-gradient hook, the per-sample ``g_b`` rows (``_grad_scale(terms, raw=True)``, or the
+ordinary scale when ``normalize`` is off: the one more attribute these streams read) to
+``G_b_raw``, with the rows (mask, ``max_rows``) the call keeps for its other streams. They are
+never shared between layers (the dedup above is for ``h_a``/``g_a`` only): each layer's raw
+states count exactly its own calls, as every other stream does.
 """
 from __future__ import annotations
 
@@ -464,7 +472,8 @@ def on_layer(col, st: LayerStats, module, x: torch.Tensor, y: torch.Tensor,
     ad = st.adapter
     streams = st.streams
     replay = mode == REPLAY
-    want_grad = ("g_a" in streams or "g_b" in streams)
+    raw = st.raw
+    want_grad = ("g_a" in streams or "g_b" in streams or raw)
     if replay:
         rec = take_record(ctx, col, st)
         if rec is None or not want_grad:
@@ -503,6 +512,7 @@ def on_layer(col, st: LayerStats, module, x: torch.Tensor, y: torch.Tensor,
     terms = (r, full_mask)
 
     # ---- h_a and input-hook g_a: a claim on the input's contribution ------------------
+    made = []                 # this call's h_a rows, if made (the raw stream reuses them)
     if cs:
         new = c is None
         if new:
@@ -514,6 +524,7 @@ def on_layer(col, st: LayerStats, module, x: torch.Tensor, y: torch.Tensor,
                 xr = xr[idx]
             if st.bias_col:
                 xr = torch.cat([xr, xr.new_ones(xr.shape[0], 1)], dim=1)
+            made.append(xr)
             return xr
 
         col._shared.claim(col, c, st, rows_fn, x.device)
@@ -521,6 +532,8 @@ def on_layer(col, st: LayerStats, module, x: torch.Tensor, y: torch.Tensor,
             hook_once(x, _input_grad_hook(col, c))
     if "h_b" in streams and not replay:
         col._stager.feed(col._moments(st, "h_b", st.dims["h_b"], y.device), yr, mask)
+    if raw and not replay:
+        _feed_raw_h_a(col, st, module, x, idx, mask, made[0] if made else None)
     if not grad_ok:
         return
     st.grad_calls += 1
@@ -530,13 +543,33 @@ def on_layer(col, st: LayerStats, module, x: torch.Tensor, y: torch.Tensor,
     ga_m = None
     if "g_a" in streams and not use_input_hook:
         ga_m = col._moments(st, "g_a", st.dims["g_a"], y.device)
+    raw_m = col._moments(st, "g_b_raw", st.raw_dims["g_b_raw"], y.device) if raw else None
     ticket = Ticket(col, [st], r if idx is None else idx.shape[0], mask)
-    if gb_m is not None or ga_m is not None:
-        hook_once(y, _output_grad_hook(col, st, module, gb_m, ga_m, idx, mask, terms, ticket))
+    if gb_m is not None or ga_m is not None or raw_m is not None:
+        hook_once(y, _output_grad_hook(col, st, module, gb_m, ga_m, idx, mask, terms, ticket,
+                                       raw_m))
     elif c is not None and "g_a" in c.streams:
         c.tickets.append(ticket)       # its gradient is the input hook's
     else:
         ticket.fired = True
+
+
+def _feed_raw_h_a(col, st: LayerStats, module, x: torch.Tensor, idx, mask, rows=None) -> None:
+    """The call's raw rows ``(h_a, 1)`` into ``H_a_raw`` (the 1 where the module has a bias);
+    the first such rows of the states also keep ``W̃`` (``st.raw_weight0``). ``rows``: this
+    call's h_a rows if the h_a stream made them (no second ``unfold`` of a conv's input)."""
+    d = st.raw_dims["h_a_raw"]
+    if rows is not None and rows.shape[-1] in (d, d - 1):
+        xr = rows            # with the bias column exactly when the raw rows need it, or without
+    else:
+        xr = st.adapter.input_rows(module, x.detach())
+        if idx is not None:
+            xr = xr[idx]
+    if xr.shape[-1] != d:            # the bias column
+        xr = torch.cat([xr, xr.new_ones(xr.shape[0], 1)], dim=1)
+    col._stager.feed(col._moments(st, "h_a_raw", d, x.device), xr, mask)
+    if st.raw_weight0 is None:
+        st.raw_weight0 = st.raw_weight().clone()
 
 
 def _input_grad_hook(col, c: Contribution):
@@ -562,9 +595,10 @@ def _input_grad_hook(col, c: Contribution):
     return hook
 
 
-def _output_grad_hook(col, st: LayerStats, module, gb_m, ga_m, idx, mask, terms, ticket):
+def _output_grad_hook(col, st: LayerStats, module, gb_m, ga_m, idx, mask, terms, ticket,
+                      raw_m=None):
     """Tensor hook on the layer's output: its gradient rows are g_b, and ``g_b @ W`` is g_a
-    where ``ga_m`` is given."""
+    where ``ga_m`` is given; ``raw_m``: also the per-sample g_b rows into ``G_b_raw``."""
     ad = st.adapter
     epoch = col._epoch
 
@@ -576,6 +610,9 @@ def _output_grad_hook(col, st: LayerStats, module, gb_m, ga_m, idx, mask, terms,
             if idx is not None:
                 gr = gr[idx]
             scale = col._grad_scale(terms)
+            if raw_m is not None:
+                raw_scale = scale if not col.normalize else col._grad_scale(terms, raw=True)
+                col._stager.feed(raw_m, gr if raw_scale is None else gr * raw_scale, mask)
             if scale is not None:
                 gr = gr * scale
             if gb_m is not None:

@@ -1,8 +1,17 @@
-"""What the collector keeps per measured layer: :class:`LayerStats` (four streams of Moments
-and bookkeeping counters) and :class:`HeadGroup` (the per-head LayerStats of one module).
+"""What the collector keeps per measured layer: :class:`LayerStats` (four streams of Moments,
+the optional raw streams, bookkeeping counters) and :class:`HeadGroup` (the per-head
+LayerStats of one module).
 
-Owns the stream names (``STREAMS``) and where each stream's Moments lives on a LayerStats
-(``STATE_ATTR``). Nothing here touches hooks or modules' forward passes.
+Owns the stream names (``STREAMS``, ``RAW_STREAMS``) and where each stream's Moments lives on
+a LayerStats (``STATE_ATTR``, ``RAW_ATTR``). Nothing here touches hooks or modules' forward
+passes.
+
+Raw streams (``Collector(raw_moments=True)``, SPEC §4 "Which moments the lines are about"):
+``h_a_raw`` are the rows ``(h_a, 1)`` (the 1 only when the module has a bias, whatever
+``include_bias`` says) and ``g_b_raw`` the per-sample output gradients, both accumulated
+unnormalized (``Moments(normalize=False)``); their uncentered second moments ``H̃_a`` and
+``G_b`` give ``H_b = W̃ H̃_a W̃ᵀ`` and ``G̃_a = W̃ᵀ G_b W̃`` exactly, with ``W̃ = [W | b]``
+(:meth:`LayerStats.raw_weight`), so those two are not accumulated.
 """
 from __future__ import annotations
 
@@ -14,10 +23,13 @@ import torch.nn as nn
 from ..moments import Moments
 from .adapters import Adapter
 
-__all__ = ["STREAMS", "STATE_ATTR", "LayerStats", "HeadGroup", "module_device"]
+__all__ = ["STREAMS", "STATE_ATTR", "RAW_STREAMS", "RAW_ATTR", "LayerStats", "HeadGroup",
+           "module_device"]
 
 STREAMS = ("h_a", "h_b", "g_a", "g_b")
 STATE_ATTR = {"h_a": "H_a", "h_b": "H_b", "g_a": "G_a", "g_b": "G_b"}
+RAW_STREAMS = ("h_a_raw", "g_b_raw")
+RAW_ATTR = {"h_a_raw": "H_a_raw", "g_b_raw": "G_b_raw"}
 
 
 def module_device(module: nn.Module) -> Optional[torch.device]:
@@ -43,6 +55,11 @@ class LayerStats:
         dims: ``{stream: D}`` of the streams this layer can have (h_a includes a bias column
             when ``include_bias``).
         shared: ``{stream: owner layer name}`` for an H_a/G_a shared with another layer.
+        raw: whether the raw streams are kept (``Collector(raw_moments=True)``, layers with a
+            weight only); ``raw_dims``: ``{"h_a_raw": D_in (+1 with a bias), "g_b_raw": D_out}``.
+        H_a_raw, G_b_raw: the raw streams' Moments (unnormalized rows; None until a row came).
+        raw_weight0: ``W̃`` when the first raw row of these states came (None before), to tell
+            whether W changed while the raw moments accumulated.
         forward_calls, grad_calls, forward_only_calls, unmasked_calls: bookkeeping counters.
         calls_without_grad, rows_without_grad: calls made with gradients enabled whose
             gradient rows never reached the collector (the step was aborted between forward
@@ -69,6 +86,11 @@ class LayerStats:
         self.G_a: Optional[Moments] = None
         self.G_b: Optional[Moments] = None
         self.shared: Dict[str, str] = {}
+        self.raw = False
+        self.raw_dims: Dict[str, int] = {}
+        self.H_a_raw: Optional[Moments] = None
+        self.G_b_raw: Optional[Moments] = None
+        self.raw_weight0: Optional[torch.Tensor] = None
         self.forward_calls = 0
         self.grad_calls = 0
         self.forward_only_calls = 0
@@ -80,6 +102,28 @@ class LayerStats:
     def moments(self) -> Dict[str, Optional[Moments]]:
         """``{stream: Moments or None}`` for the four streams."""
         return {s: getattr(self, STATE_ATTR[s]) for s in STREAMS}
+
+    def raw_moments(self) -> Dict[str, Optional[Moments]]:
+        """``{raw stream: Moments or None}`` (empty when the layer keeps no raw streams)."""
+        return {s: getattr(self, RAW_ATTR[s]) for s in RAW_STREAMS} if self.raw else {}
+
+    def enable_raw(self) -> bool:
+        """Keep the raw streams of this layer (a layer with a weight only); returns whether it
+        does."""
+        if self.adapter is None:
+            return False
+        d_in, d_out = self.adapter.dims(self.module)
+        bias = isinstance(getattr(self.module, "bias", None), torch.Tensor)
+        self.raw = True
+        self.raw_dims = {"h_a_raw": d_in + int(bias), "g_b_raw": d_out}
+        return True
+
+    def raw_weight(self) -> Optional[torch.Tensor]:
+        """``W̃ = [W | b]`` (``(D_out, D_in + 1)``; just W for a module without bias), detached:
+        the matrix of the raw streams, whatever ``include_bias`` says. None for heads."""
+        if self.adapter is None:
+            return None
+        return self.adapter.weight(self.module, True)
 
     def weight(self) -> Optional[torch.Tensor]:
         """The layer's ``(D_out, D_in)`` matrix W (bias column appended when the collector has
@@ -129,6 +173,7 @@ class LayerStats:
     def clear(self) -> None:
         """Forget every state, shared-input alias and counter (the configuration stays)."""
         self.H_a = self.H_b = self.G_a = self.G_b = None
+        self.H_a_raw = self.G_b_raw = self.raw_weight0 = None
         self.shared = {}
         self.forward_calls = self.grad_calls = self.forward_only_calls = self.unmasked_calls = 0
         self.calls_without_grad = 0
