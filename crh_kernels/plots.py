@@ -13,7 +13,8 @@ notebook's backend.
   slopes 1, 2, 3 (paper Fig. 3).
 * ``exponents.png`` — h_i and g_i against z_i in W's singular basis with the fitted p and q.
 * ``phase.png`` — the (p, q) plane: the six relation lines, the phase points of SPEC §4 and
-  each layer as a point.
+  each layer as a point, filled when the verdict's exponent reading named its phase through the
+  gates, hollow (with the failed gates, or "z flat") when it did not.
 * ``heatmap_<layer>.png`` — H, G, Z of a layer (b and a sides; paper Fig. 2).
 
 Every figure has a title saying what it shows, and a panel that cannot show what it is for (an
@@ -327,11 +328,29 @@ def plot_phase(rep, path: str) -> str:
             cmap = colormaps["viridis"]
         except Exception:  # pragma: no cover
             cmap = None
+        hollow = 0
         for i, (name, p, q) in enumerate(pts):
             color = cmap(i / max(1, len(pts) - 1)) if cmap is not None else None
-            ax.plot(p, q, "o", color=color, ms=7, mec="k", mew=0.5)
-            ax.annotate(_short(name, 16), (p, q), textcoords="offset points", xytext=(5, -9),
+            # the verdict's exponent reading (issue 13): a filled point named a phase through
+            # the gates; a hollow one did not (gates failed, or z flat on the effective support)
+            ex = (rep.layers[name].get("verdict") or {}).get("exponent") or {}
+            named = ex.get("phase") not in (None, "undetermined", "flat", "not applicable")
+            tag = _short(name, 16)
+            if ex.get("phase") == "undetermined":
+                tag += " (undet: " + ",".join(ex.get("failed") or []) + ")"
+            elif ex.get("phase") == "flat":
+                tag += " (z flat)"
+            if named or not ex:
+                ax.plot(p, q, "o", color=color, ms=7, mec="k", mew=0.5)
+            else:
+                hollow += 1
+                ax.plot(p, q, "o", mfc="none", mec=color, ms=7, mew=1.2)
+            ax.annotate(tag, (p, q), textcoords="offset points", xytext=(5, -9),
                         fontsize=7, color="0.2")
+        if hollow:
+            ax.text(0.99, 0.06, "hollow: no phase named (a fit gate failed, or z is flat on the "
+                    "effective support; report.json: verdict.exponent)", transform=ax.transAxes,
+                    ha="right", va="bottom", fontsize=6.5, color="0.3")
         left = [n for n, e in rep.layers.items() if e.get("p") is None or e.get("q") is None]
         if left:
             ax.text(0.99, 0.01, f"not placed, p or q undefined: {', '.join(_short(n, 16) for n in left[:4])}"

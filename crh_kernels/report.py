@@ -14,11 +14,32 @@ key                         meaning
                             g_a) when collected, else the b side (heads); all four in ``mean_ratio``
 ``effective_rank_h/_g``     effective rank of H and G (same side rule, same ``kind`` as exponents)
 ``p``, ``q``                exponents ``h ~ z^p``, ``g ~ z^q`` in W's singular basis (SPEC §4)
+``exponent_moments``        which matrices p, q, the forward slope, ``commutation`` and the phase
+                            were fitted on: ``"raw"`` (raw second moments, bias folded in:
+                            ``Collector(raw_moments=True)``, or ``normalize=False`` with the bias
+                            column), else ``kind`` (``"cov"``: the normalized covariances α uses);
+                            ``exponent_moments_why`` says why, in words
+``identity``                how far the covariances α uses are from the identities the (p, q)
+                            lines rest on: ``{"on": "cov", "H_b": {residual, scale, alpha} of
+                            H_b ≟ W H_a Wᵀ, "G_a": ... of G_a ≟ Wᵀ G_b W, "raw": {source,
+                            weight_change} or null}`` (:func:`~crh_kernels.analysis
+                            .identity_residual`); ``identity_residual``: the larger residual
 ``forward_slope``           slope of log H_b vs log G_b: in W's left singular basis for layers
                             with a weight (SPEC §4), of the sorted spectra for heads
                             (``forward_slope_source`` says which)
-``pairing_slope``           slope of log λ_H,i vs log λ_G,i of H_b, G_b by rank (paper Fig. 3)
-``phase``                   :func:`~crh_kernels.analysis.classify_phase` (``phase_explanation``)
+``pairing_slope``           slope of log λ_H,i vs log λ_G,i of H_b, G_b by rank (paper Fig. 3),
+                            always on the ``kind`` matrices (the paper's), as are ``spectra``
+``phase``                   the verdict's exponent reading: a phase of Table 1 named only through
+                            the gates, ``"none"``, ``"flat"`` (z flat on the effective support) or
+                            ``"undetermined"``; ``phase_explanation`` says why, ``phase_holds``
+                            lists the lines within ``tol`` (None: no fit)
+``verdict``                 :meth:`~crh_kernels.analysis.LayerVerdict.to_dict` (issue 13):
+                            ``verdict``/``label`` (the α reading, or ``"trivial"``), ``agreement``
+                            (``agree``: yes/no/?/-), ``trivial`` (kinds and reasons), ``alpha``
+                            (per relation α, baseline at the effective ranks, bar, status),
+                            ``exponent`` (support, every gate's value and limit, failed gates,
+                            reason), ``explanation``, ``gates``; plus ``isotropy_a`` and
+                            ``effective_ranks``. ``meta["verdict_gates"]``: the thresholds
 ``commutation``             off-diagonal energy of ``VᵀH_aV``: exponents are trustworthy when small
 ``n``                       rows counted (h_a's, else the first stream collected); ``n_streams``
 ``streams``                 the streams that hold rows; ``shared``: streams shared with a layer
@@ -226,9 +247,12 @@ class _Checker:
 
 _STREAMS = ("h_a", "h_b", "g_a", "g_b")
 _LAYER_NUMBERS = ("r_h", "r_g", "effective_rank_h", "effective_rank_g", "p", "q", "forward_slope",
-                  "pairing_slope", "commutation")
+                  "pairing_slope", "commutation", "identity_residual")
 _LAYER_STRINGS = ("kind", "parent", "side_h", "side_g", "phase", "phase_explanation",
-                  "forward_slope_source")
+                  "forward_slope_source", "exponent_moments_why")
+_FIT_LABEL = {"raw": "raw", "cov": "cov", "second_moment": "sm"}
+#: what ``exponent_moments`` may say (SPEC §4: raw moments for the lines, else the ``kind``)
+EXPONENT_MOMENTS = ("raw", "cov", "second_moment")
 
 
 def _check_series(c: "_Checker", path: str, d) -> None:
@@ -250,6 +274,37 @@ def _check_series(c: "_Checker", path: str, d) -> None:
             c.num_list(f"{lp}.{r}", rels[r], null=False)
             if len(rels[r]) != len(steps):
                 c.fail(f"{lp}.{r}", f"a list of {len(steps)} values (one per step)", rels[r])
+
+
+def _check_verdict(c: "_Checker", path: str, v) -> None:
+    """The per-layer verdict block (:meth:`LayerVerdict.to_dict` plus the report's extras)."""
+    c.obj(path, v)
+    for k in ("verdict", "label", "explanation"):
+        c.string(f"{path}.{k}", v.get(k), null=False)
+    if not (v.get("agreement") is None or isinstance(v.get("agreement"), bool)):
+        c.fail(f"{path}.agreement", "true, false or null", v.get("agreement"))
+    c.string(f"{path}.agree", v.get("agree"), null=False, choices=("yes", "no", "?", "-"))
+    for i, t in enumerate(c.lst(f"{path}.trivial", v.get("trivial"))):
+        c.obj(f"{path}.trivial[{i}]", t)
+        c.string(f"{path}.trivial[{i}].kind", t.get("kind"), null=False)
+    al = c.obj(f"{path}.alpha", v.get("alpha"))
+    c.string(f"{path}.alpha.name", al.get("name"), null=False)
+    c.str_list(f"{path}.alpha.holds", al.get("holds"))
+    for rel, r in c.obj(f"{path}.alpha.relations", al.get("relations")).items():
+        rp = _key(f"{path}.alpha.relations", rel)
+        c.obj(rp, r)
+        for k in ("alpha", "baseline", "required"):
+            c.num(f"{rp}.{k}", r.get(k))
+    ex = c.obj(f"{path}.exponent", v.get("exponent"))
+    c.string(f"{path}.exponent.phase", ex.get("phase"), null=False)
+    c.str_list(f"{path}.exponent.failed", ex.get("failed"))
+    for g, gv in c.obj(f"{path}.exponent.gates", ex.get("gates")).items():
+        gp = _key(f"{path}.exponent.gates", g)
+        c.obj(gp, gv)
+        if not isinstance(gv.get("passed"), bool):
+            c.fail(f"{gp}.passed", "true or false", gv.get("passed"))
+    if "isotropy_a" in v:
+        c.num(f"{path}.isotropy_a", v["isotropy_a"])
 
 
 def check_alpha_series(d, where: str = "α series") -> None:
@@ -300,6 +355,22 @@ def check_report_dict(d, where: str = "report.json") -> None:
                 c.string(f"{path}.{k}", e[k])
         if "head" in e:
             c.integer(f"{path}.head", e["head"], null=True)
+        if "exponent_moments" in e:
+            c.string(f"{path}.exponent_moments", e["exponent_moments"], choices=EXPONENT_MOMENTS)
+        if e.get("identity") is not None:
+            ip = f"{path}.identity"
+            ident = c.obj(ip, e["identity"])
+            c.string(f"{ip}.on", ident.get("on"), choices=("cov", "second_moment"))
+            for k in ("H_b", "G_a"):
+                for f, v in c.obj(f"{ip}.{k}", ident.get(k), null=True).items():
+                    c.num(f"{ip}.{k}.{f}", v)
+            raw = c.obj(f"{ip}.raw", ident.get("raw"), null=True)
+            if "weight_change" in raw:
+                c.num(f"{ip}.raw.weight_change", raw["weight_change"])
+            if "source" in raw:
+                c.string(f"{ip}.raw.source", raw["source"])
+        if e.get("verdict") is not None:
+            _check_verdict(c, f"{path}.verdict", e["verdict"])
         if "n" in e:
             c.integer(f"{path}.n", e["n"])
         if "streams" in e:
@@ -360,6 +431,166 @@ def _f64(t: torch.Tensor) -> torch.Tensor:
     return t.double()
 
 
+def _second64(m) -> torch.Tensor:
+    """``E[x xᵀ]`` of a Moments' counted rows, composed in float64 (scatter/n + μμᵀ)."""
+    mu = _f64(m.mean)
+    return _f64(m.scatter) / m.n + torch.outer(mu, mu)
+
+
+def _raw_moments(st, mom):
+    """``({"W": W̃, "H_a": E[h̃_a h̃_aᵀ], "G_b": E[g_b g_bᵀ], "why", "source", "n"}, "")`` in
+    float64 when the layer has raw second moments (SPEC §4), else ``(None, why not)``.
+
+    Two sources: the raw streams of ``Collector(raw_moments=True)``; or, without them, the
+    ordinary H_a and G_b when they are raw already (``normalize=False`` and H_a has the bias
+    column wherever the module has a bias)."""
+    if st.adapter is None:
+        return None, "no weight"
+    ha, gb = getattr(st, "H_a_raw", None), getattr(st, "G_b_raw", None)
+    if getattr(st, "raw", False):
+        missing = [k for k, m in (("h_a_raw", ha), ("g_b_raw", gb)) if m is None or m.n == 0]
+        if missing:
+            return None, (f"the raw streams have no rows ({', '.join(missing)}"
+                          + (": no pass with gradients)" if missing == ["g_b_raw"] else ")"))
+        return {"W": _f64(st.raw_weight()), "H_a": _second64(ha), "G_b": _second64(gb),
+                "source": "raw_moments", "n": int(ha.n),
+                "why": "raw second moments E[h̃_a h̃_aᵀ] and E[g_b g_bᵀ] (bias folded in: "
+                       "h̃_a = (h_a, 1), W̃ = [W | b]) of Collector(raw_moments=True); "
+                       "H_b = W̃ H̃_a W̃ᵀ and G̃_a = W̃ᵀ G_b W̃ exactly"}, ""
+    ha, gb = mom.get("h_a"), mom.get("g_b")
+    if ha is None or gb is None or ha.normalize or gb.normalize:
+        return None, "no raw moments kept (Collector(raw_moments=True))"
+    W = st.weight()
+    if tuple(W.shape) != tuple(st.raw_weight().shape):
+        return None, ("H_a lacks the bias column (normalize=False without include_bias=True); "
+                      "no raw moments kept (Collector(raw_moments=True))")
+    return {"W": _f64(W), "H_a": _second64(ha), "G_b": _second64(gb),
+            "source": "normalize=False streams", "n": int(ha.n),
+            "why": "raw second moments of the collector's own unnormalized H_a (bias column "
+                   "included) and G_b; H_b = W̃ H_a W̃ᵀ and G_a = W̃ᵀ G_b W̃ exactly"}, ""
+
+
+def _kind_why(kind: str, st, raw_why: str) -> str:
+    which = ("covariances" if kind == "cov" else "second moments") + " of the " + (
+        "normalized " if getattr(st.H_a, "normalize", True) else "") + "rows"
+    if raw_why == "kind":
+        return f"{which} (exponent_moments='kind' was asked for)"
+    return (f"{which}, not raw moments: {raw_why}; the lines assume H_b = W H_a Wᵀ and "
+            f"G_a = Wᵀ G_b W, see identity")
+
+
+def _identity(A, st, W, mom, mat, kind, raw) -> dict:
+    """The layer's ``identity`` entry: residuals on the covariances α uses, and the raw source."""
+    cov = mat if kind == "cov" else {_ATTR[s]: _f64(m.cov()) for s, m in mom.items()}
+    out = {"on": "cov"}
+    out.update(A.identity_residual(W, cov.get("H_a"), cov.get("H_b"), cov.get("G_a"),
+                                   cov.get("G_b")))
+    if raw is None:
+        out["raw"] = None
+        return out
+    info = {"source": raw["source"], "weight_change": None}
+    w0 = getattr(st, "raw_weight0", None)
+    if raw["source"] == "raw_moments" and w0 is not None:
+        w = raw["W"]
+        nw = float(torch.linalg.matrix_norm(w))
+        change = float(torch.linalg.matrix_norm(w - _f64(w0).to(w.device)))
+        info["weight_change"] = change / nw if nw > 0 else (0.0 if change == 0 else float("inf"))
+        if info["weight_change"] > _WEIGHT_CHANGE_NOTE:
+            warnings.warn(f"W changed by {info['weight_change']:.2g} (relative Frobenius, from "
+                          f"the first raw row to now) while the raw moments accumulated: the "
+                          f"identities behind the exponents are taken with the final W and hold "
+                          f"for the accumulated rows only approximately", RuntimeWarning)
+    out["raw"] = info
+    return out
+
+
+#: a relative change of W (first raw row → report) above fp32 rounding is worth a warning
+_WEIGHT_CHANGE_NOTE = 1e-6
+
+
+def _larger_residual(ident) -> Optional[float]:
+    if ident is None:
+        return None
+    vals = [d["residual"] for k, d in ident.items() if k in ("H_b", "G_a") and d is not None
+            and d["residual"] is not None and math.isfinite(d["residual"])]
+    return max(vals) if vals else None
+
+
+def _phase_cell(e) -> str:
+    """The table's phase cell: the gated exponent phase; "undet:<gates>" names failed gates."""
+    ph = e.get("phase")
+    if ph is None:
+        return "-"
+    if ph == "undetermined":
+        failed = ((e.get("verdict") or {}).get("exponent") or {}).get("failed") or []
+        return "undet:" + ",".join(failed) if failed else "undet"
+    return ph
+
+
+def _verdict(A, st, entry, view, mom, mat, kind, W, raw, exps, gates) -> None:
+    """The layer's verdict with its evidence (issue 13; :func:`~crh_kernels.analysis.
+    layer_verdict`): ``entry["verdict"]``, and ``phase``/``phase_explanation``/``phase_holds``
+    from its exponent reading (a phase is named only through the gates).
+
+    The α reading uses ``alpha_cov`` (the paper's headline) against baselines at the effective
+    ranks of the six covariances / Grams; the white-input test uses cov(ĥ_a) and its n; the
+    exponent reading gates the fit the report made (raw moments or ``kind`` matrices), with
+    the commutation error of that fit's G_a beside H_a's."""
+    cov = {}
+    for s, m in mom.items():
+        cov[_ATTR[s]] = mat[_ATTR[s]] if kind == "cov" else _f64(m.cov())
+    # eigenvalues the report already has of these covariances (no second eigh of big layers)
+    known = {}
+    if kind == "cov":
+        known.update({k: v for k, v in (entry.get("spectra") or {}).items() if v is not None})
+        if exps is not None and entry.get("exponent_moments") == "cov":
+            names = {"lambda_H": "H_a", "lambda_G": "G_a", "lambda_Hb": "H_b", "lambda_Gb": "G_b"}
+            known.update({names[k]: v for k, v in exps.pairing.items() if k in names})
+    eranks = {}
+    for k, m in cov.items():
+        eranks[k] = (A.effective_rank_of_spectrum(known[k]) if k in known
+                     else A.effective_rank(m))
+    if W is not None:
+        d_out, d_in = W.shape
+        dims = {"a": int(d_in), "b": int(d_out)}
+        if exps is not None and entry.get("exponent_moments") != "raw":
+            eranks["Z_a"] = A.effective_rank_of_spectrum(exps.z)  # z = s² of this W
+        else:
+            small = view.Z_a() if d_in <= d_out else view.Z_b()  # same nonzero spectrum
+            eranks["Z_a"] = A.effective_rank(_f64(small))
+        eranks["Z_b"] = eranks["Z_a"]
+    else:
+        dims = {"a": (st.dims or {}).get("h_a"), "b": (st.dims or {}).get("h_b")}
+    baselines = A.relation_baselines(dims, eranks)
+    iso = None
+    if "H_a" in cov and "h_a" in mom:
+        iso = A.isotropy(cov["H_a"], int(mom["h_a"].n))
+    comm_g = None
+    if exps is not None:
+        try:
+            if entry.get("exponent_moments") == "raw" and raw is not None:
+                wf = raw["W"]
+                comm_g = A.commutation_error(wf, wf.T @ raw["G_b"] @ wf, side="a")
+            elif W is not None and "G_a" in mat:
+                comm_g = A.commutation_error(W, mat["G_a"], side="a")
+        except (ValueError, RuntimeError) as exc:
+            warnings.warn(f"commutation error of G_a failed: {exc}", RuntimeWarning)
+    alphas = {k: (float("nan") if v is None else v) for k, v in entry["alpha_cov"].items()}
+    v = A.layer_verdict(alphas, dims=dims, fit=exps, baselines=baselines, isotropy_a=iso,
+                        commutation_g=comm_g, applicable=W is not None,
+                        no_fit_reason=entry.get("phase_explanation") or "no exponent fit",
+                        gates=gates)
+    d = v.to_dict()
+    d["isotropy_a"] = iso
+    d["effective_ranks"] = eranks
+    entry["verdict"] = d
+    if exps is not None:
+        ex = v.exponent
+        entry["phase"] = ex["phase"]
+        entry["phase_explanation"] = ex["reason"]
+        entry["phase_holds"] = list(ex["holds"])
+
+
 class _View:
     """What the analysis functions see of a layer: streams with rows (else None), cached Z."""
 
@@ -405,7 +636,8 @@ class Report:
     # ------------------------------------------------------------- building
     @classmethod
     def from_collector(cls, col, *, floor: float = 1e-6, tol: float = 0.25, kind: str = "cov",
-                       heatmap_size: int = 128) -> "Report":
+                       heatmap_size: int = 128, exponent_moments: str = "auto",
+                       gates=None) -> "Report":
         """Analyse every layer of ``col`` (see the module docstring).
 
         Args:
@@ -414,22 +646,39 @@ class Report:
             kind: ``"cov"`` or ``"second_moment"``: which matrices the exponents, effective ranks,
                 spectra and heatmaps use (both α variants are always reported).
             heatmap_size: the largest side of a kept heatmap matrix.
+            exponent_moments: ``"auto"``: exponents and phases on a layer's raw second moments
+                when the collector has them (SPEC §4: the identities behind the lines hold for
+                those), else on the ``kind`` matrices; ``"kind"``: on the ``kind`` matrices
+                always (to compare).
+            gates: the :class:`~crh_kernels.analysis.VerdictGates` of each layer's verdict
+                (default: the documented values, with ``tol``); written to
+                ``meta["verdict_gates"]``.
         """
         from . import analysis as A
+        if gates is None:
+            gates = A.VerdictGates(tol=tol)
+        elif not isinstance(gates, A.VerdictGates):
+            raise TypeError(f"gates must be a crh_kernels.analysis.VerdictGates, got "
+                            f"{type(gates).__name__}")
         if kind not in A.KINDS:
             raise ValueError(f"kind must be one of {A.KINDS}, got {kind!r}")
+        if exponent_moments not in ("auto", "kind"):
+            raise ValueError(f"exponent_moments must be 'auto' or 'kind', got {exponent_moments!r}")
         layers, matrices = {}, {}
         for name, st in col.layers.items():
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 entry, mats = cls._analyse(A, st, floor=floor, tol=tol, kind=kind,
-                                           heatmap_size=heatmap_size)
+                                           heatmap_size=heatmap_size,
+                                           use_raw=exponent_moments == "auto", gates=gates)
             entry["warnings"] = sorted({str(w.message) for w in caught})
             layers[name] = _clean(entry)
             matrices[name] = mats
         meta = dict(col.meta)
         meta.update({
             "kind": kind, "floor": floor, "tol": tol, "n_layers": len(layers),
+            "exponent_moments": exponent_moments,
+            "verdict_gates": gates.to_dict(),
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "torch": torch.__version__,
         })
@@ -439,7 +688,7 @@ class Report:
         return cls(layers, _clean(meta), matrices, alpha_series=series)
 
     @staticmethod
-    def _analyse(A, st, *, floor, tol, kind, heatmap_size):
+    def _analyse(A, st, *, floor, tol, kind, heatmap_size, use_raw=True, gates=None):
         view = _View(st)
         streams = [s for s in ("h_a", "h_b", "g_a", "g_b") if getattr(view, _ATTR[s]) is not None]
         mom = {s: getattr(view, _ATTR[s]) for s in streams}
@@ -471,14 +720,29 @@ class Report:
         W = st.weight()
         W = None if W is None else _f64(W)
         exps = None
-        if W is not None and "H_a" in mat and "G_a" in mat:
-            try:
+        raw, raw_why = _raw_moments(st, mom) if use_raw else (None, "kind")
+        entry["identity"] = None if W is None else _identity(A, st, W, mom, mat, kind, raw)
+        entry["identity_residual"] = _larger_residual(entry["identity"])
+        try:
+            if W is not None and raw is not None:
+                Wr, Ha, Gb = raw["W"], raw["H_a"], raw["G_b"]
+                exps = A.fit_exponents(Wr, Ha, Wr.T @ Gb @ Wr, Wr @ Ha @ Wr.T, Gb, floor=floor)
+                entry["exponent_moments"] = "raw"
+                entry["exponent_moments_why"] = raw["why"]
+            elif W is not None and "H_a" in mat and "G_a" in mat:
                 exps = A.fit_exponents(W, mat["H_a"], mat["G_a"], mat.get("H_b"), mat.get("G_b"),
                                        floor=floor)
-            except (ValueError, RuntimeError) as exc:
-                warnings.warn(f"fit_exponents failed: {exc}", RuntimeWarning)
+                entry["exponent_moments"] = kind
+                entry["exponent_moments_why"] = _kind_why(kind, st, raw_why)
+        except (ValueError, RuntimeError) as exc:
+            warnings.warn(f"fit_exponents failed: {exc}", RuntimeWarning)
+        if exps is None:
+            entry["exponent_moments"] = entry["exponent_moments_why"] = None
         entry["exponents"] = None if exps is None else exps.to_dict()
         spectra = {}
+        if exps is not None and entry["exponent_moments"] == "raw":
+            # spectra and the pairing slope (the paper's Fig. 3) stay on the kind matrices
+            spectra = {k: A.eigh(m)[0].cpu().numpy() for k, m in mat.items()}
         if exps is not None:
             entry["p"], entry["q"] = exps.p.slope, exps.q.slope
             entry["commutation"] = exps.commutation
@@ -487,22 +751,21 @@ class Report:
                 entry["forward_slope_source"] = "W basis"
             else:
                 entry["forward_slope"], entry["forward_slope_source"] = None, None
-            alphas = {k: (v if v is not None else float("nan")) for k, v in entry["alpha_cov"].items()}
-            res = A.classify_phase(exps.p.slope, exps.q.slope, tol=tol,
-                                   z_flat=A.is_flat(exps.z, floor=floor), alignments=alphas)
-            entry["phase"], entry["phase_explanation"] = res.phase, res.explanation
-            entry["phase_holds"] = list(res.holds)
         else:
             entry.update({"p": None, "q": None, "commutation": None, "forward_slope": None,
                           "forward_slope_source": None, "phase": None, "phase_holds": []})
             if st.kind == "head":
-                why = "per-head streams (no weight): only the forward RGA applies"
+                why = ("per-head streams (no weight): only the forward RGA applies; no "
+                       "exponents and no raw moments")
             elif W is not None and ("H_a" not in mat or "G_a" not in mat):
                 why = "needs H_a and G_a (missing: " + ", ".join(
                     k for k in ("H_a", "G_a") if k not in mat) + ")"
             else:
                 why = "no exponents"
             entry["phase_explanation"] = why
+            if st.kind == "head":
+                entry["exponent_moments_why"] = ("no exponents: a head has no weight W (no singular "
+                                                 "basis, no identities, no raw moments)")
             spectra = {k: A.eigh(m)[0].cpu().numpy() for k, m in mat.items()}
         entry["spectra"] = spectra or None
         # The paper's Fig. 3 quantity: sorted eigenvalues of H_b against those of G_b.
@@ -514,6 +777,8 @@ class Report:
         entry["pairing_slope"] = None if fit is None else fit[0]
         if entry["forward_slope"] is None and fit is not None and st.kind == "head":
             entry["forward_slope"], entry["forward_slope_source"] = fit[0], "sorted spectra"
+
+        _verdict(A, st, entry, view, mom, mat, kind, W, raw, exps, gates)
 
         mats = {k: _downsize(m.cpu().numpy(), heatmap_size) for k, m in mat.items()}
         if W is not None:
@@ -573,7 +838,9 @@ class Report:
                 ("bRGA", "backward_RGA"), ("bRWA", "backward_RWA"), ("bGWA", "backward_GWA"),
                 ("r_h", "r_h"), ("r_g", "r_g"), ("erank_h", "effective_rank_h"),
                 ("erank_g", "effective_rank_g"), ("p", "p"), ("q", "q"),
-                ("fslope", "forward_slope"), ("phase", "phase"), ("comm", "commutation")]
+                ("fslope", "forward_slope"), ("phase", "phase"), ("comm", "commutation"),
+                ("fit", "exponent_moments"), ("ident", "identity_residual"),
+                ("agree", "agree"), ("verdict", "verdict")]
 
         def num(v, digits=2):
             if v is None:
@@ -593,10 +860,16 @@ class Report:
                     row.append(num((e.get("alpha_cov") or {}).get(key)))
                 elif key == "effective_rank_h" or key == "effective_rank_g":
                     row.append(num(e.get(key), 1))
-                elif key == "r_h" or key == "r_g" or key == "commutation":
+                elif key in ("r_h", "r_g", "commutation", "identity_residual"):
                     row.append(num(e.get(key), 3))
+                elif key == "exponent_moments":
+                    row.append(_FIT_LABEL.get(e.get(key), "-"))
                 elif key == "phase":
-                    row.append(e.get("phase") or "-")
+                    row.append(_phase_cell(e))
+                elif key == "agree":
+                    row.append((e.get("verdict") or {}).get("agree") or "-")
+                elif key == "verdict":
+                    row.append((e.get("verdict") or {}).get("label") or "-")
                 else:
                     row.append(num(e.get(key)))
             rows.append(row)
@@ -609,7 +882,8 @@ class Report:
             cells = []
             for i, c in enumerate(r):
                 c = c if len(c) <= widths[i] else "…" + c[-(widths[i] - 1):]
-                cells.append(c.ljust(widths[i]) if i < 2 else c.rjust(widths[i]))
+                left = i < 2 or header[i] == "verdict"
+                cells.append(c.ljust(widths[i]) if left else c.rjust(widths[i]))
             return "  ".join(cells).rstrip()
 
         lines = [fmt(header), "  ".join("-" * w for w in widths)]
@@ -620,6 +894,15 @@ class Report:
                      f"of the {'normalized ' if m.get('normalize', True) else ''}rows; "
                      f"steps={m.get('steps')}, normalize={m.get('normalize')}, "
                      f"phase tol={m.get('tol')}")
+        fits = [e.get("exponent_moments") for e in self.layers.values() if e.get("exponent_moments")]
+        if fits:
+            n_raw = sum(f == "raw" for f in fits)
+            lines.append(f"exponents, comm and phase on raw second moments (bias folded in) for "
+                         f"{n_raw} of {len(fits)} layers"
+                         + ("" if n_raw == len(fits) else
+                            f"; on the {'covariances' if m.get('kind', 'cov') == 'cov' else 'second moments'}"
+                            f" of the {'normalized ' if m.get('normalize', True) else ''}rows for "
+                            f"the rest (no raw moments: Collector(raw_moments=True))"))
         for note in m.get("notes", []):
             lines.append(f"note: {note}")
         if legend:
@@ -629,8 +912,13 @@ class Report:
     def legend(self) -> str:
         """What each column of :meth:`table` and each phase name means (SPEC §1, §3, §4), as
         the lines printed under the table."""
-        from .analysis import PHASES
+        from .analysis import PHASES, VerdictGates
         shown = {str(e.get("phase")) for e in self.layers.values() if e.get("phase")}
+        gd = dict(VerdictGates().to_dict())
+        gd.update({k: v for k, v in (self.meta.get("verdict_gates") or {}).items() if k in gd})
+        gate_text = (f"modes: at least {gd['min_modes']} modes in the fit; p, q: R² ≥ "
+                     f"{gd['min_r2']:g} or residual scatter ≤ {gd['max_scatter']:g}·sd(log z); "
+                     f"commutation: error of H_a and of G_a with Z_a ≤ {gd['max_commutation']:g}")
         rows = [
             ("layer", "module name (per-head layers: <module>.head<i>)"),
             ("kind", "linear, conv2d, conv1d (Hugging Face Conv1D) or head (one attention head's output)"),
@@ -653,19 +941,50 @@ class Report:
                        "basis (heads: of the sorted spectra); (p+1)/(q-1) when the matrices commute"),
             ("comm", "how far H_a is from commuting with Z_a (off-diagonal energy of VᵀH_aV, 0 to 1): "
                      "p, q and the phase can be trusted only when it is small"),
-            ("phase", "the phase of the paper's Table 1 that (p, q), or for a flat z the α ≥ 0.5, "
-                      "indicate; a relation holds within tol of its line:"),
+            ("fit", "the matrices p, q, fslope, comm and the phase were fitted on: raw = raw second "
+                    "moments with the bias folded in (h_a → (h_a, 1), W → [W | b]), for which "
+                    "H_b = W H_a Wᵀ and G_a = Wᵀ G_b W hold exactly; cov = the normalized "
+                    "covariances α uses (the collector kept no raw moments); sm = their second "
+                    "moments"),
+            ("ident", "identity residual: how far the covariances α uses are from H_b = W H_a Wᵀ "
+                      "and G_a = Wᵀ G_b W, the identities the (p, q) lines rest on (the larger "
+                      "of min_c ‖B − c·M‖_F / ‖B‖_F over the two, 0 to 1): near 0, the lines "
+                      "apply to those covariances too; large, they describe the raw moments "
+                      "only (report.json's identity also has α(B, M) per identity)"),
+            ("phase", "exponent reading: the phase of the paper's Table 1 that (p, q) indicate, "
+                      "named only when the fit passes the gates (" + gate_text + "); a relation "
+                      "holds within tol of its line:"),
         ]
         for name, ph in PHASES.items():
             where = "" if ph.point is None else f", at (p, q) = ({ph.point[0]:g}, {ph.point[1]:g})"
             rows.append((f"  {name}", ph.description + where))
         rows.append(("  none", "(p, q) near no phase: no backward line crosses a forward line "
                                "there (partial CRH at most)"))
-        for other in sorted(shown - set(PHASES) - {"none"}):
+        rows.append(("  flat", f"z is flat on the effective support (the largest modes carrying "
+                               f"{gd['support_energy']:.0%} of ‖Z‖²_F = Σ z_i², max z / min z ≤ "
+                               f"{math.exp(gd['flat_log_span']):.3g}): Z ∝ a projection there, "
+                               f"the exponents are undefined; Table 1 allows CRH and phases 1–3"))
+        rows.append(("  undet:…", "undetermined: the fit failed the gates listed (modes, p, q, "
+                                  "commutation; report.json's verdict.exponent.gates has each "
+                                  "value and limit), so no phase is named"))
+        for other in sorted(shown - set(PHASES) - {"none", "flat", "undetermined"}):
             rows.append((f"  {other}", "see phase_explanation in report.json"))
         rows.append(("-", "undefined: a stream not collected, a constant matrix, no weight (heads) "
                           "or a fit on fewer than 2 modes above the floor (report.json's "
                           "phase_explanation says which)"))
+        rows.append(("agree", "do the two readings name the same Table 1 row? yes, no, ? (the "
+                              "exponent reading names none: undetermined, or a flat z beside a "
+                              "phase that has a (p, q) point), - (trivial layer)"))
+        rows.append(("verdict", f"α reading: a relation holds when α ≥ max({gd['alpha_threshold']:g}, "
+                                f"baseline + {gd['alpha_margin']:g}), the baseline being α of two "
+                                f"random covariances of the layer's dimension and of the two "
+                                f"matrices' effective ranks; named by the Table 1 row with the "
+                                f"most relations that all hold (CRH: all six), +X: relations that "
+                                f"hold beyond it, partial: some hold but no row, none: none hold, "
+                                f"undefined: no α (e.g. no gradients seen); "
+                                f"trivial: not classified (d_out=1, d_in=1, tiny: a dimension ≤ "
+                                f"{gd['tiny_dim']}, white input: H_a ∝ I); report.json's verdict "
+                                f"holds both readings, every gate and the reasons"))
         width = max(len(k) for k, _ in rows)
         out = ["Legend (docs/spec.md §1, §3, §4):"]
         for k, text in rows:

@@ -100,9 +100,11 @@ def test_values_match_the_analysis_functions(collected):
         assert e["effective_rank_g"] == pytest.approx(A.effective_rank(ga), rel=1e-9)
         assert e["r_h"] == pytest.approx(st.H_a.mean_ratio(), rel=1e-12)
         assert e["r_g"] == pytest.approx(st.G_a.mean_ratio(), rel=1e-12)
-        ph = A.classify_phase(fit.p.slope, fit.q.slope, tol=0.25, z_flat=A.is_flat(fit.z),
-                              alignments=A.six_alignments(st))
-        assert e["phase"] == ph.phase
+        # the phase is the gated exponent reading (issue 13), recomputed independently here
+        ex = A.exponent_reading(fit, A.VerdictGates(),
+                                commutation_g=A.commutation_error(st.weight().double(), ga))
+        assert e["phase"] == ex["phase"]
+        assert e["verdict"]["exponent"]["failed"] == ex["failed"]
         assert e["n"] == st.H_a.n == 20 * 64
         assert e["streams"] == ["h_a", "h_b", "g_a", "g_b"]
         assert e["exponents"]["p"]["slope"] == pytest.approx(fit.p.slope, abs=1e-9)
