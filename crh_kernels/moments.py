@@ -1,11 +1,17 @@
-"""Moments: the streaming, mergeable second-moment state of one stream (SPEC §1).
+"""Moments: the streaming, mergeable second-moment state of one stream (docs/spec.md §1).
 
 Owns the state ``(n, μ, C)``, input validation, the exact Chan–Golub–LeVeque merge, the
 derived views, and (de)serialisation. The batch statistics come from a backend
 (:mod:`crh_kernels.backends`); nothing here knows how they are computed.
+
+No host sync on the update path: the counts ``[n, n_skipped]`` are a tensor on the state's
+device and the merge weights (n₁n₂/n, n₂/n) are device tensors, so :meth:`Moments.update`
+reads nothing on the host unless ``strict=True`` (see its docstring for the skipped-row
+warning). Reading ``n``, ``n_skipped`` or a view is where a CUDA state syncs.
 """
 from __future__ import annotations
 
+import contextlib
 import numbers
 import os
 import sys
@@ -20,7 +26,7 @@ import torch
 from . import _env
 from . import backends as _backends
 from . import distributed as _distributed
-from .backends.base import ROW_MASKED
+from .backends.base import ROW_MASKED, MergedState
 
 _INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -60,8 +66,32 @@ def _fp32_precision(value: Optional[str]) -> str:
     return value
 
 
-def _counts(n: int, n_skipped: int) -> torch.Tensor:
-    return torch.tensor([n, n_skipped], dtype=torch.int64)
+def _counts(n: int, n_skipped: int, device=None) -> torch.Tensor:
+    return torch.tensor([n, n_skipped], dtype=torch.int64, device=device)
+
+
+def _batch_counts(n, n_skipped, device) -> torch.Tensor:
+    """A batch's ``[n, n_skipped]`` (ints, or 0-d tensors from a sync-free backend) as a (2,)
+    int64 tensor on ``device``, read on the host at no point."""
+    if isinstance(n, torch.Tensor):
+        return torch.stack((n, n_skipped)).to(device=device, dtype=torch.int64)
+    return _counts(int(n), int(n_skipped), device)
+
+
+def _host_readable(t: torch.Tensor) -> bool:
+    """Whether reading a value of ``t`` on the host is free: a real CPU tensor, in eager mode
+    (not traced by torch.compile, not a FakeTensor)."""
+    return (t.device.type == "cpu" and not torch.compiler.is_compiling()
+            and not isinstance(t, torch._subclasses.fake_tensor.FakeTensor))
+
+
+def _device(device) -> torch.device:
+    """``device`` with its index: "cuda" is the current CUDA device, as tensors made there say
+    (``cuda:0``), so that the state's device compares equal to theirs."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    return device
 
 
 def _is_int(v) -> bool:
@@ -79,12 +109,14 @@ def _triu_mask(dim: int, device) -> torch.Tensor:
 
 
 class _State:
-    """One whole state of a :class:`Moments`: ``counts`` int64 (2,) on the CPU = ``[n,
-    n_skipped]``, ``mean`` (D,) and ``scatter`` (D, D) (None until allocated) and the
-    ``device`` they live on.
+    """One whole state of a :class:`Moments`: ``counts`` int64 (2,) = ``[n, n_skipped]``,
+    ``mean`` (D,) and ``scatter`` (D, D) (None until allocated) and the ``device`` they live
+    on. An allocated state keeps its counts on its device; an unallocated one has ``counts``
+    None (no row seen) or a CPU tensor (skipped rows only).
 
-    A Moments changes its state in one step that no exception can split: either it builds a
-    new _State aside and stores it with one attribute assignment, or (the fused CPU path) one
+    A Moments changes its state in one step that no exception can split: either a new _State
+    is built aside (by Moments itself, or by a backend's aside fused update: Triton's epilogue
+    writes new tensors) and stored with one attribute assignment, or (the fused CPU path) one
     compiled op writes counts, mean and scatter together. Nothing edits a live state field by
     field."""
 
@@ -142,6 +174,17 @@ class Moments:
     serialised by a lock per Moments; :meth:`cov`, :meth:`second_moment`, :meth:`mean_ratio`
     and :meth:`state_dict` read a consistent state. ``mean`` and ``scatter`` are the live
     tensors (an update on the CPU may write into them in place).
+
+    Host syncs: the counts live on the state's device, and :meth:`update` reads none of them
+    on the host, except (a) with ``strict=True``, which reads the batch's skipped count before
+    the commit (one sync per update on a GPU), and (b) on a CPU state in eager mode, where the
+    read is free. So the skipped-row warning comes at once on the CPU (before the commit: a
+    warning turned into an error leaves the state unchanged), while on a GPU, under
+    ``torch.compile`` or on fake tensors the update commits and records that its skipped rows
+    are unchecked; the next host read of the counts (``n``, ``n_skipped``, a view,
+    :meth:`state_dict`, ``repr``, :meth:`merge`) warns then, once per Moments, with the number
+    skipped since. ``torch.compile`` cannot trace a lock: a compiled update is not serialised
+    with other threads' calls.
     """
 
     def __init__(self, dim: int, *, normalize: bool = True, device=None, backend: Optional[str] = None,
@@ -160,16 +203,39 @@ class Moments:
         self.dtype = dtype
         self.fp32_precision = _fp32_precision(fp32_precision)
         self._warned = False
+        # updates whose skipped rows no host read has seen yet (GPU / compiled / fake), and the
+        # counts before the first of them (None: zero)
+        self._unchecked = False
+        self._unchecked_base: Optional[torch.Tensor] = None
         self._lock = threading.RLock()
-        self._state = _State(_counts(0, 0), None, None, None)
+        self._state = _State(None, None, None, None)
         if device is not None:
-            self._state = self._zeros(torch.device(device), self._state.counts)
+            self._state = self._zeros(_device(device), None)
 
     # ------------------------------------------------------------------ state
-    def _zeros(self, device: torch.device, counts: torch.Tensor) -> _State:
-        """A new allocated state of zeros on ``device`` with a copy of ``counts``."""
-        return _State(counts.clone(), torch.zeros(self.dim, dtype=self.dtype, device=device),
+    def _zeros(self, device: torch.device, counts: Optional[torch.Tensor]) -> _State:
+        """A new allocated state of zeros on ``device`` with a copy of ``counts`` there (None:
+        zero counts, made on the device: no copy from the host)."""
+        counts = (torch.zeros(2, dtype=torch.int64, device=device) if counts is None
+                  else counts.to(device=device, copy=True))
+        return _State(counts, torch.zeros(self.dim, dtype=self.dtype, device=device),
                       torch.zeros(self.dim, self.dim, dtype=self.dtype, device=device), device)
+
+    def _guard(self):
+        """The lock, except while torch.compile traces (it cannot trace a lock)."""
+        return contextlib.nullcontext() if torch.compiler.is_compiling() else self._lock
+
+    def _host_counts(self, st: _State, stacklevel: int = 3):
+        """``(n, n_skipped)`` of ``st`` as ints, read on the host (a sync for a GPU state);
+        issues the skipped-row warning that unchecked updates deferred to this read."""
+        n, k = (0, 0) if st.counts is None else st.counts.tolist()
+        if self._unchecked:
+            base = self._unchecked_base
+            new = k - (0 if base is None else base.tolist()[1])
+            if new > 0 and not self._warned:
+                self._warn_skipped(new, stacklevel + 1, " in updates since the last read")
+            self._unchecked, self._unchecked_base = False, None
+        return n, k
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -177,18 +243,26 @@ class Moments:
         return state
 
     def __setstate__(self, state):
+        state = dict(state)
+        # pickled before the counts moved to the state's device (and had no deferred check)
+        state.setdefault("_unchecked", False)
+        state.setdefault("_unchecked_base", None)
+        st = state.get("_state")
+        if st is not None and st.mean is not None and st.counts.device != st.device:
+            state["_state"] = _State(st.counts.to(st.device), st.mean, st.scatter, st.device)
         self.__dict__.update(state)
         self._lock = threading.RLock()
 
     @property
     def n(self) -> int:
-        """Rows counted (in the mean and the scatter)."""
-        return self._state.counts.tolist()[0]
+        """Rows counted (in the mean and the scatter). Read on the host: a GPU state syncs."""
+        return self._host_counts(self._state)[0]
 
     @property
     def n_skipped(self) -> int:
-        """Rows skipped (zero norm when normalizing, or non-finite); masked rows count nowhere."""
-        return self._state.counts.tolist()[1]
+        """Rows skipped (zero norm when normalizing, or non-finite); masked rows count nowhere.
+        Read on the host: a GPU state syncs."""
+        return self._host_counts(self._state)[1]
 
     @property
     def device(self) -> Optional[torch.device]:
@@ -229,6 +303,10 @@ class Moments:
 
         All or nothing: a failed call (bad input, strict violation, the skipped-row warning
         raised as an error, backend error, KeyboardInterrupt) leaves the state as it was.
+
+        No host sync unless ``strict=True`` (one per update, to refuse before the commit):
+        on a GPU, under ``torch.compile`` or on fake tensors the skipped-row warning is
+        deferred to the next host read of the counts (see the class docstring).
         """
         _check_input(x, self.dim, mask)
         self._check_device(x)
@@ -237,18 +315,20 @@ class Moments:
             return self
         backend = self.backend_for(x)
         if backend.fused_update:
-            with self._lock:
+            kw = {"fp32_precision": self.fp32_precision} if backend.fused_precision else {}
+            with self._guard():
                 self._check_device(x)
                 if self._update_fused(
                         x.device, 4, lambda refuse, c, m, s: backend.update_state(
-                            x2, m2, self.normalize, refuse, c, m, s)):
+                            x2, m2, self.normalize, refuse, c, m, s, **kw)):
                     return self
         stats = backend.batch_stats(x2, m2, self.normalize, self.fp32_precision)
-        with self._lock:
+        with self._guard():
             self._check_device(x)
-            new = self._merged(self._state, stats.n, stats.n_skipped, stats.mean, stats.scatter,
-                               x.device, owned=True)
-            self._note_skipped(stats.n_skipped, 3)
+            st = self._state
+            counts_b = _batch_counts(stats.n, stats.n_skipped, x.device)
+            new = self._merged(st, counts_b, stats.mean, stats.scatter, x.device, owned=True)
+            self._check_skipped(counts_b, st, 3)
             self._state = new  # the commit
         return self
 
@@ -274,11 +354,13 @@ class Moments:
 
     def _update_fused(self, device, stacklevel: int, run) -> bool:
         """The fused update under the lock: ``run(refuse, counts, mean, scatter)`` calls the
-        backend's op, which writes the whole state in one step (the commit), or nothing when
-        ``refuse`` and a row is skipped. A batch with skipped rows is first offered with
-        ``refuse`` so that the warning (which may raise) comes before the commit. An unallocated
-        state is allocated aside and stored once the op has written it. False when the
-        backend does not take the state (nothing has changed then)."""
+        backend's op. Built aside (a :class:`MergedState`): the skipped rows are checked, then
+        the new state is installed (the commit). In place: the op writes the whole state in
+        one step (the commit), or nothing when ``refuse`` and a row is skipped; a batch with
+        skipped rows is first offered with ``refuse`` so that the warning (which may raise)
+        comes before the commit. An unallocated state is allocated aside and stored once the
+        op has written it. False when the backend does not take the state (nothing has
+        changed then)."""
         st = self._state
         fresh = st.mean is None
         if fresh:
@@ -287,6 +369,10 @@ class Moments:
         res = run(refuse, st.counts, st.mean, st.scatter)
         if res is None:
             return False
+        if isinstance(res, MergedState):
+            self._check_skipped(res.batch_counts, st, stacklevel + 1)
+            self._state = _State(res.counts, res.mean, res.scatter, st.device)  # the commit
+            return True
         skipped = res[1]
         if refuse and skipped:
             self._note_skipped(skipped, stacklevel)  # raises when strict (nothing written)
@@ -295,54 +381,80 @@ class Moments:
             self._state = st
         return True
 
+    def _check_skipped(self, counts_b: torch.Tensor, before: _State, stacklevel: int) -> None:
+        """Before the commit of a batch whose ``[n_b, n_skipped_b]`` is the device tensor
+        ``counts_b``, onto the state ``before``: strict, or on a CPU state in eager mode, the
+        skipped count is read now (:meth:`_note_skipped`; strict on a GPU: the update's one
+        host sync); elsewhere the batch is recorded as unchecked, for the next host read."""
+        if self.strict or (not self._warned and _host_readable(counts_b)):
+            self._note_skipped(counts_b.select(0, 1).item(), stacklevel + 1)
+        elif not self._warned and not self._unchecked:
+            self._unchecked_base = before.counts
+            self._unchecked = True
+
     def _note_skipped(self, k: int, stacklevel: int) -> None:
         """Before a commit that counts ``k`` skipped rows: raises when strict, else warns the
         first time (the warning may raise too; the state is unchanged then)."""
         if k == 0:
             return
-        what = "zero-norm or non-finite" if self.normalize else "non-finite"
         if self.strict:
-            raise ValueError(f"x has {k} {what} row(s); strict=True refuses them (state unchanged)")
+            raise ValueError(f"x has {k} {self._what()} row(s); strict=True refuses them (state "
+                             f"unchanged)")
         if not self._warned:
-            warnings.warn(f"Moments(dim={self.dim}): skipped {k} {what} row(s); they are counted "
-                          f"in n_skipped (further occurrences are not reported)", RuntimeWarning,
-                          stacklevel=_user_stacklevel(stacklevel))
-            self._warned = True
+            self._warn_skipped(k, stacklevel + 1, "")
 
-    def _merged(self, st: _State, n2: int, k2: int, mean2: Optional[torch.Tensor],
-                c2: Optional[torch.Tensor], device, owned: bool, allocate: bool = True) -> _State:
-        """The state ``st`` merged with ``(n2, k2, μ2, C2)``, built aside (``st`` is not
-        changed). Chan–Golub–LeVeque: n = n1+n2, δ = μ2−μ1, μ = μ1 + δ·n2/n,
-        C = C1 + C2 + δδᵀ·n1·n2/n. ``owned``: C2 and μ2 are the caller's to reuse (a batch's
-        fresh statistics), else they are copied. ``allocate``: an unallocated state gets zeros
-        on ``device`` even when no row is added."""
-        n1, k1 = st.counts.tolist()
-        counts = _counts(n1 + n2, k1 + k2)
+    def _what(self) -> str:
+        return "zero-norm or non-finite" if self.normalize else "non-finite"
+
+    def _warn_skipped(self, k: int, stacklevel: int, since: str) -> None:
+        warnings.warn(f"Moments(dim={self.dim}): skipped {k} {self._what()} row(s){since}; they "
+                      f"are counted in n_skipped (further occurrences are not reported)",
+                      RuntimeWarning, stacklevel=_user_stacklevel(stacklevel + 1))
+        self._warned = True
+
+    def _merged(self, st: _State, counts_b: torch.Tensor, mean2: torch.Tensor,
+                c2: torch.Tensor, device, owned: bool) -> _State:
+        """The state ``st`` merged with the batch ``(counts_b, μ2, C2)``, built aside (``st`` is
+        not changed), with tensor arithmetic only (no count is read on the host).
+        Chan–Golub–LeVeque: n = n1+n2, δ = μ2−μ1, μ = μ1 + δ·n2/n, C = C1 + C2 + δδᵀ·n1·n2/n,
+        the weights float64 device tensors; a state with n1 = 0 contributes nothing (μ = μ2,
+        C = C2) and a batch with n2 = 0 (zero μ2, C2) leaves μ1 and C1 as they were.
+        ``owned``: C2 and μ2 are the caller's to reuse (a batch's fresh statistics), else they
+        are copied. An unallocated ``st`` takes the batch as it is, on ``device``."""
         dev = st.device if st.mean is not None else torch.device(device)
-        if n2 == 0:
-            if st.mean is None:
-                return self._zeros(dev, counts) if allocate else _State(counts, None, None,
-                                                                        st.device)
-            return _State(counts, st.mean, st.scatter, st.device)
-        if n1 == 0 or st.mean is None:
+        counts_b = counts_b.to(dev)
+        if st.mean is None:
+            # a copy: they may be another Moments' (merge), and the C++ CPU path writes a
+            # state's counts in place
+            counts = (counts_b.clone() if st.counts is None
+                      else counts_b + st.counts.to(dev))
             mean = mean2.to(device=dev, dtype=self.dtype, copy=not owned)
             scatter = c2.to(device=dev, dtype=self.dtype, copy=not owned).contiguous()
             return _State(counts, mean, scatter, dev)
-        n = n1 + n2
-        delta = mean2.to(device=dev, dtype=self.dtype) - st.mean
-        mean = torch.add(st.mean, delta, alpha=n2 / n)
+        counts = st.counts + counts_b
+        # select(), not [i]: indexing fake CUDA tensors fails on a CPU build of torch
+        n1, n2 = st.counts.select(0, 0).double(), counts_b.select(0, 0).double()
+        n = (n1 + n2).clamp_min(1.0)
+        # 0 or 1 (multiplying by it is exact): the old μ1, C1 count unless the state has no
+        # row and the batch has some
+        keep = ((n1 > 0) | (n2 == 0)).to(self.dtype)
+        mean1 = st.mean * keep
+        delta = mean2.to(device=dev, dtype=self.dtype) - mean1
+        mean = torch.addcmul(mean1, delta, (n2 / n).to(self.dtype))
         c2 = c2.to(device=dev)
         if owned and c2.dtype == self.dtype and c2.is_contiguous():
-            scatter = c2.add_(st.scatter)  # the batch's own buffer takes the sum
+            scatter = c2.addcmul_(st.scatter, keep)  # the batch's own buffer takes the sum
         else:
-            scatter = torch.add(st.scatter, c2, out=torch.empty_like(st.scatter))
-        # outer() then add, not addr_: BLAS ger is not bitwise symmetric, and C must be
-        scatter.add_(torch.outer(delta, delta), alpha=n1 * n2 / n)
+            scatter = torch.addcmul(c2, st.scatter, keep).to(self.dtype)
+        # outer() times the weight, then add: entry (i, j) and (j, i) round alike, so C stays
+        # exactly symmetric (BLAS ger, or an fma in one of them, would not)
+        scatter.add_(torch.outer(delta, delta).mul_((n1 * n2 / n).to(self.dtype)))
         return _State(counts, mean, scatter, dev)
 
     def merge(self, other: "Moments") -> "Moments":
         """Merge ``other`` into ``self`` (exact up to rounding; all or nothing). Returns
-        ``self``."""
+        ``self``. Reads ``other``'s counts on the host (a GPU state syncs once), so that an
+        empty state stays unallocated."""
         if not isinstance(other, Moments):
             raise TypeError(f"other must be a Moments, got {type(other).__name__}")
         if other.dim != self.dim:
@@ -354,11 +466,17 @@ class Moments:
         first, second = (self, other) if id(self) < id(other) else (other, self)
         with first._lock, second._lock:  # one order for every pair: no deadlock
             ost = other._state
-            n2, k2 = ost.counts.tolist()
+            n2, k2 = other._host_counts(ost)
             if n2 == 0 and k2 == 0:
                 return self
-            self._state = self._merged(self._state, n2, k2, ost.mean, ost.scatter, ost.device,
-                                       owned=False, allocate=False)
+            st = self._state
+            if n2 == 0:  # skipped rows only: the counts change, nothing is allocated
+                n1, k1 = self._host_counts(st)
+                dev = st.device if st.mean is not None else None
+                self._state = _State(_counts(n1, k1 + k2, dev), st.mean, st.scatter, st.device)
+                return self
+            self._state = self._merged(st, ost.counts, ost.mean, ost.scatter, ost.device,
+                                       owned=False)
         return self
 
     def reset(self) -> "Moments":
@@ -366,21 +484,23 @@ class Moments:
         with self._lock:
             st = self._state
             if st.mean is None:
-                self._state = _State(_counts(0, 0), None, None, st.device)
+                self._state = _State(None, None, None, st.device)
             else:
-                self._state = _State(_counts(0, 0), torch.zeros_like(st.mean),
+                self._state = _State(torch.zeros_like(st.counts), torch.zeros_like(st.mean),
                                      torch.zeros_like(st.scatter), st.device)
+            self._unchecked, self._unchecked_base = False, None
         return self
 
     def to(self, device) -> "Moments":
         """Move the state to ``device`` (in place). Returns ``self``."""
-        device = torch.device(device)
+        device = _device(device)
         with self._lock:
             st = self._state
             if st.mean is None:
                 self._state = _State(st.counts, None, None, device)
             else:
-                self._state = _State(st.counts, st.mean.to(device), st.scatter.to(device), device)
+                self._state = _State(st.counts.to(device), st.mean.to(device),
+                                     st.scatter.to(device), device)
         return self
 
     def all_reduce(self, group=None, *, timeout=None) -> "Moments":
@@ -394,7 +514,7 @@ class Moments:
 
     # ------------------------------------------------------------------ views
     def _need_rows(self, st: _State, what: str) -> int:
-        n, k = st.counts.tolist()
+        n, k = self._host_counts(st, 4)
         if n == 0:
             raise ValueError(f"{what} is undefined: no rows counted yet (n=0, n_skipped={k})")
         return n
@@ -433,7 +553,7 @@ class Moments:
         """Plain dict; the scatter is stored as its packed upper triangle (row-major)."""
         with self._lock:
             st = self._state
-            n, k = st.counts.tolist()
+            n, k = self._host_counts(st)
             mean, scatter = self.mean, self.scatter
             return {
                 "dim": self.dim, "normalize": self.normalize, "n": n, "n_skipped": k,
@@ -476,21 +596,24 @@ class Moments:
         n, k = _check_counts(sd["n"], sd["n_skipped"], "state dict field ")
         mean, packed = sd["mean"], sd["scatter_triu"]
         _check_packed(dim, n, mean, packed, "state dict field ")
-        dev = torch.device(device) if device is not None else mean.device
+        dev = _device(device) if device is not None else mean.device
         m = cls(dim, normalize=bool(normalize), backend=backend, dtype=getattr(torch, dtype_name))
-        m._state = m._from_packed(n, k, mean, packed, dev)
+        m._state = m._from_packed(_counts(n, k), mean, packed, dev)
         return m
 
-    def _from_packed(self, n: int, k: int, mean: torch.Tensor, packed: torch.Tensor,
-                     device: torch.device) -> _State:
-        """A new state (n, k, μ, C) from checked values: C from its packed upper triangle,
-        mirrored exactly; μ and C copied (never shared with the caller's tensors)."""
+    def _from_packed(self, counts: Optional[torch.Tensor], mean: torch.Tensor,
+                     packed: torch.Tensor, device: torch.device) -> _State:
+        """A new state (counts, μ, C) from checked values, all on ``device``: C from its packed
+        upper triangle, mirrored exactly; the counts (None: zero), μ and C copied (never shared
+        with the caller's tensors)."""
         c = torch.empty(self.dim, self.dim, dtype=self.dtype, device=device)
         mask = _triu_mask(self.dim, device)
         p = packed.detach().to(device=device, dtype=self.dtype)
         c[mask] = p
         c.T[mask] = p  # the same values, read column-wise: the lower triangle
-        return _State(_counts(n, k), mean.detach().to(device=device, dtype=self.dtype, copy=True),
+        counts = (torch.zeros(2, dtype=torch.int64, device=device) if counts is None
+                  else counts.to(device=device, copy=True))
+        return _State(counts, mean.detach().to(device=device, dtype=self.dtype, copy=True),
                       c, device)
 
     def load_packed(self, mean: torch.Tensor, packed: torch.Tensor) -> None:
@@ -498,10 +621,9 @@ class Moments:
         (the order of state dicts); the counts stay. All or nothing; checked first."""
         with self._lock:
             st = self._state
-            n, k = st.counts.tolist()
             _check_packed(self.dim, None, mean, packed, "")
             dev = st.device if st.mean is not None else mean.device
-            self._state = self._from_packed(n, k, mean, packed, dev)
+            self._state = self._from_packed(st.counts, mean, packed, dev)
 
     def replace_state(self, n: int, n_skipped: int, mean: Optional[torch.Tensor] = None,
                       packed: Optional[torch.Tensor] = None) -> None:
@@ -527,10 +649,10 @@ class Moments:
         with self._lock:
             st = self._state
             dev = st.device if st.mean is not None else mean.device
-            self._state = self._from_packed(n, n_skipped, mean, packed, dev)
+            self._state = self._from_packed(_counts(n, n_skipped), mean, packed, dev)
 
     def __repr__(self) -> str:
-        n, k = self._state.counts.tolist()
+        n, k = self._host_counts(self._state)
         return (f"Moments(dim={self.dim}, n={n}, n_skipped={k}, "
                 f"normalize={self.normalize}, device={self.device}, backend={self.backend})")
 
@@ -578,7 +700,8 @@ class CrossMoments(NamedTuple):
 def cross_moments(g: torch.Tensor, h: torch.Tensor, *, normalize: bool = True,
                   mask: Optional[torch.Tensor] = None, backend: Optional[str] = None,
                   fp32_precision: Optional[str] = None) -> CrossMoments:
-    """``(n, mean_g, mean_h, C_gh)`` with ``C_gh = Σ (ĝ − μ_g)(ĥ − μ_h)ᵀ`` (not symmetric).
+    """``(n, mean_g, mean_h, C_gh)`` with ``C_gh = Σ (ĝ − μ_g)(ĥ − μ_h)ᵀ`` (not symmetric);
+    ``n`` is an int (a GPU batch syncs once to return it).
 
     ``g`` is ``(..., Dg)`` and ``h`` ``(..., Dh)`` with the same leading dims; a row counts
     only when both ``g`` and ``h`` rows are valid (and the mask keeps it).
@@ -599,4 +722,4 @@ def cross_moments(g: torch.Tensor, h: torch.Tensor, *, normalize: bool = True,
         return CrossMoments(0, torch.zeros(dg, dtype=torch.float64, device=dev),
                             torch.zeros(dh, dtype=torch.float64, device=dev), torch.zeros(dg, dh, device=dev))
     st = be.cross_stats(g2, h2, m2, normalize, _fp32_precision(fp32_precision))
-    return CrossMoments(st.n, st.mean_g, st.mean_h, st.scatter)
+    return CrossMoments(int(st.n), st.mean_g, st.mean_h, st.scatter)  # n: the caller's, on the host

@@ -17,6 +17,7 @@ code under test never switches autograd off (checked after every run).
 from __future__ import annotations
 
 import copy
+import importlib
 import os
 import sys
 import threading
@@ -183,6 +184,21 @@ def test_update_is_all_or_nothing(backend, case, exc):
         template = _template(backend, d=d, dtype=torch.float32 if case == "f32_nan" else torch.float64)
     x, mask = _batch(1, d=d, n=30 if backend != "triton" else 12, nan="nan" in case,
                      masked="masked" in case)
+    check_atomic(_maker(template), lambda m: m.update(x, mask), exc)
+
+
+@pytest.mark.parametrize("exc", EXCEPTIONS, ids=["RuntimeError", "KeyboardInterrupt"])
+@pytest.mark.parametrize("backend,case", [("torch", "masked_nan"), ("torch", "first_nan")])
+def test_update_without_host_reads_is_all_or_nothing(monkeypatch, backend, case, exc):
+    """As on a GPU: the update reads no count on the host (the skipped rows are recorded as
+    unchecked, the warning deferred to the next read) and is still all or nothing. (That
+    branch is the same for every backend; the Triton commit itself is covered above.)"""
+    _need(backend)
+    monkeypatch.setattr(importlib.import_module("crh_kernels.moments"), "_host_readable",
+                        lambda t: False)
+    d = 9 if backend != "triton" else 5
+    template = Moments(d, backend=backend) if case.startswith("first") else _template(backend, d=d)
+    x, mask = _batch(1, d=d, n=30 if backend != "triton" else 12, nan=True, masked="masked" in case)
     check_atomic(_maker(template), lambda m: m.update(x, mask), exc)
 
 

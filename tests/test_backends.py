@@ -51,7 +51,7 @@ def test_capability_flags_match_the_methods(name):
 def test_the_known_capabilities():
     # the C++ CPU backend offers all three; the others none (update when that changes)
     want = {"cpp": {"fused_update", "row_staging", "row_matmul"}, "torch": set(),
-            "cuda": set(), "triton": set()}
+            "cuda": set(), "triton": {"fused_update"}}
     for name, caps in want.items():
         try:
             cls = backends.backend_class(name)
@@ -135,7 +135,7 @@ def test_cpp_stage_rows_status():
 
 def _rows_at_the_ends_of_fp32():
     """Rows whose fp32 squared norm is subnormal, zero or overflows, with the status each must
-    get (normalizing, and not): one rule on every backend (SPEC §1)."""
+    get (normalizing, and not): one rule on every backend (docs/spec.md §1)."""
     big = torch.finfo(torch.float32).max
     sub = torch.finfo(torch.float32).tiny / 2 ** 23  # the smallest subnormal, 1.4e-45
     x = torch.tensor([[1e-30, -2e-30, 3e-30], [6e-22, 6e-22, 0.0], [1e19, 3e19, -2e19],

@@ -1,4 +1,4 @@
-"""The backend protocol: what every backend computes, and what some may offer besides (SPEC §2).
+"""The backend protocol: what every backend computes, and what some may offer besides (docs/spec.md §2).
 
 A backend never owns the running state. Its required methods receive a 2-D view ``x`` of
 shape (N, D) (any strides) and an optional boolean row mask of shape (N,), and return the
@@ -19,7 +19,10 @@ Where a kernel stores the outcome per row it is a uint8 ``status`` with the enco
 Required methods (every backend): :meth:`Backend.availability`, :meth:`Backend.supports`,
 :meth:`Backend.batch_stats`, :meth:`Backend.cross_stats`. ``mean`` is float64 (D,),
 ``scatter`` (D, D) exactly symmetric, ``Σ_valid (x̂ − μ_b)(x̂ − μ_b)ᵀ`` in fp32 or better.
-With no valid row, ``mean`` and ``scatter`` are zeros.
+With no valid row, ``mean`` and ``scatter`` are zeros. ``n`` and ``n_skipped`` are ints or
+0-d int64 tensors on the batch's device: a GPU backend returns tensors, so that nothing on
+the update path reads a count on the host (no host sync); :class:`crh_kernels.Moments` keeps
+its counts on the state's device and merges them with tensor arithmetic.
 
 Optional capabilities: a class flag says whether the backend offers them; the base methods
 raise ``NotImplementedError`` naming the backend and the capability. Callers test the flag,
@@ -36,7 +39,7 @@ never the presence of a method.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 
@@ -49,16 +52,19 @@ ROW_SKIPPED = 1
 ROW_VALID = 2
 
 
+Count = Union[int, torch.Tensor]  # an int, or a 0-d int64 tensor on the batch's device
+
+
 class BatchStats(NamedTuple):
-    n: int
-    n_skipped: int
+    n: Count
+    n_skipped: Count
     mean: torch.Tensor
     scatter: torch.Tensor
 
 
 class CrossStats(NamedTuple):
-    n: int
-    n_skipped: int
+    n: Count
+    n_skipped: Count
     mean_g: torch.Tensor
     mean_h: torch.Tensor
     scatter: torch.Tensor  # (Dg, Dh), Σ (ĝ − μ_g)(ĥ − μ_h)ᵀ, not symmetric
@@ -68,6 +74,18 @@ class CrossStats(NamedTuple):
 #: ``(n_b, n_skipped, μ_b)`` with μ_b float64 (D,) (the state has taken it already, unless
 #: refused)
 FusedResult = Tuple[int, int, torch.Tensor]
+
+
+class MergedState(NamedTuple):
+    """The result of :meth:`Backend.update_state` for a backend that builds the merged state
+    aside (new tensors; the state passed in is only read): the caller commits it by installing
+    these tensors. ``batch_counts`` (2,) int64 = the batch's ``[n_b, n_skipped_b]``; all on
+    the state's device."""
+
+    counts: torch.Tensor
+    mean: torch.Tensor
+    scatter: torch.Tensor
+    batch_counts: torch.Tensor
 
 
 class Backend:
@@ -85,6 +103,9 @@ class Backend:
     row_staging: bool = False
     #: offers :meth:`matmul_rows` (``x @ w`` on the backend's own inner kernels)
     row_matmul: bool = False
+    #: :meth:`update_state` takes ``fp32_precision`` (a keyword); the C++ CPU backend, which
+    #: always multiplies fp32 in IEEE fp32, does not
+    fused_precision: bool = False
 
     # ------------------------------------------------------------------ required
     def availability(self) -> Tuple[bool, str]:
@@ -118,23 +139,27 @@ class Backend:
 
     def update_state(self, x: torch.Tensor, mask: Optional[torch.Tensor], normalize: bool,
                      strict: bool, counts: torch.Tensor, mean: torch.Tensor,
-                     scatter: torch.Tensor) -> Optional[FusedResult]:
-        """Capability ``fused_update``: merge the batch into a running state, in place, in one
-        step that cannot be interrupted half-way (one compiled op: the state's commit point).
+                     scatter: torch.Tensor) -> Union[FusedResult, MergedState, None]:
+        """Capability ``fused_update``: merge the batch into a running state in one step that
+        cannot be interrupted half-way. Two forms: **in place** (the C++ CPU backend: one
+        compiled op writes the state, the commit point; returns a :data:`FusedResult`) or
+        **aside** (Triton: new tensors, the state is only read; returns a
+        :class:`MergedState`, which the caller commits by installing it, and ``strict`` is the
+        caller's to apply). A backend with ``fused_precision`` takes ``fp32_precision`` too.
 
         ``x`` (N, D), ``mask`` (N,) bool or None; the state is ``counts`` int64 (2,) =
-        ``[n1, n_skipped]`` on the CPU, ``mean`` (D,) and ``scatter`` (D, D), float32 or
-        float64. The call writes
+        ``[n1, n_skipped]`` (on the CPU for the in-place form, on x's device for the aside
+        one), ``mean`` (D,) and ``scatter`` (D, D), float32 or float64. The new state is
 
             scatter ← scatter + C_b + δδᵀ · n1·n_b/(n1 + n_b),   δ = μ_b − mean
             (scatter ← C_b when n1 = 0; C_b is never materialised)
             mean ← mean + δ · n_b/(n1 + n_b)   (float64, rounded once)
             counts ← counts + [n_b, n_skipped_b]
 
-        (Chan–Golub–LeVeque). With ``strict`` and a skipped row, or when an argument is
-        refused, nothing is written. Returns the batch's ``(n_b, n_skipped, μ_b)`` (μ_b float64
-        (D,)), or None when the state is not one the kernel takes (then the caller uses
-        :meth:`batch_stats`).
+        (Chan–Golub–LeVeque). In place: with ``strict`` and a skipped row, or when an argument
+        is refused, nothing is written, and the batch's ``(n_b, n_skipped, μ_b)`` (μ_b float64
+        (D,)) is returned. Either form returns None when the state is not one the kernel takes
+        (then the caller uses :meth:`batch_stats`).
         """
         raise self._unsupported("update_state", "fused_update")
 
@@ -175,6 +200,6 @@ CAPABILITIES = {
 
 def mirror_upper(c: torch.Tensor) -> torch.Tensor:
     """Exactly symmetric matrix from the upper triangle of ``c`` (the lower part is ignored,
-    even if it holds garbage): never average two halves (SPEC §2)."""
+    even if it holds garbage): never average two halves (docs/spec.md §2)."""
     upper = torch.triu(c)
     return upper + torch.triu(upper, diagonal=1).transpose(0, 1)

@@ -4,7 +4,12 @@ Tiled CUDA kernels (tensor-core MMA for bf16/fp16, fp32 FMA for fp32), for GPUs 
 where Triton is unavailable. The op schemas, their fake kernels and the loading of both
 extensions are those of :mod:`crh_kernels.backends.cpp` (the CUDA extension only adds CUDA
 implementations of ``crh::batch_stats`` and ``crh::cross_stats``), so this file holds the
-backend class and its probe only. No optional capability (:mod:`crh_kernels.backends.base`).
+backend class, its probe, and the two required methods in their sync-free form: the counts
+are returned as 0-d tensors on the device, never read on the host. No optional capability
+(:mod:`crh_kernels.backends.base`).
+
+A fallback until it is reworked (issue 14): ``mma.sync`` with single-buffered shared memory,
+and the row status and scale loaded per element; the ``triton`` backend is the GPU path.
 """
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from .base import BatchStats, CrossStats
 from .cpp import OpsBackend, load_extension
 
 
@@ -42,6 +48,16 @@ class CudaBackend(OpsBackend):
         if not torch.cuda.is_available():
             return False, "no CUDA device visible (torch.cuda.is_available() is False)"
         return True, f"CUDA extension ({how}), CUDA {torch.version.cuda}"
+
+    def batch_stats(self, x: torch.Tensor, mask: Optional[torch.Tensor], normalize: bool,
+                    fp32_precision: str = "ieee") -> BatchStats:
+        mean, scatter, counts = torch.ops.crh.batch_stats(x, mask, bool(normalize))
+        return BatchStats(*counts.unbind(), mean, scatter)  # 0-d views: no host read
+
+    def cross_stats(self, g: torch.Tensor, h: torch.Tensor, mask: Optional[torch.Tensor],
+                    normalize: bool, fp32_precision: str = "ieee") -> CrossStats:
+        mean_g, mean_h, scatter, counts = torch.ops.crh.cross_stats(g, h, mask, bool(normalize))
+        return CrossStats(*counts.unbind(), mean_g, mean_h, scatter)
 
     def supports(self, device) -> Tuple[bool, str]:
         if torch.device(device).type == "cuda":

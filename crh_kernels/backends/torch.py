@@ -5,6 +5,12 @@ rows are scaled in fp32 (fp64 for fp64 input), centered at the batch mean *befor
 the product, then ``yᵀy``. Accepts float64, which the other backends do not. No optional
 capability (:mod:`crh_kernels.backends.base`): ``Moments`` merges its batch statistics.
 
+No host sync: the counts come back as 0-d int64 tensors on the batch's device, and off the
+CPU (or under ``torch.compile`` / ``FakeTensorMode``, on any device) the rescue of rows with an
+unusable fp32 norm runs on every row and is selected, instead of gathering the few rows
+(which needs their number on the host). On the CPU, in eager mode, reading a value costs
+nothing, and the few rows are gathered.
+
 (Inside this file ``torch`` is PyTorch: imports are absolute.)
 """
 from __future__ import annotations
@@ -18,7 +24,7 @@ from .base import Backend, BatchStats, CrossStats, mirror_upper
 
 #: Squared norms (summed in the accumulation dtype) below this may have lost bits to subnormal
 #: squares; such rows, and rows whose squared norm is zero or not finite, are re-measured by
-#: :func:`_rescaled_rows` (SPEC §1). 2^-100 for fp32 (2^26 above FLT_MIN: the subnormal squares
+#: :func:`_rescaled_rows` (docs/spec.md §1). 2^-100 for fp32 (2^26 above FLT_MIN: the subnormal squares
 #: of up to 2^20 entries then cost less than 2^-30 of the sum), likewise for fp64.
 SQ_TINY = {torch.float32: 2.0 ** -100, torch.float64: 2.0 ** -970}
 
@@ -44,23 +50,30 @@ def _rescaled_rows(xs: torch.Tensor, normalize: bool) -> Tuple[torch.Tensor, tor
     if not normalize:
         return finite, finite.to(acc)
     itype, mant, bias = _BITS[acc]
-    top = torch.where(finite, xs.abs().amax(dim=1), torch.zeros((), dtype=acc, device=xs.device))
+    top = torch.where(finite, xs.abs().amax(dim=1), 0.0)
     # exponent of the largest entry (a subnormal one counts as the smallest normal exponent)
     e = ((top.view(itype) >> mant) & (2 * bias + 1)).clamp_min(1) - bias
     f1 = _pow2(torch.div(-e, 2, rounding_mode="floor"), acc)
     f2 = _pow2(-e - torch.div(-e, 2, rounding_mode="floor"), acc)
-    y = torch.where(finite[:, None], xs, torch.zeros((), dtype=acc, device=xs.device))
-    sq = (y * f1[:, None] * f2[:, None]).square().sum(dim=1)  # in [1, 4·D) for a nonzero row
+    y = torch.where(finite.unsqueeze(1), xs, 0.0)
+    sq = (y * f1.unsqueeze(1) * f2.unsqueeze(1)).square().sum(dim=1)  # in [1, 4·D) for a nonzero row
     scale = sq.rsqrt() * f1 * f2  # inf where 1/||x|| exceeds the dtype's range
     valid = finite & (top > 0) & torch.isfinite(scale) & (scale > 0)
-    return valid, torch.where(valid, scale, torch.zeros((), dtype=acc, device=xs.device))
+    return valid, torch.where(valid, scale, 0.0)
+
+
+def _host_reads_free(x: torch.Tensor) -> bool:
+    """Whether a value of ``x`` may be read on the host: a real CPU tensor in eager mode."""
+    return (x.device.type == "cpu" and not torch.compiler.is_compiling()
+            and not isinstance(x, torch._subclasses.fake_tensor.FakeTensor))
 
 
 def row_scale(x: torch.Tensor, mask: Optional[torch.Tensor], normalize: bool
-              ) -> Tuple[torch.Tensor, torch.Tensor, int]:
-    """Per-row scale (1/||x|| or 1), validity (the valid rows), and the number of skipped rows.
+              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row scale (1/||x|| or 1), validity (the valid rows), and the number of skipped rows
+    (a 0-d int64 tensor on x's device).
 
-    The row rule of SPEC §1: a live row is valid when its entries are finite and, normalizing,
+    The row rule of docs/spec.md §1: a live row is valid when its entries are finite and, normalizing,
     ``1/||x||`` is finite and nonzero in the accumulation dtype (fp32; fp64 for fp64 input).
     The squared norm is summed once in that dtype; the few rows where that sum is zero, tiny or
     not finite (an under- or overflowing sum, or a non-finite entry) are measured again,
@@ -78,13 +91,20 @@ def row_scale(x: torch.Tensor, mask: Optional[torch.Tensor], normalize: bool
     else:
         ok = torch.isfinite(sq)
         scale = ok.to(acc)
-    slow = live & ~ok
-    if bool(slow.any()):
+    # logical_not and unsqueeze, not ~ and [:, None]: FakeTensorMode on a CPU build of torch
+    # cannot run those on fake CUDA tensors (tests/test_gpu_path.py runs this path there)
+    slow = live & ok.logical_not()
+    if not _host_reads_free(x):
+        # every row measured again, the slow rows' results selected: no count on the host
+        v, s = _rescaled_rows(x.to(acc), normalize)
+        ok = torch.where(slow, v, ok)
+        scale = torch.where(slow, s, scale)
+    elif bool(slow.any()):
         rows = slow.nonzero().squeeze(1)
         v, s = _rescaled_rows(x.index_select(0, rows).to(acc), normalize)
         ok = ok.index_put((rows,), v)
         scale = scale.index_put((rows,), s)
-    n_skipped = int((live & ~ok).sum())
+    n_skipped = (live & ok.logical_not()).sum()
     valid = live & ok
     scale = torch.where(valid, scale, torch.zeros_like(scale))
     return scale, valid, n_skipped
@@ -94,17 +114,16 @@ def _scaled(x, scale, valid):
     """Rows scaled in the accumulation dtype, exactly zero where they do not count.
     Selected before scaling: inf · 0 would be NaN."""
     acc = scale.dtype
-    y = torch.where(valid[:, None], x.to(acc), torch.zeros((), dtype=acc, device=x.device))
-    return y.mul_(scale[:, None])
+    y = torch.where(valid.unsqueeze(1), x.to(acc), 0.0)
+    return y.mul_(scale.unsqueeze(1))
 
 
 def _center_(y, valid, n):
-    """Batch mean (float64), and y centered in place on the valid rows only."""
-    if n == 0:
-        return torch.zeros(y.shape[1], dtype=torch.float64, device=y.device)
-    mean = y.sum(dim=0, dtype=torch.float64) / n
+    """Batch mean (float64), and y centered in place on the valid rows only; ``n`` (a 0-d
+    tensor) may be 0: then y is zeros and so is the mean."""
+    mean = y.sum(dim=0, dtype=torch.float64) / n.clamp_min(1)
     # rank-1 update in place: y_i −= valid_i · μ, keeping masked and skipped rows at zero
-    y.addr_(valid.to(y.dtype), mean.to(y.dtype), alpha=-1)
+    y.addcmul_(valid.to(y.dtype).unsqueeze(1), mean.to(y.dtype).unsqueeze(0), value=-1)
     return mean
 
 
@@ -131,7 +150,7 @@ class TorchBackend(Backend):
 
     def batch_stats(self, x, mask, normalize, fp32_precision="ieee"):
         scale, valid, n_skipped = row_scale(x, mask, normalize)
-        n = int(valid.sum())
+        n = valid.sum()
         y = _scaled(x, scale, valid)
         mean = _center_(y, valid, n)
         scatter = mirror_upper(_mm(y.transpose(0, 1), y, fp32_precision))
@@ -142,8 +161,8 @@ class TorchBackend(Backend):
         sh, vh, _ = row_scale(h, mask, normalize)
         live = torch.ones_like(vg) if mask is None else mask
         valid = vg & vh
-        n_skipped = int((live & ~valid).sum())
-        n = int(valid.sum())
+        n_skipped = (live & valid.logical_not()).sum()
+        n = valid.sum()
         yg = _scaled(g, sg, valid)
         yh = _scaled(h, sh, valid)
         mg = _center_(yg, valid, n)

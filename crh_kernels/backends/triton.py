@@ -1,13 +1,26 @@
-"""Launchers for the Triton kernels: argument checks, grids, configs, and the backend.
+"""Launchers for the Triton kernels: argument checks, grids, configs, the custom ops, the backend.
 
 Runs on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET=1`` was set before import
 (then a single small config is used, and 16-bit operands are rounded then multiplied in fp32
 because the interpreter's 16-bit ``tl.dot`` is wrong).
+
+One update (``crh_triton::update``, :meth:`TritonBackend.update_state`) is four launches and no
+host sync: pass 1 (``_row_stats_kernel``: status, scales, per-program counts and column sums,
+x read once), its totals (``_batch_totals_kernel``: counts, batch mean, shift; it also zeroes
+the atomic accumulator), the main pass (``_scatter_upper_kernel``) and the epilogue
+(``_epilogue_kernel``: split sum, unshift, mirror, merge into a new state). The counts stay on
+the device; the custom ops have fake kernels, so the path runs under ``FakeTensorMode`` and
+``torch.compile``. Every other torch call here allocates (``torch.empty``) or views.
+
+Grids: pass 1 runs at most four programs per SM (a whole number of waves once N is large); the
+main pass's row splits are chosen by :func:`_wave_splits` so that its programs fill whole waves
+(one CTA per SM, as the main configs run). Offsets are int32 unless an element offset of an
+input can reach 2^31 (:func:`_needs_int64`), then int64 (no copy of the input).
 """
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import triton
@@ -15,9 +28,10 @@ import triton.language as tl
 
 from .. import _env
 from ..kernels.cross import _cross_scatter_kernel
-from ..kernels.row_stats import _row_stats_kernel
+from ..kernels.merge import _epilogue_kernel
+from ..kernels.row_stats import _batch_totals_kernel, _row_stats_kernel
 from ..kernels.syrk import _scatter_upper_kernel
-from .base import ROW_SKIPPED, ROW_VALID, Backend, BatchStats, CrossStats, mirror_upper
+from .base import ROW_SKIPPED, ROW_VALID, Backend, BatchStats, CrossStats, MergedState
 
 INTERPRET = _env.triton_interpret()
 
@@ -25,10 +39,31 @@ _DOT_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.floa
 
 # Interpreter: one config (autotuning needs a GPU). GPU: a few tile shapes, tuned per D and dtype.
 _INTERP_MM = dict(BLOCK_M=64, BLOCK_K=32)
-_INTERP_ROWS = dict(BLOCK_N=32, BLOCK_D=64)
-# maxnreg: row_stats' rare second look (SPEC §1) would otherwise raise the registers of the
+# Pass 1 keeps a tile of BLOCK_N whole rows (BLOCK_D = D rounded up to a power of two) in
+# registers when BLOCK_D <= _ONE_READ_MAX_D: BLOCK_N·BLOCK_D = _ROW_TILE_PER_THREAD elements
+# per thread (more raise the registers past what the cap below holds without spills, see
+# tests/test_aot.py); wider rows go in chunks of _WIDE_BLOCK_D columns, BLOCK_N = _WIDE_BLOCK_N.
+_ROW_TILE_PER_THREAD = 16
+_ONE_READ_MAX_D = 4096
+_WIDE_BLOCK_N = 8
+_WIDE_BLOCK_D = 64 if INTERPRET else 512
+_MAX_BLOCK_N = 64
+# a column-major view (a transposed x: unit row stride) is read coalesced along the rows: its
+# tiles take at least this many rows, so it is read once only for D up to _ROW_TILE/32, and
+# otherwise in chunks of _COLUMN_MAJOR_BLOCK_D columns
+_COLUMN_MAJOR_ROWS = 32
+_COLUMN_MAJOR_BLOCK_D = 64 if INTERPRET else 128
+# maxnreg: row_stats' rare second look (docs/spec.md §1) would otherwise raise the registers of the
 # whole kernel on sm_90 (fewer blocks per SM); capped, it needs no spills (tests/test_aot.py)
-_GPU_ROWS = dict(BLOCK_N=32, BLOCK_D=128, num_warps=4, maxnreg=168)
+_GPU_ROWS = dict(maxnreg=168)
+# pass 1's programs: at most this many per SM
+_ROW_PROGRAMS_PER_SM = 4
+# pass 1 totals: BLOCK_P partials × BLOCK_D columns per step (float64)
+_TOTALS = dict(BLOCK_P=32, BLOCK_D=64)
+# the epilogue's tile: it must divide every BLOCK_M of the main pass (64, 128); 8 warps keep
+# its float64 tiles (sum, old state, merged) in registers at unaligned D
+_EPILOGUE_BLOCK = 32
+_GPU_EPILOGUE = dict(num_warps=8)
 # 16-bit operands: up to 64 KB of shared memory per stage set. fp32 operands are twice as
 # wide, so shorter K chunks keep them under sm_80's 163 KB (checked by tests/test_aot.py).
 _GPU_MM_CONFIGS = {
@@ -44,9 +79,13 @@ _GPU_MM_CONFIGS = {
         triton.Config({"BLOCK_M": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
     ],
 }
-# the block of the split heuristic (the tuned BLOCK_M is unknown before the launch)
+# the cross moment's row splits are chosen before autotuning picks BLOCK_M: for this one
 _SPLIT_BLOCK_M = 64 if INTERPRET else 128
 _MAX_SPLIT_BYTES = 256 << 20
+# a split of the main pass takes at least this many rows
+_MIN_SPLIT_ROWS = 256
+# and the main pass at most this many waves (split partials cost memory traffic)
+_MAX_WAVES = 8
 
 
 def _compiled(kernel, key):
@@ -57,8 +96,8 @@ def _compiled(kernel, key):
             for bits, cfgs in _GPU_MM_CONFIGS.items()}
 
 
-_syrk = _compiled(_scatter_upper_kernel, ["D", "INPUT_PRECISION", "USE_ATOMIC"])
-_cross = _compiled(_cross_scatter_kernel, ["DG", "DH", "INPUT_PRECISION"])
+_syrk = _compiled(_scatter_upper_kernel, ["D", "INPUT_PRECISION", "USE_ATOMIC", "INT64"])
+_cross = _compiled(_cross_scatter_kernel, ["DG", "DH", "INPUT_PRECISION", "INT64"])
 
 
 def _bits(dtype: torch.dtype) -> int:
@@ -81,13 +120,109 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _num_splits(n: int, tiles: int, d_out: int, device: torch.device) -> int:
-    """Enough (tile, split) programs to fill the machine twice, whole chunks per split,
-    and a bounded partial buffer."""
-    want = math.ceil(2 * _sm_count(device) / max(tiles, 1))
-    by_rows = max(1, n // 256)
-    by_mem = max(1, _MAX_SPLIT_BYTES // max(1, 4 * d_out))
-    return max(1, min(want, by_rows, by_mem))
+_INT32_LIMIT = 2 ** 31
+
+
+def _needs_int64(shape, strides) -> bool:
+    """Whether an element offset ``Σ_k (shape_k − 1)·stride_k`` of a view can reach 2^31, so
+    that the kernels must compute offsets in int64 (the ``INT64`` constexpr). Torch strides are
+    never negative; an empty view has no offset."""
+    if any(n == 0 for n in shape):
+        return False
+    return sum((n - 1) * abs(st) for n, st in zip(shape, strides)) >= _INT32_LIMIT
+
+
+def _int64_for(*views) -> bool:
+    return any(v is not None and _needs_int64(v.shape, v.stride()) for v in views)
+
+
+def _wave_splits(tiles: int, sms: int, max_splits: int) -> int:
+    """Row splits ``s`` in ``[1, max_splits]`` for ``tiles`` output tiles on ``sms`` SMs, one
+    program per SM at a time: the smallest ``s`` that minimizes the modeled time
+    ``⌈tiles·s / sms⌉ / s`` (waves, each 1/s of the rows). A program count that is a multiple
+    of ``sms`` reaches the bound ``tiles/sms``; below one wave, the most splits allowed win."""
+    best, best_t = 1, math.inf
+    for s in range(1, max(1, max_splits) + 1):
+        t = math.ceil(tiles * s / sms) / s
+        if t < best_t * (1 - 1e-12):
+            best, best_t = s, t
+    return best
+
+
+def _num_splits(n: int, tiles: int, d_out: int, sms: int, atomic: bool = False) -> int:
+    """The main pass's row splits for ``n`` rows and ``tiles`` output tiles on ``sms`` SMs:
+    :func:`_wave_splits` within the bounds of at least ``_MIN_SPLIT_ROWS`` rows per split, at
+    most ``_MAX_WAVES`` waves and (deterministic reduction) ``_MAX_SPLIT_BYTES`` of fp32
+    partials of ``d_out`` entries each."""
+    limit = min(max(1, n // _MIN_SPLIT_ROWS), max(1, _MAX_WAVES * sms // max(tiles, 1)))
+    if not atomic:
+        limit = min(limit, max(1, _MAX_SPLIT_BYTES // max(1, 4 * d_out)))
+    return _wave_splits(tiles, sms, limit)
+
+
+def _tiles(d: int, block_m: int) -> int:
+    nb = triton.cdiv(d, block_m)
+    return nb * (nb + 1) // 2
+
+
+def _block_ms(bits: int) -> List[int]:
+    """The BLOCK_M of every config the main pass may launch with."""
+    if INTERPRET:
+        return [_INTERP_MM["BLOCK_M"]]
+    return sorted({c.kwargs["BLOCK_M"] for c in _syrk[bits].configs})
+
+
+def _row_config(d: int, n: int, sms: int, column_major: bool = False) -> dict:
+    """Pass 1's constexprs and grid for rows of width ``d``: one read of x when a whole row
+    fits ``_ONE_READ_MAX_D`` (and, ``column_major``, a tile of ``_COLUMN_MAJOR_ROWS`` such rows
+    fits the registers), else chunks; ``ROWS`` rows per program, at most
+    ``_ROW_PROGRAMS_PER_SM`` programs per SM."""
+    block_d = max(16, triton.next_power_of_2(d))
+    num_warps = 4 if block_d <= 512 else 8
+    tile = _ROW_TILE_PER_THREAD * 32 * num_warps
+    min_rows = _COLUMN_MAJOR_ROWS if column_major else 1
+    if block_d <= _ONE_READ_MAX_D and tile // block_d >= min_rows:
+        one_read = True
+        block_n = max(1, min(_MAX_BLOCK_N, tile // block_d))
+    elif column_major:
+        one_read, block_n, block_d, num_warps = False, _COLUMN_MAJOR_ROWS, _COLUMN_MAJOR_BLOCK_D, 4
+    else:
+        one_read, block_n, block_d, num_warps = False, _WIDE_BLOCK_N, _WIDE_BLOCK_D, 4
+    tiles = triton.cdiv(max(n, 1), block_n)
+    per_program = triton.cdiv(tiles, min(tiles, _ROW_PROGRAMS_PER_SM * sms))
+    rows = per_program * block_n
+    cfg = dict(ONE_READ=one_read, BLOCK_N=block_n, BLOCK_D=block_d)
+    if not INTERPRET:
+        cfg.update(_GPU_ROWS, num_warps=num_warps)
+    return dict(cfg=cfg, rows=rows, programs=triton.cdiv(max(n, 1), rows))
+
+
+def _pass1(x: torch.Tensor, mask: Optional[torch.Tensor], normalize: bool,
+           gate: Optional[torch.Tensor] = None, with_sum: bool = True):
+    """Launch pass 1: ``scale`` (N,) fp32, ``status`` (N,) uint8, ``psum`` (P, D) float64 and
+    ``pcount`` (P, 2) int32, P programs."""
+    _check_matrix(x, "x")
+    n, d = x.shape
+    if mask is not None and (mask.shape != (n,) or mask.dtype != torch.bool):
+        raise ValueError(f"mask must be a bool tensor of shape ({n},), got {mask.dtype} {tuple(mask.shape)}")
+    if gate is not None and (gate.shape != (n,) or gate.dtype != torch.float32):
+        raise ValueError(f"gate must be a float32 tensor of shape ({n},), got {gate.dtype} {tuple(gate.shape)}")
+    rc = _row_config(d, n, _sm_count(x.device), column_major=x.stride(0) == 1 and x.stride(1) != 1)
+    p = rc["programs"]
+    scale = torch.empty(n, dtype=torch.float32, device=x.device)
+    status = torch.empty(n, dtype=torch.uint8, device=x.device)
+    psum = torch.empty(p if with_sum else 1, d, dtype=torch.float64, device=x.device)
+    pcount = torch.empty(p, 2, dtype=torch.int32, device=x.device)
+    # the interpreter cannot read a bool tensor through a pointer: pass uint8 (a view, with the
+    # mask's own stride: a column of a 2-D mask or an expanded one is read where it lies)
+    mask_arg = scale if mask is None else mask.view(torch.uint8)
+    _row_stats_kernel[(p,)](
+        x, mask_arg, scale if gate is None else gate, scale, status, psum, pcount,
+        n, d, rc["rows"], x.stride(0), x.stride(1), 0 if mask is None else mask.stride(0),
+        HAS_MASK=mask is not None, HAS_GATE=gate is not None, NORMALIZE=bool(normalize),
+        WITH_SUM=with_sum, INT64=_int64_for(x, mask), **rc["cfg"],
+    )
+    return scale, status, psum, pcount
 
 
 def row_stats(x: torch.Tensor, mask: Optional[torch.Tensor], normalize: bool,
@@ -98,29 +233,25 @@ def row_stats(x: torch.Tensor, mask: Optional[torch.Tensor], normalize: bool,
     gate: (N,) fp32 or None
     (rows with gate == 0 do not count: they are skipped). Returns ``scale`` (N,) fp32 (0 for
     rows that do not count), ``status`` (N,) uint8 (ROW_MASKED 0, ROW_SKIPPED 1, ROW_VALID 2
-    of :mod:`crh_kernels.backends.base`), ``psum`` (P, D) fp32.
+    of :mod:`crh_kernels.backends.base`), ``psum`` (P, D) float64 (its rows sum to
+    Σ_valid scale_i·x_i).
     """
-    _check_matrix(x, "x")
-    n, d = x.shape
-    if mask is not None and (mask.shape != (n,) or mask.dtype != torch.bool):
-        raise ValueError(f"mask must be a bool tensor of shape ({n},), got {mask.dtype} {tuple(mask.shape)}")
-    if gate is not None and (gate.shape != (n,) or gate.dtype != torch.float32):
-        raise ValueError(f"gate must be a float32 tensor of shape ({n},), got {gate.dtype} {tuple(gate.shape)}")
-    cfg = _INTERP_ROWS if INTERPRET else _GPU_ROWS
-    programs = triton.cdiv(n, cfg["BLOCK_N"])
-    scale = torch.empty(n, dtype=torch.float32, device=x.device)
-    status = torch.empty(n, dtype=torch.uint8, device=x.device)
-    psum = torch.empty(programs if with_sum else 1, d, dtype=torch.float32, device=x.device)
-    # the interpreter cannot read a bool tensor through a pointer: pass uint8 (a view, with the
-    # mask's own stride: a column of a 2-D mask or an expanded one is read where it lies)
-    mask_arg = scale if mask is None else mask.view(torch.uint8)
-    _row_stats_kernel[(programs,)](
-        x, mask_arg, scale if gate is None else gate, scale, status, psum,
-        n, d, x.stride(0), x.stride(1), 0 if mask is None else mask.stride(0),
-        HAS_MASK=mask is not None, HAS_GATE=gate is not None, NORMALIZE=bool(normalize),
-        WITH_SUM=with_sum, **cfg,
-    )
+    scale, status, psum, _ = _pass1(x, mask, normalize, gate, with_sum)
     return scale, status, psum
+
+
+def _totals(psum: torch.Tensor, pcount: torch.Tensor, d: int,
+            zero: Optional[torch.Tensor] = None):
+    """Launch pass 1's totals: ``counts`` (2,) int64, ``mean`` (D,) float64, ``shift`` (D,) fp32;
+    ``zero`` (D, D) fp32 (the atomic main pass's accumulator) is zeroed on the way."""
+    dev = psum.device
+    counts = torch.empty(2, dtype=torch.int64, device=dev)
+    mean = torch.empty(d, dtype=torch.float64, device=dev)
+    shift = torch.empty(d, dtype=torch.float32, device=dev)
+    _batch_totals_kernel[(triton.cdiv(d, _TOTALS["BLOCK_D"]),)](
+        psum, pcount, mean, shift, counts, mean if zero is None else zero, pcount.shape[0], d,
+        WITH_SUM=True, ZERO=zero is not None, **_TOTALS)
+    return counts, mean, shift
 
 
 def _dot_args(dtype: torch.dtype, fp32_precision: str):
@@ -129,6 +260,67 @@ def _dot_args(dtype: torch.dtype, fp32_precision: str):
     return dict(DOT_DTYPE=_DOT_DTYPE[dtype],
                 INPUT_PRECISION="ieee" if INTERPRET else fp32_precision,
                 ROUND_ONLY=INTERPRET and dtype != torch.float32)
+
+
+def _check_syrk_args(x, scale, shift):
+    _check_matrix(x, "x")
+    n, d = x.shape
+    if scale.shape != (n,) or scale.dtype != torch.float32:
+        raise ValueError(f"scale must be float32 of shape ({n},), got {scale.dtype} {tuple(scale.shape)}")
+    if shift.shape != (d,) or shift.dtype != torch.float32:
+        raise ValueError(f"shift must be float32 of shape ({d},), got {shift.dtype} {tuple(shift.shape)}")
+
+
+def _main(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, fp32_precision: str,
+          atomic: bool, acc: Optional[torch.Tensor] = None):
+    """Launch the main pass: ``(part, splits)``, the partial upper tiles (S, D, D) fp32 and a
+    (1,) int32 that the kernel sets to the S it ran with (the autotuner picks BLOCK_M, and the
+    splits follow it); with ``atomic``, ``acc`` (1, D, D), zeroed, takes every split."""
+    n, d = x.shape
+    bits = _bits(x.dtype)
+    sms = _sm_count(x.device)
+
+    def splits_for(block_m):
+        return _num_splits(n, _tiles(d, block_m), d * d, sms, atomic)
+
+    if atomic:
+        out = acc
+    else:
+        out = torch.empty(max(splits_for(b) for b in _block_ms(bits)), d, d,
+                          dtype=torch.float32, device=x.device)
+    splits = torch.empty(1, dtype=torch.int32, device=x.device)
+
+    def grid(meta):
+        return (_tiles(d, meta["BLOCK_M"]), splits_for(meta["BLOCK_M"]))
+
+    extra = dict(_INTERP_MM) if INTERPRET else {}
+    _syrk[bits][grid](x, scale, shift, out, splits, n, d, x.stride(0), x.stride(1),
+                      USE_ATOMIC=bool(atomic), INT64=_int64_for(x),
+                      **_dot_args(x.dtype, fp32_precision), **extra)
+    return out, splits
+
+
+def _epilogue(part, splits, d: int, out_dtype: torch.dtype, unshift=None, state=None):
+    """Launch the epilogue (:mod:`crh_kernels.kernels.merge`): the new scatter (D, D) of
+    ``out_dtype``; with ``unshift = (mean_b, shift, counts_b)`` the shift is removed; with
+    ``state = (counts, mean, scatter)`` the batch is merged into it and the new
+    ``(scatter, mean, counts)`` returned (the state is read, never written)."""
+    dev = part.device
+    out = torch.empty(d, d, dtype=out_dtype, device=dev)
+    mean_b, shift, counts_b = unshift if unshift is not None else (out, out, splits)
+    if state is not None:
+        c1, m1, s1 = state
+        new_mean = torch.empty_like(m1)
+        new_counts = torch.empty_like(c1)
+    else:
+        c1 = m1 = s1 = new_mean = new_counts = out
+    _epilogue_kernel[(_tiles(d, _EPILOGUE_BLOCK),)](
+        part, splits, mean_b, shift, counts_b, c1, m1, s1, out, new_mean, new_counts, d,
+        UNSHIFT=unshift is not None, MERGE=state is not None, BLOCK=_EPILOGUE_BLOCK,
+        **({} if INTERPRET else _GPU_EPILOGUE))
+    if state is None:
+        return out
+    return out, new_mean, new_counts
 
 
 def syrk_update(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
@@ -141,29 +333,12 @@ def syrk_update(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
     ``atomic`` (default ``CRH_TRITON_ATOMICS``) sums the row splits with atomics instead of a
     deterministic reduction.
     """
-    _check_matrix(x, "x")
-    n, d = x.shape
-    if scale.shape != (n,) or scale.dtype != torch.float32:
-        raise ValueError(f"scale must be float32 of shape ({n},), got {scale.dtype} {tuple(scale.shape)}")
-    if shift.shape != (d,) or shift.dtype != torch.float32:
-        raise ValueError(f"shift must be float32 of shape ({d},), got {shift.dtype} {tuple(shift.shape)}")
+    _check_syrk_args(x, scale, shift)
     atomic = _env.triton_atomics() if atomic is None else atomic
-    nb = triton.cdiv(d, _SPLIT_BLOCK_M)
-    splits = _num_splits(n, nb * (nb + 1) // 2, d * d, x.device)
-    if atomic:
-        out = torch.zeros(1, d, d, dtype=torch.float32, device=x.device)
-    else:
-        out = torch.empty(splits, d, d, dtype=torch.float32, device=x.device)
-
-    def grid(meta):
-        t = triton.cdiv(d, meta["BLOCK_M"])
-        return (t * (t + 1) // 2, splits)
-
-    extra = dict(_INTERP_MM) if INTERPRET else {}
-    _syrk[_bits(x.dtype)][grid](x, scale, shift, out, n, d, x.stride(0), x.stride(1),
-                USE_ATOMIC=bool(atomic), **_dot_args(x.dtype, fp32_precision), **extra)
-    total = out[0] if out.shape[0] == 1 else out.sum(dim=0)
-    return mirror_upper(total)
+    d = x.shape[1]
+    acc = torch.zeros(1, d, d, dtype=torch.float32, device=x.device) if atomic else None
+    part, splits = _main(x, scale, shift, fp32_precision, atomic, acc)
+    return _epilogue(part, splits, d, torch.float32)
 
 
 def cross_update(g, h, scale_g, scale_h, shift_g, shift_h, fp32_precision: str = "ieee") -> torch.Tensor:
@@ -179,7 +354,7 @@ def cross_update(g, h, scale_g, scale_h, shift_g, shift_h, fp32_precision: str =
     n, dg = g.shape
     dh = h.shape[1]
     tiles = triton.cdiv(dg, _SPLIT_BLOCK_M) * triton.cdiv(dh, _SPLIT_BLOCK_M)
-    splits = _num_splits(n, tiles, dg * dh, g.device)
+    splits = _num_splits(n, tiles, dg * dh, _sm_count(g.device))
     out = torch.empty(splits, dg, dh, dtype=torch.float32, device=g.device)
 
     def grid(meta):
@@ -187,40 +362,47 @@ def cross_update(g, h, scale_g, scale_h, shift_g, shift_h, fp32_precision: str =
 
     extra = dict(_INTERP_MM) if INTERPRET else {}
     _cross[_bits(g.dtype)][grid](g, h, scale_g, scale_h, shift_g, shift_h, out, n, dg, dh,
-                 g.stride(0), g.stride(1), h.stride(0), h.stride(1),
+                 g.stride(0), g.stride(1), h.stride(0), h.stride(1), INT64=_int64_for(g, h),
                  **_dot_args(g.dtype, fp32_precision), **extra)
     return out[0] if splits == 1 else out.sum(dim=0)
 
 
 def _counts(status: torch.Tensor) -> torch.Tensor:
-    """(2,) int64 on the device: valid rows, skipped rows (``n``, ``n_skipped``). No host sync."""
-    per_status = torch.bincount(status.to(torch.int64), minlength=3)
-    return torch.stack((per_status[ROW_VALID], per_status[ROW_SKIPPED]))
+    """(2,) int64 on the device: valid rows, skipped rows (``n``, ``n_skipped``). No host sync
+    (``torch.bincount`` on CUDA reads its input's min and max on the host)."""
+    return torch.stack(((status == ROW_VALID).sum(), (status == ROW_SKIPPED).sum()))
 
 
-def _mean_from(psum: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-    # zero rows give a zero mean (and then a zero scatter: every scale is 0), without a sync
-    return psum.sum(dim=0, dtype=torch.float64) / n.clamp_min(1)
+def _fused(x, mask, normalize: bool, fp32_precision: str, state, out_dtype):
+    """Pass 1, its totals, the main pass, the epilogue: four launches."""
+    _check_matrix(x, "x")
+    _dot_args(x.dtype, fp32_precision)  # checks the precision before any launch
+    d = x.shape[1]
+    atomic = _env.triton_atomics()
+    acc = torch.empty(1, d, d, dtype=torch.float32, device=x.device) if atomic else None
+    scale, _, psum, pcount = _pass1(x, mask, normalize)
+    counts_b, mean_b, shift = _totals(psum, pcount, d, zero=acc)
+    part, splits = _main(x, scale, shift, fp32_precision, atomic, acc)
+    return counts_b, mean_b, _epilogue(part, splits, d, out_dtype, (mean_b, shift, counts_b), state)
 
 
-def _unshift_(c: torch.Tensor, n: torch.Tensor, mean_a, k_a, mean_b, k_b) -> torch.Tensor:
-    """Σ(a−K_a)(b−K_b)ᵀ = C + n·(μ_a−K_a)(μ_b−K_b)ᵀ: remove the rounding-sized shift error."""
-    d_a = (mean_a - k_a.double()).to(torch.float32)
-    d_b = (mean_b - k_b.double()).to(torch.float32)
-    return c.sub_(torch.outer(d_a, d_b) * n.to(torch.float32))
+def _moments_impl(x, mask, normalize, fp32_precision):
+    counts, mean, scatter = _fused(x, mask, normalize, fp32_precision, None, torch.float32)
+    return counts, mean, scatter
+
+
+def _update_impl(x, mask, normalize, fp32_precision, counts, mean, scatter):
+    counts_b, _, (new_scatter, new_mean, new_counts) = _fused(
+        x, mask, normalize, fp32_precision, (counts, mean, scatter), scatter.dtype)
+    return new_counts, new_mean, new_scatter, counts_b
 
 
 @torch.library.custom_op("crh_triton::moments", mutates_args=())
 def moments_op(x: torch.Tensor, mask: Optional[torch.Tensor], normalize: bool,
                fp32_precision: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Batch statistics of the fused update: ``counts`` (2,) int64 = (n, n_skipped),
-    ``mean`` (D,) float64, ``scatter`` (D, D) float32 = Σ_valid (x̂ − μ)(x̂ − μ)ᵀ."""
-    scale, status, psum = row_stats(x, mask, normalize)
-    counts = _counts(status)
-    mean = _mean_from(psum, counts[0])
-    shift = mean.to(torch.float32)
-    scatter = syrk_update(x, scale, shift, fp32_precision)
-    return counts, mean, _unshift_(scatter, counts[0], mean, shift, mean, shift)
+    """Batch statistics: ``counts`` (2,) int64 = (n, n_skipped), ``mean`` (D,) float64,
+    ``scatter`` (D, D) float32 = Σ_valid (x̂ − μ)(x̂ − μ)ᵀ, exactly symmetric."""
+    return _moments_impl(x, mask, normalize, fp32_precision)
 
 
 @moments_op.register_fake
@@ -230,15 +412,44 @@ def _(x, mask, normalize, fp32_precision):
             x.new_empty(d, d, dtype=torch.float32))
 
 
+@torch.library.custom_op("crh_triton::update", mutates_args=())
+def update_op(x: torch.Tensor, mask: Optional[torch.Tensor], normalize: bool, fp32_precision: str,
+              counts: torch.Tensor, mean: torch.Tensor, scatter: torch.Tensor
+              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The batch merged into the state ``(counts (2,) int64, mean (D,), scatter (D, D))``,
+    float32 or float64, all on x's device: returns the new ``counts``, ``mean``, ``scatter``
+    (the state's dtypes; new tensors, the state is only read) and the batch's ``counts``
+    (2,) int64 = (n_b, n_skipped_b)."""
+    return _update_impl(x, mask, normalize, fp32_precision, counts, mean, scatter)
+
+
+@update_op.register_fake
+def _(x, mask, normalize, fp32_precision, counts, mean, scatter):
+    return (torch.empty_like(counts), torch.empty_like(mean), torch.empty_like(scatter),
+            x.new_empty(2, dtype=torch.int64))
+
+
+def _unshift_(c: torch.Tensor, n: torch.Tensor, mean_a, k_a, mean_b, k_b) -> torch.Tensor:
+    """Σ(a−K_a)(b−K_b)ᵀ = C + n·(μ_a−K_a)(μ_b−K_b)ᵀ: remove the rounding-sized shift error."""
+    d_a = (mean_a - k_a.double()).to(torch.float32)
+    d_b = (mean_b - k_b.double()).to(torch.float32)
+    return c.sub_(torch.outer(d_a, d_b) * n.to(torch.float32))
+
+
+def _mean_from(psum: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    # zero rows give a zero mean (and then a zero scatter: every scale is 0), without a sync
+    return psum.sum(dim=0, dtype=torch.float64) / n.clamp_min(1)
+
+
 @torch.library.custom_op("crh_triton::cross_moments", mutates_args=())
 def cross_moments_op(g: torch.Tensor, h: torch.Tensor, mask: Optional[torch.Tensor], normalize: bool,
                      fp32_precision: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``counts`` (2,), ``mean_g`` (Dg,), ``mean_h`` (Dh,) float64 and ``C_gh`` (Dg, Dh) float32;
     a row counts only when both its g and h rows are valid."""
     scale_h0, _, _ = row_stats(h, mask, normalize, with_sum=False)
-    scale_g, status_g, psum_g = row_stats(g, mask, normalize, gate=scale_h0)
+    scale_g, _, psum_g, pcount_g = _pass1(g, mask, normalize, gate=scale_h0)
     scale_h, _, psum_h = row_stats(h, mask, normalize, gate=scale_g)
-    counts = _counts(status_g)
+    counts = pcount_g.sum(dim=0, dtype=torch.int64)
     mean_g = _mean_from(psum_g, counts[0])
     mean_h = _mean_from(psum_h, counts[0])
     kg, kh = mean_g.to(torch.float32), mean_h.to(torch.float32)
@@ -253,7 +464,13 @@ def _(g, h, mask, normalize, fp32_precision):
 
 
 class TritonBackend(Backend):
+    """The Triton kernels on CUDA tensors (or CPU tensors under the interpreter). Offers
+    ``fused_update``: :meth:`update_state` builds the merged state aside in four launches
+    (no host sync) and returns it for the caller to commit."""
+
     name = "triton"
+    fused_update = True
+    fused_precision = True
 
     def availability(self):
         if INTERPRET:
@@ -272,10 +489,23 @@ class TritonBackend(Backend):
 
     def batch_stats(self, x, mask, normalize, fp32_precision="ieee"):
         counts, mean, scatter = moments_op(x, mask, bool(normalize), fp32_precision)
-        n, n_skipped = counts.tolist()  # the one host sync of an update
-        return BatchStats(n, n_skipped, mean, scatter)
+        # 0-d views of the counts on the device: no host sync
+        return BatchStats(*counts.unbind(), mean, scatter)
 
     def cross_stats(self, g, h, mask, normalize, fp32_precision="ieee"):
         counts, mean_g, mean_h, c = cross_moments_op(g, h, mask, bool(normalize), fp32_precision)
-        n, n_skipped = counts.tolist()
-        return CrossStats(n, n_skipped, mean_g, mean_h, c)
+        return CrossStats(*counts.unbind(), mean_g, mean_h, c)
+
+    def update_state(self, x, mask, normalize, strict, counts, mean, scatter,
+                     fp32_precision="ieee"):
+        """The batch merged into the state, built aside (:class:`MergedState`; ``strict`` is
+        the caller's to apply: nothing is written here). None for a state the kernels do not
+        take (another device, a dtype other than float32/float64, counts not int64 (2,))."""
+        if not (counts.device == mean.device == scatter.device == x.device
+                and scatter.dtype in (torch.float32, torch.float64) and mean.dtype == scatter.dtype
+                and counts.dtype == torch.int64 and counts.shape == (2,)
+                and scatter.is_contiguous() and mean.is_contiguous()):
+            return None
+        new_counts, new_mean, new_scatter, counts_b = update_op(
+            x, mask, bool(normalize), fp32_precision, counts, mean, scatter)
+        return MergedState(new_counts, new_mean, new_scatter, counts_b)

@@ -2,7 +2,8 @@
 
 g (N, Dg), h (N, Dh), per-row scales s_g, s_h that are both zero on rows that must not
 count, shifts K_g, K_h. Grid (⌈Dg/BLOCK_M⌉·⌈Dh/BLOCK_M⌉, S); program (t, s) writes
-``out[s, I, J]`` with I = t // ⌈Dh/BLOCK_M⌉, J = t % ⌈Dh/BLOCK_M⌉. Casting rules as in syrk.py.
+``out[s, I, J]`` with I = t // ⌈Dh/BLOCK_M⌉, J = t % ⌈Dh/BLOCK_M⌉. Casting rules and INT64 as in
+syrk.py.
 """
 import triton
 import triton.language as tl
@@ -15,7 +16,7 @@ def _cross_scatter_kernel(
     g_ptr, h_ptr, sg_ptr, sh_ptr, kg_ptr, kh_ptr, out_ptr,
     N, DG, DH, stride_gn, stride_gd, stride_hn, stride_hd,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, ROUND_ONLY: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, ROUND_ONLY: tl.constexpr, INT64: tl.constexpr,
 ):
     nbh = tl.cdiv(DH, BLOCK_M)
     i_i = tl.program_id(0) // nbh
@@ -30,7 +31,7 @@ def _cross_scatter_kernel(
     b_kj = tl.load(kh_ptr + o_j, mask=m_j, other=0.0)
     b_acc = _scatter_tile(g_ptr, h_ptr, sg_ptr, sh_ptr, b_ki, b_kj, o_i, m_i, o_j, m_j, N,
                           stride_gn, stride_gd, stride_hn, stride_hd,
-                          BLOCK_M, BLOCK_K, DOT_DTYPE, INPUT_PRECISION, ROUND_ONLY)
+                          BLOCK_M, BLOCK_K, DOT_DTYPE, INPUT_PRECISION, ROUND_ONLY, INT64)
 
     o_out = i_s.to(tl.int64) * DG * DH + o_i.to(tl.int64)[:, None] * DH + o_j[None, :]
     tl.store(out_ptr + o_out, b_acc, mask=m_i[:, None] & m_j[None, :])

@@ -1,10 +1,10 @@
-"""Row statistics: the light first pass of the fused update (SPEC §2, step 1).
+"""Row statistics: the light first pass of the fused update (docs/spec.md §2, step 1), and its totals.
 
 For x of shape (N, D) and an optional row mask / gate, per row i:
 
     sq_i     = Σ_d x_id²                                   (fp32)
     live_i   = mask_i (if HAS_MASK; the mask read with its own stride, 0 for an expanded one)
-    ok_i     = the row rule of SPEC §1: finite entries and, if NORMALIZE, 1/√sq_i finite and
+    ok_i     = the row rule of docs/spec.md §1: finite entries and, if NORMALIZE, 1/√sq_i finite and
                nonzero in fp32
     valid_i  = live_i ∧ ok_i ∧ (gate_i ≠ 0 if HAS_GATE)
     scale_i  = valid_i ? 1/√sq_i (NORMALIZE) or 1 : 0
@@ -13,15 +13,30 @@ For x of shape (N, D) and an optional row mask / gate, per row i:
 The fp32 sum decides alone when it is finite and (normalizing) at least SQ_TINY; a live row
 whose sum is zero, below SQ_TINY (subnormal squares lost bits) or not finite (a non-finite entry,
 or finite entries whose squares overflow) is measured again in float64, where no square of an
-fp32 value under- or overflows. That second look runs only in a block holding such a row.
+fp32 value under- or overflows. That second look runs only in a tile holding such a row.
 
-When WITH_SUM, the per-program partial column sums of the scaled valid rows,
+Program p covers rows [p·ROWS, (p+1)·ROWS) in tiles of BLOCK_N rows and writes
 
-    psum[pid, d] = Σ_{i in block pid, valid} scale_i · x_id     (fp32; summed in fp64 outside)
+    count[p] = (valid rows, skipped rows)                                (int32)
+    psum[p, d] = Σ_{i in its rows, valid} scale_i · x_id                 (when WITH_SUM)
 
-give the batch mean used as the shift of the main pass. The status encoding is
-ROW_VALID / ROW_SKIPPED / ROW_MASKED of :mod:`crh_kernels.backends.base`, as in ``csrc/``
-(a row that the gate drops is skipped: the cross moment counts it in ``n_skipped``).
+**One read of x** (ONE_READ, the launcher's choice when BLOCK_D ≥ D): a tile of BLOCK_N whole
+rows is loaded once and kept in registers; its norms, then its scaled column sums, come from
+that one load, and the column sums accumulate over the program's tiles in float64 registers
+(psum float64). **Wide rows** (D > BLOCK_D, the launcher's bound is in backends/triton.py):
+the norm loop and the column-sum loop each read the tile's rows in chunks of BLOCK_D columns
+(the second read mostly hits L2: the tile of a few rows was read just before); the column sums
+accumulate in the program's psum row (float64, read-modify-write after a barrier).
+
+Offsets are int32 unless INT64 (the launcher sets it when an element offset of x can reach
+2^31: a transposed view with N·D ≥ 2^31, a huge row stride), then every offset is int64.
+
+``_batch_totals_kernel`` finishes pass 1 in one launch: counts = Σ_p count[p] (int64), the
+batch mean μ_b = Σ_p psum[p] / max(n, 1) (float64, the partials summed in float64) and the shift
+K = fp32(μ_b) of the main pass; with ZERO it also zeroes the (D, D) accumulator of the atomic
+main pass, so that no memset launch is needed. The status encoding is ROW_VALID / ROW_SKIPPED /
+ROW_MASKED of :mod:`crh_kernels.backends.base`, as in ``csrc/`` (a row that the gate drops is
+skipped: the cross moment counts it in ``n_skipped``).
 """
 import triton
 import triton.language as tl
@@ -33,28 +48,21 @@ SQ_TINY: tl.constexpr = tl.constexpr(2.0 ** -100)
 
 
 @triton.jit
-def _row_stats_kernel(
-    x_ptr, mask_ptr, gate_ptr, scale_ptr, status_ptr, psum_ptr,
-    N, D, stride_xn, stride_xd, stride_m,
-    HAS_MASK: tl.constexpr, HAS_GATE: tl.constexpr, NORMALIZE: tl.constexpr,
-    WITH_SUM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    i_n = tl.program_id(0)
-    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_n = o_n < N
-    # int64 offsets: N·stride overflows int32 for large activations
-    p_row = x_ptr + o_n.to(tl.int64)[:, None] * stride_xn
+def _offsets(o, stride, INT64: tl.constexpr):
+    if INT64:
+        off = o.to(tl.int64) * stride
+    else:
+        off = o * stride
+    return off
 
-    b_sq = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        o_d = d0 + tl.arange(0, BLOCK_D)
-        m_d = o_d < D
-        b_x = tl.load(p_row + o_d[None, :] * stride_xd, mask=m_n[:, None] & m_d[None, :], other=0.0)
-        b_x = b_x.to(tl.float32)
-        b_sq += tl.sum(b_x * b_x, axis=1)
 
+@triton.jit
+def _row_rule(p_row, o_n, m_n, b_sq, mask_ptr, gate_ptr, D, stride_xd, stride_m,
+              HAS_MASK: tl.constexpr, HAS_GATE: tl.constexpr, NORMALIZE: tl.constexpr,
+              INT64: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(valid, live, scale) of a tile's rows from their fp32 squared norms (docs/spec.md §1)."""
     if HAS_MASK:
-        b_live = m_n & (tl.load(mask_ptr + o_n.to(tl.int64) * stride_m, mask=m_n, other=0) != 0)
+        b_live = m_n & (tl.load(mask_ptr + _offsets(o_n, stride_m, INT64), mask=m_n, other=0) != 0)
     else:
         b_live = m_n
     # the fast rule, from the fp32 sum (NaN fails every comparison)
@@ -64,17 +72,17 @@ def _row_stats_kernel(
         b_scale = tl.div_rn(1.0, tl.sqrt_rn(tl.where(b_ok, b_sq, 1.0)))
     else:
         b_ok = b_sq < float("inf")
-        b_scale = tl.full([BLOCK_N], 1.0, tl.float32)
+        b_scale = tl.full(b_sq.shape, 1.0, tl.float32)
     b_slow = b_live & (b_ok == 0)
     if tl.max(b_slow.to(tl.int32), axis=0) > 0:
         # rare: the rows the fp32 sum cannot decide, measured again in float64
         # (narrower chunks: a float64 tile of BLOCK_D columns would raise the kernel's registers)
-        b_sq64 = tl.zeros([BLOCK_N], dtype=tl.float64)
+        b_sq64 = tl.zeros(b_sq.shape, dtype=tl.float64)
         for d0 in range(0, D, BLOCK_D // 4):
             o_d = d0 + tl.arange(0, BLOCK_D // 4)
             m_d = o_d < D
-            b_x = tl.load(p_row + o_d[None, :] * stride_xd, mask=b_slow[:, None] & m_d[None, :],
-                          other=0.0)
+            b_x = tl.load(p_row[:, None] + _offsets(o_d, stride_xd, INT64)[None, :],
+                          mask=b_slow[:, None] & m_d[None, :], other=0.0)
             b_x = b_x.to(tl.float64)
             b_sq64 += tl.sum(b_x * b_x, axis=1)
         b_fin = b_sq64 < float("inf")  # every entry finite
@@ -90,16 +98,120 @@ def _row_stats_kernel(
     if HAS_GATE:
         b_valid = b_valid & (tl.load(gate_ptr + o_n, mask=m_n, other=0.0) != 0.0)
     b_scale = tl.where(b_valid, b_scale, 0.0)
-    # 2 valid, 1 skipped, 0 masked (ROW_VALID, ROW_SKIPPED, ROW_MASKED)
-    b_status = tl.where(b_valid, 2, tl.where(b_live, 1, 0))
-    tl.store(scale_ptr + o_n, b_scale, mask=m_n)
-    tl.store(status_ptr + o_n, b_status.to(tl.uint8), mask=m_n)
+    return b_valid, b_live, b_scale
+
+
+@triton.jit
+def _row_stats_kernel(
+    x_ptr, mask_ptr, gate_ptr, scale_ptr, status_ptr, psum_ptr, count_ptr,
+    N, D, ROWS, stride_xn, stride_xd, stride_m,
+    HAS_MASK: tl.constexpr, HAS_GATE: tl.constexpr, NORMALIZE: tl.constexpr,
+    WITH_SUM: tl.constexpr, ONE_READ: tl.constexpr, INT64: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    i_p = tl.program_id(0)
+    n_lo = i_p * ROWS
+    n_hi = tl.minimum(n_lo + ROWS, N)
+    o_c = tl.arange(0, BLOCK_D)
+    m_c = o_c < D
+    c_off = _offsets(o_c, stride_xd, INT64)
+
+    b_acc = tl.zeros([BLOCK_D], dtype=tl.float64)
+    if WITH_SUM:
+        if not ONE_READ:
+            # wide rows: this program's column sums accumulate in its psum row (float64)
+            for d0 in range(0, D, BLOCK_D):
+                tl.store(psum_ptr + i_p.to(tl.int64) * D + d0 + o_c,
+                         tl.zeros([BLOCK_D], dtype=tl.float64), mask=d0 + o_c < D)
+    b_nv = tl.zeros([BLOCK_N], dtype=tl.int32)
+    b_ns = tl.zeros([BLOCK_N], dtype=tl.int32)
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        o_n = n0 + tl.arange(0, BLOCK_N)
+        m_n = o_n < n_hi
+        p_row = x_ptr + _offsets(o_n, stride_xn, INT64)
+        if ONE_READ:
+            # the whole tile, once: norms and column sums both come from these registers
+            b_x = tl.load(p_row[:, None] + c_off[None, :], mask=m_n[:, None] & m_c[None, :],
+                          other=0.0).to(tl.float32)
+            b_sq = tl.sum(b_x * b_x, axis=1)
+        else:
+            b_sq = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                o_d = d0 + o_c
+                b_x = tl.load(p_row[:, None] + _offsets(o_d, stride_xd, INT64)[None, :],
+                              mask=m_n[:, None] & (o_d < D)[None, :], other=0.0).to(tl.float32)
+                b_sq += tl.sum(b_x * b_x, axis=1)
+        b_valid, b_live, b_scale = _row_rule(p_row, o_n, m_n, b_sq, mask_ptr, gate_ptr, D,
+                                             stride_xd, stride_m, HAS_MASK, HAS_GATE,
+                                             NORMALIZE, INT64, BLOCK_D)
+        # 2 valid, 1 skipped, 0 masked (ROW_VALID, ROW_SKIPPED, ROW_MASKED)
+        b_status = tl.where(b_valid, 2, tl.where(b_live, 1, 0))
+        tl.store(scale_ptr + o_n, b_scale, mask=m_n)
+        tl.store(status_ptr + o_n, b_status.to(tl.uint8), mask=m_n)
+        b_nv += b_valid.to(tl.int32)
+        b_ns += (b_live & (b_valid == 0)).to(tl.int32)
+
+        if WITH_SUM:
+            if ONE_READ:
+                # select, never multiply, invalid rows away: inf · 0 is NaN
+                b_y = tl.where(b_valid[:, None], b_x * b_scale[:, None], 0.0)
+                b_acc += tl.sum(b_y, axis=0).to(tl.float64)
+            else:
+                # the previous tile's psum stores, by other threads, become visible to all
+                tl.debug_barrier()
+                for d0 in range(0, D, BLOCK_D):
+                    o_d = d0 + o_c
+                    m_d = o_d < D
+                    b_x = tl.load(p_row[:, None] + _offsets(o_d, stride_xd, INT64)[None, :],
+                                  mask=m_n[:, None] & m_d[None, :], other=0.0)
+                    b_y = tl.where(b_valid[:, None], b_x.to(tl.float32) * b_scale[:, None], 0.0)
+                    p_sum = psum_ptr + i_p.to(tl.int64) * D + o_d
+                    tl.store(p_sum, tl.load(p_sum, mask=m_d, other=0.0)
+                             + tl.sum(b_y, axis=0).to(tl.float64), mask=m_d)
 
     if WITH_SUM:
-        for d0 in range(0, D, BLOCK_D):
-            o_d = d0 + tl.arange(0, BLOCK_D)
-            m_d = o_d < D
-            b_x = tl.load(p_row + o_d[None, :] * stride_xd, mask=m_n[:, None] & m_d[None, :], other=0.0)
-            # select, never multiply, invalid rows away: inf · 0 is NaN
-            b_y = tl.where(b_valid[:, None], b_x.to(tl.float32) * b_scale[:, None], 0.0)
-            tl.store(psum_ptr + i_n * D + o_d, tl.sum(b_y, axis=0), mask=m_d)
+        if ONE_READ:
+            tl.store(psum_ptr + i_p.to(tl.int64) * D + o_c, b_acc, mask=m_c)
+    tl.store(count_ptr + 2 * i_p, tl.sum(b_nv, axis=0))
+    tl.store(count_ptr + 2 * i_p + 1, tl.sum(b_ns, axis=0))
+
+
+@triton.jit
+def _batch_totals_kernel(
+    psum_ptr, count_ptr, mean_ptr, shift_ptr, counts_ptr, zero_ptr, P, D,
+    WITH_SUM: tl.constexpr, ZERO: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    i_d = tl.program_id(0)
+    # every program sums the P per-program counts (P is small): it needs n for the mean
+    b_nv = tl.zeros([BLOCK_P], dtype=tl.int64)
+    b_ns = tl.zeros([BLOCK_P], dtype=tl.int64)
+    for p0 in range(0, P, BLOCK_P):
+        o_p = p0 + tl.arange(0, BLOCK_P)
+        m_p = o_p < P
+        b_nv += tl.load(count_ptr + 2 * o_p, mask=m_p, other=0).to(tl.int64)
+        b_ns += tl.load(count_ptr + 2 * o_p + 1, mask=m_p, other=0).to(tl.int64)
+    n_valid = tl.sum(b_nv, axis=0)
+    if i_d == 0:
+        tl.store(counts_ptr, n_valid)
+        tl.store(counts_ptr + 1, tl.sum(b_ns, axis=0))
+
+    o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    m_d = o_d < D
+    if WITH_SUM:
+        b_sum = tl.zeros([BLOCK_D], dtype=tl.float64)
+        for p0 in range(0, P, BLOCK_P):
+            o_p = p0 + tl.arange(0, BLOCK_P)
+            b_part = tl.load(psum_ptr + o_p.to(tl.int64)[:, None] * D + o_d[None, :],
+                             mask=(o_p < P)[:, None] & m_d[None, :], other=0.0)
+            b_sum += tl.sum(b_part.to(tl.float64), axis=0)
+        # no valid row: a zero mean (and a zero scatter: every scale is 0)
+        b_mean = b_sum / tl.maximum(n_valid, 1).to(tl.float64)
+        tl.store(mean_ptr + o_d, b_mean, mask=m_d)
+        tl.store(shift_ptr + o_d, b_mean.to(tl.float32), mask=m_d)
+    if ZERO:
+        # the rows of this block of the atomic main pass's (D, D) accumulator
+        for c0 in range(0, D, 32):
+            o_c = c0 + tl.arange(0, 32)
+            tl.store(zero_ptr + o_d.to(tl.int64)[:, None] * D + o_c[None, :],
+                     tl.zeros([BLOCK_D, 32], dtype=tl.float32),
+                     mask=m_d[:, None] & (o_c < D)[None, :])
