@@ -2,7 +2,11 @@
 
 Each experiment module has ``NAME``, ``DESCRIPTION``, ``PROFILES`` (``tiny`` for tests, ``cpu``
 the default on a CPU, ``cuda`` full-scale settings), ``run(cfg, ctx) -> RunResult``,
-``claims(report, extras, cfg)`` and ``figures(report, extras, cfg, out_dir)``. This module is
+``claims(report, extras, cfg)`` and ``figures(report, extras, cfg, out_dir)``; one whose
+claims carry intervals over seeds (fc1, fc2) also has a ``seeds`` setting and
+``claims_over_seeds(runs, cfg)`` with ``runs = [(seed, report, extras)]``: ``--seeds N`` trains
+the N seeds into one run directory (the first seed's run, the others under ``seeds/``) and
+writes claims over all of them. This module is
 the registry: the experiment list (:data:`EXPERIMENTS`, defined here only), running one end to
 end (:func:`run_experiment`) and rebuilding a saved run (:func:`rebuild`). How a run is carried
 out and saved is :mod:`.runs`; claims tables and the rules they share are :mod:`.claims`;
@@ -11,6 +15,7 @@ experiments: they live in ``bench/``.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import tempfile
@@ -25,13 +30,14 @@ from . import claims as C
 from .data import MissingData
 from .runs import (Context, ExperimentError, MemoryPlanError, RunDirError, RunResult, SavedRunError,
                    SMOKE_PROFILES, clear_run_files, holds_run, load_run, merge_config, prepare_run_dir,
-                   remove_if_empty, save_run, seed_everything, smoke_note, write_config, write_outputs)
+                   remove_if_empty, save_run, seed_dir, seed_everything, seeds_preamble, smoke_note,
+                   write_config, write_outputs)
 
 #: The experiments, in the order ``crh list`` shows them: the one list (the CLI's choices, its
 #: help and ``crh list`` are built from it; each name is a module of this package).
 EXPERIMENTS = ("fc1", "fc2", "resnet", "transformer", "minilm")
 
-__all__ = ["EXPERIMENTS", "get", "profile_config", "run_experiment", "rebuild", "Context",
+__all__ = ["EXPERIMENTS", "get", "profile_config", "run_experiment", "rebuild", "seeds_of", "claims_of", "Context",
            "ExperimentError", "MemoryPlanError", "MissingData", "RunDirError", "RunResult",
            "SavedRunError", "figures_unavailable", "SMOKE_PROFILES", "smoke_note"]
 
@@ -54,6 +60,30 @@ def figures_unavailable() -> Optional[str]:
     """Why no figure can be drawn here (matplotlib missing or broken), or None."""
     from ..plots import unavailable
     return unavailable()
+
+
+def seeds_of(name: str, cfg: Dict[str, Any], first: int) -> List[int]:
+    """The seeds of a run: ``first``, ``first + 1``, … (``cfg["seeds"]`` of them, 1 when the
+    experiment has no such setting). More than one needs an experiment that aggregates claims
+    over seeds (``claims_over_seeds``: fc1, fc2); else :class:`ExperimentError`."""
+    n = cfg.get("seeds", 1)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ExperimentError(f"setting 'seeds' must be a positive integer, got {n!r}")
+    if n > 1 and not hasattr(get(name), "claims_over_seeds"):
+        multi = [e for e in EXPERIMENTS if hasattr(get(e), "claims_over_seeds")]
+        raise ExperimentError(f"{name} does not aggregate claims over seeds ({', '.join(multi)} do)")
+    return [int(first) + i for i in range(n)]
+
+
+def claims_of(mod, runs: List[Tuple[int, Any, Dict[str, Any]]], cfg: Dict[str, Any]) -> List[C.Claim]:
+    """The claims of ``runs`` = ``[(seed, report, extras)]``: the experiment's
+    ``claims_over_seeds`` where it has one, else its ``claims`` of the one run."""
+    if hasattr(mod, "claims_over_seeds"):
+        return mod.claims_over_seeds(runs, cfg)
+    if len(runs) != 1:
+        raise ExperimentError(f"{mod.NAME} does not aggregate claims over seeds")
+    _, rep, extras = runs[0]
+    return mod.claims(rep, extras, cfg)
 
 
 def make_figures(mod, report, extras, cfg, run_dir: Path, heatmaps: bool = True,
@@ -98,6 +128,7 @@ def run_experiment(name: str, out_dir, ctx: Context, *, profile: str = "cpu",
     under ``figure_errors`` in config.json."""
     mod = get(name)
     cfg = profile_config(name, profile, overrides)
+    seeds = seeds_of(name, cfg, ctx.seed)
     out_dir = Path(out_dir)
     skipped = None
     if plots:
@@ -112,9 +143,17 @@ def run_experiment(name: str, out_dir, ctx: Context, *, profile: str = "cpu",
         torch.set_num_threads(int(threads))
     used_threads = torch.get_num_threads()  # what the run uses (restored below, before saving)
     t0 = time.perf_counter()
+    results: List[RunResult] = []
+    walls: List[float] = []
     try:
-        seed_everything(ctx.seed)
-        result = mod.run(cfg, ctx)
+        for i, seed in enumerate(seeds):
+            if len(seeds) > 1:
+                ctx.log(f"seed {seed} ({i + 1} of {len(seeds)})")
+            t_seed = time.perf_counter()
+            seed_everything(seed)
+            # one Context per seed; progress, log, warnings and the timings are the run's
+            results.append(mod.run(cfg, dataclasses.replace(ctx, seed=seed)))
+            walls.append(time.perf_counter() - t_seed)
     except BaseException:
         if created:
             remove_if_empty(out_dir)
@@ -127,11 +166,21 @@ def run_experiment(name: str, out_dir, ctx: Context, *, profile: str = "cpu",
         taken, out_dir = out_dir, Path(tempfile.mkdtemp(prefix=f"{out_dir.name}-", dir=out_dir.parent))
         ctx.warn(f"{taken} received another run while this one trained: this run is saved in "
                  f"{out_dir} instead")
+    result = results[0]
     saved = save_run(out_dir, name, profile, result, ctx, None, (), time.perf_counter() - t0,
                      torch_threads=used_threads)
+    if len(seeds) > 1:
+        for seed, res, wall in zip(seeds[1:], results[1:], walls[1:]):
+            d = seed_dir(out_dir, seed)
+            save_run(d, name, profile, res, dataclasses.replace(ctx, seed=seed), None, (), wall,
+                     torch_threads=used_threads, matrices=False)
+            (d / "table.txt").write_text(res.report.table() + "\n")
+        saved["seeds"] = seeds
+        saved["seed_wall_s"] = [round(w, 2) for w in walls]
     with ctx.timed("claims"):
-        claims = mod.claims(result.report, result.extras, result.config)
-    write_outputs(out_dir, result.report, claims, name, profile)
+        claims = claims_of(mod, [(s, r.report, r.extras) for s, r in zip(seeds, results)], result.config)
+    write_outputs(out_dir, result.report, claims, name, profile, seeds=seeds,
+                  preamble=seeds_preamble(seeds) if hasattr(mod, "claims_over_seeds") else None)
     figures: List[str] = []
     if plots and not skipped:
         with ctx.timed("figures"):
@@ -181,6 +230,20 @@ def _check_saved(run_dir: Path, saved: Dict[str, Any], report, extras: Dict[str,
     return mod, cfg
 
 
+def _saved_seeds(saved: Dict[str, Any]) -> List[int]:
+    """The seeds of a saved run: config.json's ``seeds`` (a run over several), else its
+    ``seed``. Raises :class:`SavedRunError` when they are not integers."""
+    seeds = saved.get("seeds")
+    if seeds is None:
+        seed = saved.get("seed", 0)
+        seeds = [seed]
+    if (not isinstance(seeds, list) or not seeds or len(seeds) > 1000
+            or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds) or len(set(seeds)) != len(seeds)):
+        raise SavedRunError(f"config.json: seeds must be a list of distinct integers, got "
+                            f"{json.dumps(seeds)[:40]}")
+    return seeds
+
+
 def rebuild(run_dir, plots: bool = True, warn: Optional[Callable[[str], None]] = None
             ) -> Tuple[Dict[str, Any], Any, List[C.Claim], List[str]]:
     """Rebuild table, claims and figures of a saved run from its files alone, every file
@@ -195,14 +258,31 @@ def rebuild(run_dir, plots: bool = True, warn: Optional[Callable[[str], None]] =
     run_dir = Path(run_dir)
     saved, report, extras, _ = load_run(run_dir)
     mod, cfg = _check_saved(run_dir, saved, report, extras)
+    seeds = _saved_seeds(saved)
+    runs = [(seeds[0], report, extras)]
+    for seed in seeds[1:]:
+        d = seed_dir(run_dir, seed)
+        where = f"{d.relative_to(run_dir)}/"
+        try:
+            _, rep_s, ex_s, _ = load_run(d)
+        except SavedRunError as exc:
+            raise SavedRunError(f"{where}{exc}") from None
+        except ExperimentError:
+            raise SavedRunError(f"config.json: lists seed {seed}, but {where} holds no report.json") from None
+        missing = [k for k in getattr(mod, "EXTRAS", ()) if k not in ex_s]
+        if missing:
+            raise SavedRunError(f"{where}extras.json: lacks {', '.join(missing)}, which every "
+                                f"{mod.NAME} run writes")
+        runs.append((seed, rep_s, ex_s))
     try:
-        claims = mod.claims(report, extras, cfg)
+        claims = claims_of(mod, runs, cfg)
     except (TypeError, ValueError, KeyError, IndexError, AttributeError, ZeroDivisionError) as exc:
         first = (str(exc).splitlines() or [""])[0]
         raise SavedRunError(f"extras.json or report.json: not what a {mod.NAME} run writes "
                             f"({type(exc).__name__}: {first})") from None
     profile = saved.get("profile", "cpu")
-    write_outputs(run_dir, report, claims, mod.NAME, profile)
+    write_outputs(run_dir, report, claims, mod.NAME, profile, seeds=seeds,
+                  preamble=seeds_preamble(seeds) if hasattr(mod, "claims_over_seeds") else None)
     figures: List[str] = []
     saved = dict(saved)
     if plots:

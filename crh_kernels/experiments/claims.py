@@ -24,12 +24,17 @@ class Claim:
     source: str             # where: "§6 fc1 (c)", "Fig. 8", …
     measured: str           # the measured numbers, as text
     rule: str               # the threshold / test applied
-    holds: Optional[bool]   # None: could not be evaluated (says why in `measured`)
+    holds: Optional[bool]   # None: not decided (``undetermined``) or not evaluable
     value: Optional[float] = None
     details: dict = field(default_factory=dict)
+    quote: str = ""         # the paper's own words, verbatim ("[…]" between fragments)
+    undetermined: bool = False  # holds is None because the evidence is too weak (an interval
+    #                             straddles the threshold, or one seed gives no interval)
 
     @property
     def verdict(self) -> str:
+        if self.holds is None and self.undetermined:
+            return "undetermined"
         return {True: "holds", False: "FAILS", None: "n/a"}[self.holds]
 
 
@@ -40,8 +45,21 @@ LEGEND = (
     ("source", "where the paper states it (section, figure; C.x: appendix)"),
     ("measured", "this run's numbers behind the verdict"),
     ("rule", "the threshold the verdict applies to them"),
-    ("verdict", "**holds**: the rule is met; **FAILS**: it is not; **n/a**: it could not be "
-                "evaluated (too few layers or finite values: the measured cell says why)"),
+    ("verdict", "**holds**: the rule is met (for a number with an interval: the whole interval "
+                "lies on the claimed side of the threshold); **FAILS**: it is not (the whole "
+                "interval lies on the other side); **undetermined**: the interval straddles the "
+                "threshold, or one seed gives no interval; **n/a**: it could not be evaluated "
+                "(too few layers or finite values: the measured cell says why)"),
+    ("m [lo, hi]", "a number m with its 95 % confidence interval: over seeds, the mean ± the "
+                   "Student-t interval (n − 1 degrees of freedom); for a trend, the least-squares "
+                   "slope over every (setting, seed) point ± its t interval (n − 2 degrees of "
+                   "freedom)"),
+    ("hidden layer k (h1, h2, …)", "the k-th hidden representation of an MLP (the paper's layer "
+                                    "numbering, Fig. 18: layer 0 is the input): its forward side is "
+                                    "Linear layer k−1's output h_b (before the activation), its "
+                                    "backward side Linear layer k's input h_a (after it)"),
+    ("exponent (H–G, H–Z, G–Z)", "slope of log λ_X,i against log λ_Y,i with both spectra sorted "
+                                 "(the paper's measure, Figs. 3, 20; `analysis.pairing_fit`)"),
     ("α", "alignment of two matrices: the Pearson correlation of their entries, in [−1, 1], 1 when "
           "proportional (docs/spec.md §3)"),
     ("RGA, RWA, GWA", "representation–gradient α(H, G), representation–weight α(H, Z) and "
@@ -52,8 +70,11 @@ LEGEND = (
     ("p, q, p/q", "exponents h ~ z^p, g ~ z^q in W's singular basis (z = s²), and h ~ g^(p/q)"),
     ("forward_slope, pairing_slope", "slope of log H_b against log G_b: in W's basis, and of the "
                                      "sorted spectra paired by rank (paper Fig. 3)"),
-    ("baseline", "α of two independent random rank-D/5 covariances of the layer's dimension D "
-                 "(≈ 0.14 at D = 200): above it, an alignment is significant"),
+    ("baseline", "α of two independent random covariances of the layer's dimension D (paper §6: "
+                 "rank 40 of 200 ≈ 0.14, a rank \"roughly equivalent to the actual ranks\"): where "
+                 "the rule says \"own baseline\", at the effective ranks of the two matrices (the "
+                 "layer verdict's) or, in a report without one, the larger effective rank of the "
+                 "side's H and G; else of rank D/5. Above it, an alignment is significant"),
     ("ρ", "Spearman's rank correlation of the listed pairs (x→y)"),
     ("γ, B", "weight decay, batch size"),
     ("r_g", "‖E[g]‖² / tr E[g gᵀ] of the normalized gradients (paper Fig. 10)"),
@@ -74,29 +95,50 @@ def legend_markdown() -> str:
 
 
 def _summary(claims: Sequence[Claim]) -> str:
-    n_hold = sum(c.holds is True for c in claims)
-    n_fail = sum(c.holds is False for c in claims)
-    n_na = sum(c.holds is None for c in claims)
-    return f"{n_hold} hold, {n_fail} fail, {n_na} not evaluated"
+    n_hold = sum(c.verdict == "holds" for c in claims)
+    n_fail = sum(c.verdict == "FAILS" for c in claims)
+    n_und = sum(c.verdict == "undetermined" for c in claims)
+    n_na = sum(c.verdict == "n/a" for c in claims)
+    return (f"{n_hold} hold, {n_fail} fail, " + (f"{n_und} undetermined, " if n_und else "")
+            + f"{n_na} not evaluated")
+
+
+def _quotes_markdown(claims: Sequence[Claim]) -> List[str]:
+    """"The paper's words": each claim's verbatim quote, numbered as in the table."""
+    quoted = [(i, c) for i, c in enumerate(claims, 1) if c.quote]
+    if not quoted:
+        return []
+    lines = ["#### The paper's words", "",
+             "Verbatim from Ziyin, Chuang, Galanti, Poggio, *Formation of Representations in Neural "
+             "Networks* (2024); […] joins fragments of one passage or of the places listed.", ""]
+    for i, c in quoted:
+        lines.append(f"{i}. ({c.source}) \"{c.quote}\"")
+    return lines + [""]
 
 
 def to_markdown(claims: Sequence[Claim], title: Optional[str] = None, *, note: Optional[str] = None,
-                legend: bool = False) -> str:
-    """The claims table in markdown; ``note`` (a smoke-test banner) goes above the table and
-    beside the tally, ``legend`` adds what every column and abbreviation means."""
+                legend: bool = False, preamble: Optional[str] = None) -> str:
+    """The claims table in markdown, numbered; ``note`` (a smoke-test banner) goes above the
+    table and beside the tally, ``preamble`` (how the numbers and verdicts were computed) above
+    the table, the paper's words of each claim (:attr:`Claim.quote`) below it, and ``legend``
+    adds what every column and abbreviation means."""
     lines = []
     if title:
         lines += [f"### {title}", ""]
     if note:
         lines += [f"> **{note}**", ""]
-    lines += ["| claim (paper) | source | measured | rule | verdict |", "| --- | --- | --- | --- | --- |"]
-    for c in claims:
-        cells = [c.claim, c.source, c.measured, c.rule, f"**{c.verdict}**"]
+    if preamble:
+        lines += [preamble, ""]
+    lines += ["| # | claim (paper) | source | measured | rule | verdict |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    for i, c in enumerate(claims, 1):
+        cells = [str(i), c.claim, c.source, c.measured, c.rule, f"**{c.verdict}**"]
         lines.append("| " + " | ".join(s.replace("|", "\\|").replace("\n", " ") for s in cells) + " |")
-    lines += ["", _summary(claims) + (" (smoke test: the verdicts mean nothing)." if note else ".")]
+    lines += ["", _summary(claims) + (" (smoke test: the verdicts mean nothing)." if note else "."), ""]
+    lines += _quotes_markdown(claims)
     if legend:
-        lines += ["", legend_markdown().rstrip("\n")]
-    return "\n".join(lines) + "\n"
+        lines += [legend_markdown().rstrip("\n")]
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def to_text(claims: Sequence[Claim], width: int = 100, note: Optional[str] = None) -> str:
@@ -108,8 +150,9 @@ def to_text(claims: Sequence[Claim], width: int = 100, note: Optional[str] = Non
         out.append(f"         measured: {c.measured}")
         out.append(f"         rule:     {c.rule}")
     n_hold = sum(c.holds is True for c in claims)
-    out.append(f"{n_hold}/{len(claims)} claims hold" + (" (smoke test: the verdicts mean nothing)"
-                                                         if note else ""))
+    n_und = sum(c.verdict == "undetermined" for c in claims)
+    out.append(f"{n_hold}/{len(claims)} claims hold" + (" (smoke test: the verdicts mean nothing)" if note else "")
+               + (f"; {n_und} undetermined" if n_und else ""))
     return "\n".join(out)
 
 
@@ -216,6 +259,238 @@ def fmt_list(values: Sequence, digits: int = 2) -> str:
     return "[" + ", ".join(fmt(v, digits) for v in values) + "]"
 
 
+# ----------------------------------------------------------------------------- intervals
+#: The confidence level of every interval a claim shows.
+CONFIDENCE = 0.95
+
+
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the incomplete beta function (modified Lentz)."""
+    tiny = 1e-300
+    qab, qap, qam = a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 10_000):
+        m2 = 2 * m
+        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c
+        c = c if abs(c) > tiny else tiny
+        h *= d * c
+        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c
+        c = c if abs(c) > tiny else tiny
+        delta = d * c
+        h *= delta
+        if abs(delta - 1.0) < 1e-15:
+            break
+    return h
+
+
+def betainc(a: float, b: float, x: float) -> float:
+    """The regularized incomplete beta function I_x(a, b) (a, b > 0, 0 ≤ x ≤ 1)."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
+                     + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1.0) / (a + b + 2.0):
+        return front * _betacf(a, b, x) / a
+    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
+
+
+def t_cdf(t: float, df: float) -> float:
+    """P(T ≤ t) for Student's t with ``df`` degrees of freedom."""
+    if not df > 0:
+        raise ValueError(f"df must be positive, got {df!r}")
+    tail = 0.5 * betainc(0.5 * df, 0.5, df / (df + t * t))
+    return 1.0 - tail if t > 0 else tail
+
+
+def t_quantile(p: float, df: float) -> float:
+    """The ``p`` quantile of Student's t with ``df`` degrees of freedom (no scipy: bisection on
+    :func:`t_cdf`, to 1e-12 relative)."""
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"p must be in (0, 1), got {p!r}")
+    if p == 0.5:
+        return 0.0
+    if p < 0.5:
+        return -t_quantile(1.0 - p, df)
+    lo, hi = 0.0, 1.0
+    while t_cdf(hi, df) < p:
+        lo, hi = hi, 2.0 * hi
+    while hi - lo > 1e-12 * hi:
+        mid = 0.5 * (lo + hi)
+        if t_cdf(mid, df) < p:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+@dataclass
+class Interval:
+    """A number with its confidence interval ``[lo, hi]`` (NaN bounds: no interval, e.g. one
+    seed); ``n`` values or points, ``df`` degrees of freedom, ``method`` in words, ``values``
+    the per-seed values behind a mean."""
+    estimate: float
+    lo: float
+    hi: float
+    n: int
+    df: int
+    method: str
+    values: List[float] = field(default_factory=list)
+
+    @property
+    def defined(self) -> bool:
+        return math.isfinite(self.lo) and math.isfinite(self.hi)
+
+    def text(self, digits: int = 2, signed: bool = False) -> str:
+        f = (lambda v: ("+" if v > 0 else "") + fmt(v, digits)) if signed else (lambda v: fmt(v, digits))
+        if not math.isfinite(self.estimate):
+            return "nan"
+        if not self.defined:
+            return f"{f(self.estimate)} [no interval]"
+        if len(self.values) > 1 and max(self.values) == min(self.values):
+            return f"{f(self.estimate)} [{fmt(self.lo, digits)}, {fmt(self.hi, digits)}: all {self.n} equal]"
+        return f"{f(self.estimate)} [{fmt(self.lo, digits)}, {fmt(self.hi, digits)}]"
+
+    def to_dict(self) -> dict:
+        return {"estimate": self.estimate, "lo": self.lo, "hi": self.hi, "n": self.n, "df": self.df,
+                "method": self.method, "values": list(self.values)}
+
+
+def mean_interval(values: Iterable, level: float = CONFIDENCE, bounds: Optional[Sequence[float]] = None
+                  ) -> Interval:
+    """Mean of the finite ``values`` ± the Student-t interval ``t_{(1+level)/2, n−1} · s/√n``;
+    no interval (NaN bounds) with fewer than 2 values. ``bounds``: the range the quantity can
+    take (a fraction: (0, 1)); the interval is clipped to it."""
+    v = finite(values)
+    n = len(v)
+    est = sum(v) / n if n else float("nan")
+    if n < 2:
+        return Interval(est, float("nan"), float("nan"), n, 0, "one value" if n else "no value", v)
+    sd = math.sqrt(math.fsum((x - est) ** 2 for x in v) / (n - 1))
+    half = t_quantile(0.5 + level / 2, n - 1) * sd / math.sqrt(n)
+    lo, hi = est - half, est + half
+    if bounds is not None:
+        lo, hi = max(lo, bounds[0]), min(hi, bounds[1])
+    return Interval(est, lo, hi, n, n - 1, f"mean ± t over {n}", v)
+
+
+def slope_interval(xs: Sequence, ys: Sequence, level: float = CONFIDENCE) -> Interval:
+    """Least-squares slope of ``ys`` on ``xs`` (finite pairs) ± its Student-t interval
+    ``t_{(1+level)/2, n−2} · √(SSR/(n−2) / Sxx)``; NaN slope with fewer than 2 distinct x, no
+    interval with fewer than 3 points."""
+    pairs = [(float(a), float(b)) for a, b in zip(xs, ys)
+             if a is not None and b is not None and math.isfinite(float(a)) and math.isfinite(float(b))]
+    n = len(pairs)
+    nan = float("nan")
+    if n < 2:
+        return Interval(nan, nan, nan, n, 0, "fewer than two points")
+    mx = math.fsum(a for a, _ in pairs) / n
+    my = math.fsum(b for _, b in pairs) / n
+    sxx = math.fsum((a - mx) ** 2 for a, _ in pairs)
+    if sxx <= 0:
+        return Interval(nan, nan, nan, n, 0, "one x value")
+    sxy = math.fsum((a - mx) * (b - my) for a, b in pairs)
+    slope = sxy / sxx
+    if n < 3:
+        return Interval(slope, nan, nan, n, 0, "two points")
+    ssr = math.fsum((b - my - slope * (a - mx)) ** 2 for a, b in pairs)
+    half = t_quantile(0.5 + level / 2, n - 2) * math.sqrt(ssr / (n - 2) / sxx)
+    return Interval(slope, slope - half, slope + half, n, n - 2, f"least-squares slope ± t over {n} points")
+
+
+# ----------------------------------------------------------------------------- interval verdicts
+HOLDS, FAILS, UNDETERMINED, NA = "holds", "FAILS", "undetermined", "n/a"
+
+
+def interval_verdict(iv: Interval, threshold: float, above: bool = True) -> str:
+    """``holds`` when the whole interval lies beyond ``threshold`` on the claimed side (above, or
+    below with ``above=False``), ``FAILS`` when it lies wholly on the other side, ``undetermined``
+    when it straddles or touches it or there is no interval (one seed), ``n/a`` without an
+    estimate."""
+    if not math.isfinite(iv.estimate):
+        return NA
+    if not iv.defined:
+        return UNDETERMINED
+    if above:
+        return HOLDS if iv.lo > threshold else FAILS if iv.hi < threshold else UNDETERMINED
+    return HOLDS if iv.hi < threshold else FAILS if iv.lo > threshold else UNDETERMINED
+
+
+def all_of(verdicts: Sequence[str]) -> str:
+    """Every part must hold: ``FAILS`` if one fails, ``holds`` if all hold, else
+    ``undetermined``; parts that are ``n/a`` are left out (all of them: ``n/a``)."""
+    v = [x for x in verdicts if x != NA]
+    if not v:
+        return NA
+    if FAILS in v:
+        return FAILS
+    return HOLDS if all(x == HOLDS for x in v) else UNDETERMINED
+
+
+def most_of(verdicts: Sequence[str]) -> str:
+    """More than half of the parts must hold: ``holds`` when more than half hold, ``FAILS`` when
+    even the undetermined ones could not make a majority, else ``undetermined``; ``n/a`` parts
+    are left out."""
+    v = [x for x in verdicts if x != NA]
+    if not v:
+        return NA
+    n_hold, n_und = v.count(HOLDS), v.count(UNDETERMINED)
+    if 2 * n_hold > len(v):
+        return HOLDS
+    if 2 * (n_hold + n_und) <= len(v):
+        return FAILS
+    return UNDETERMINED
+
+
+def make_claim(claim: str, source: str, measured: str, rule: str, verdict: str, *, quote: str = "",
+               value: Optional[float] = None, details: Optional[dict] = None) -> Claim:
+    """A :class:`Claim` from a verdict word (``holds``, ``FAILS``, ``undetermined``, ``n/a``)."""
+    if verdict not in (HOLDS, FAILS, UNDETERMINED, NA):
+        raise ValueError(f"unknown verdict {verdict!r}")
+    holds = {HOLDS: True, FAILS: False}.get(verdict)
+    return Claim(claim, source, measured, rule, holds, value, dict(details or {}), quote,
+                 verdict == UNDETERMINED)
+
+
+def _why_undetermined(iv: Interval) -> str:
+    if math.isfinite(iv.estimate) and not iv.defined:
+        return f" (no interval from {iv.method}; --seeds 3 gives one)"
+    return ""
+
+
+def trend_claim(claim: str, source: str, xs: Sequence[float], ys: Sequence[float], *, x_name: str,
+                y_name: str, increasing: bool = True, quote: str = "",
+                by_x: Optional[Dict[Any, List[float]]] = None, x_label=None, digits: int = 2) -> Claim:
+    """"y rises (falls) with x": the least-squares slope of y on x over every (setting, seed)
+    point, with its 95 % t interval (:func:`slope_interval`); holds when the interval lies above
+    0 (below, with ``increasing=False``), FAILS when it lies on the other side, undetermined
+    when it straddles 0. ``by_x``: the y values per setting (one per seed), shown as means."""
+    iv = slope_interval(xs, ys)
+    verdict = interval_verdict(iv, 0.0, above=increasing)
+    label = x_label or (lambda x: f"{x:g}")
+    measured = (f"slope of {y_name} per unit of {x_name}: {iv.text(3, signed=True)} "
+                f"({iv.n} points, {iv.df} df)")
+    if by_x:
+        measured += "; mean by setting: " + ", ".join(
+            f"{label(x)}→{fmt(mean(v), digits)}" for x, v in sorted(by_x.items()))
+    if verdict == UNDETERMINED:
+        measured += _why_undetermined(iv)
+    elif verdict == NA:
+        measured += " (too few finite points)"
+    rule = f"95 % interval of the slope {'>' if increasing else '<'} 0"
+    return make_claim(claim, source, measured, rule, verdict, quote=quote, value=iv.estimate,
+                      details={"slope": iv.to_dict()})
+
+
 # ----------------------------------------------------------------------------- reading a report
 def alpha(rep, layer: str, relation: str, kind: str = "cov") -> float:
     e = rep.layers.get(layer) if hasattr(rep, "layers") else rep.get(layer)
@@ -277,6 +552,96 @@ def exponent_values(rep, layers: Optional[Sequence[str]] = None) -> List[Dict[st
             if v is not None and math.isfinite(float(v)):
                 out.append({"layer": name, "what": what, "value": float(v), "r2": r})
     return out
+
+
+def side_spectra(entry: Dict[str, Any], side: str) -> Dict[str, Optional[List[float]]]:
+    """The sorted spectra (descending) of one side of a report entry: ``{"H", "G", "Z"}`` of the
+    backward side (``side="a"``: H_a, G_a, Z_a = WᵀW) or the forward side (``"b"``: H_b, G_b,
+    Z_b = WWᵀ); Z's nonzero eigenvalues are the same on both sides (the squared singular values
+    of W, ``exponents.z``; of W with its bias column when the exponents were fitted on raw
+    moments). H and G are always those of the matrices α is computed on (the report's ``kind``,
+    the paper's normalized covariances): ``spectra`` where the report holds it, else the
+    exponents' ``pairing`` unless that was fitted on raw moments. None where there is none."""
+    if side not in ("a", "b"):
+        raise ValueError(f"side must be 'a' or 'b', got {side!r}")
+    ex = entry.get("exponents") or {}
+    pair = {} if entry.get("exponent_moments") == "raw" else (ex.get("pairing") or {})
+    spec = entry.get("spectra") or {}
+    keys = {"a": ("H_a", "G_a", "lambda_H", "lambda_G"), "b": ("H_b", "G_b", "lambda_Hb", "lambda_Gb")}[side]
+    h = spec.get(keys[0]) if spec.get(keys[0]) is not None else pair.get(keys[2])
+    g = spec.get(keys[1]) if spec.get(keys[1]) is not None else pair.get(keys[3])
+    return {"H": h, "G": g, "Z": ex.get("z")}
+
+
+#: The spectrum pairs whose sorted-pair slope is an exponent of the PAH (λ_X ∝ λ_Y^k, X–Y).
+EXPONENT_PAIRS = (("H", "G"), ("H", "Z"), ("G", "Z"))
+
+
+def pairing_exponents(entry: Dict[str, Any], side: str, floor: float = 1e-6) -> Dict[str, float]:
+    """The paper's exponents of one side of a layer: for each pair of :data:`EXPONENT_PAIRS` the
+    slope of log λ_X,i against log λ_Y,i over the sorted spectra (:func:`crh_kernels.analysis.
+    pairing_fit`, Figs. 3 and 20), ``{"H–G": k, ...}``; a pair without spectra or a fit (fewer
+    than 3 ranks above the floor, a flat λ_Y) is left out."""
+    from ..analysis import pairing_fit
+    spec = side_spectra(entry, side)
+    out = {}
+    for x, y in EXPONENT_PAIRS:
+        lx, ly = spec.get(x), spec.get(y)
+        if lx is None or ly is None:
+            continue
+        lx = [float("nan") if v is None else float(v) for v in lx]
+        ly = [float("nan") if v is None else float(v) for v in ly]
+        fit = pairing_fit(lx, ly, floor)
+        if fit is not None and math.isfinite(fit[0]):
+            out[f"{x}–{y}"] = float(fit[0])
+    return out
+
+
+def spectrum_effective_rank(lam: Optional[Sequence]) -> Optional[float]:
+    """:func:`crh_kernels.analysis.effective_rank` of a matrix with eigenvalues ``lam`` (the
+    same definition, ``exp(−Σ p_i log p_i)`` of the normalized eigenvalues clipped at 0, read off
+    a saved spectrum without a decomposition); None without a positive eigenvalue."""
+    v = [max(x, 0.0) for x in finite(lam or [])]
+    total = math.fsum(v)
+    if not v or total <= 0:
+        return None
+    return math.exp(-math.fsum((x / total) * math.log(x / total) for x in v if x > 0))
+
+
+@functools.lru_cache(maxsize=512)
+def rank_baseline(dim: int, rank: int) -> float:
+    """α of two independent random rank-``rank`` covariances in ``dim`` dimensions
+    (:func:`crh_kernels.analysis.random_baseline`), cached."""
+    from ..analysis import random_baseline
+    return random_baseline(int(dim), int(rank), trials=10 if dim <= 512 else 3)
+
+
+def side_baseline(entry: Dict[str, Any], side: str, relation: Optional[str] = None) -> Dict[str, Any]:
+    """The significance baseline of one side of a layer, at the side's own ranks (the paper's
+    rank-40 projection was chosen "roughly equivalent to the actual ranks of cov(h, h) and
+    cov(g, g)"): the layer verdict's baseline of ``relation`` where the report holds one (α of
+    two random covariances of the side's dimension at the effective ranks of the relation's two
+    matrices), else α of two random covariances of dimension D with rank the larger effective
+    rank of the side's H and G (from its spectra), else rank D/5. ``{"baseline", "rank", "dim",
+    "how"}``; baseline NaN when D < 2."""
+    dims = entry.get("dims") or {}
+    d = dims.get("h_a" if side == "a" else "h_b")
+    if not d or int(d) < 2:
+        return {"baseline": float("nan"), "rank": None, "dim": d, "how": "dimension < 2"}
+    d = int(d)
+    if relation is not None:
+        rel = ((((entry.get("verdict") or {}).get("alpha") or {}).get("relations") or {}).get(relation) or {})
+        b = rel.get("baseline")
+        if isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(float(b)):
+            return {"baseline": float(b), "rank": rel.get("ranks"), "dim": d,
+                    "how": "the layer verdict's, at the effective ranks of both matrices"}
+    spec = side_spectra(entry, side)
+    ranks = [r for r in (spectrum_effective_rank(spec["H"]), spectrum_effective_rank(spec["G"])) if r is not None]
+    if ranks:
+        rank, how = max(1, min(d, int(round(max(ranks))))), "effective rank of H and G (the larger)"
+    else:
+        rank, how = max(1, int(round(d / 5))), "D/5 (no spectra in the report)"
+    return {"baseline": rank_baseline(d, rank), "rank": rank, "dim": d, "how": how}
 
 
 def nan(v) -> float:

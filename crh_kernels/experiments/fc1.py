@@ -12,12 +12,12 @@ so with 10× fewer steps the CPU profile's base γ is 10⁻³ (ηγT = 1 decay t
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Sequence, Tuple
 
 from . import claims as C
 from . import fcnet
-from .claims import baseline_claim, exponent_range_claim, rga
 from .runs import Context, RunResult
 
 NAME = "fc1"
@@ -32,7 +32,7 @@ _BASE = {
     "steps": 10_000, "n_measure": 3000, "measure_batch": 1000,
     "weight_decays": [1e-5, 1e-4, 1e-3, 3e-3], "batch_sizes": [20, 100, 500],
     "checkpoints": 6, "modules": None, "streams": ["h_a", "h_b", "g_a", "g_b"],
-    "state_dtype": "float64", "threads": 1,
+    "state_dtype": "float64", "threads": 1, "seeds": 1,
 }
 
 PROFILES: Dict[str, Dict[str, Any]] = {
@@ -70,39 +70,72 @@ def run(cfg: Dict[str, Any], ctx: Context) -> RunResult:
     return RunResult(rep, extras, cfg, reports)
 
 
-def _layer_rga(records, layer):
-    return [rga(r["layers"][layer]) if layer in r["layers"] else float("nan") for r in records]
+#: The paper's words behind each fc1 claim (verbatim; tests/test_claims.py checks them against
+#: the paper's text).
+QUOTE_GAMMA = ("weight decay γ affects the alignment significantly and systematically; larger γ always "
+               "leads to better alignment.")
+QUOTE_GRADUAL = ("Gradual Alignment: deeper layers tend to have better alignment […] This is consistent "
+                 "with the observation that the CRH holds much better in the latter layers than in the "
+                 "beginning layers.")
+QUOTE_BATCH = ("batch size B affects the alignment significantly; earlier layers have worse alignment as "
+               "B increases; later layers have better alignment as B increases")
 
 
 def claims(rep, extras: Dict[str, Any], cfg: Dict[str, Any]) -> List[C.Claim]:
-    hidden = extras["hidden_layers"]
+    """The claims of one run (one seed: numbers that need an interval over seeds are
+    undetermined; :func:`claims_over_seeds` with several)."""
+    return claims_over_seeds([(None, rep, extras)], cfg)
+
+
+def claims_over_seeds(runs: Sequence[Tuple[Any, Any, Dict[str, Any]]], cfg: Dict[str, Any]) -> List[C.Claim]:
+    """The claims of §6 "Fully Connected Nets (fc1)" over ``runs`` = ``[(seed, report, extras)]``:
+    trends as least-squares slopes over every (setting, seed) point with their t intervals, the
+    other numbers as means over seeds with their t intervals, every verdict from the interval."""
+    rep0 = runs[0][1]
+    hidden = fcnet.hidden_representations(cfg, list(rep0.layers))
+    label = fcnet.hidden_label(hidden)
     out: List[C.Claim] = []
-    wd = sorted(extras["weight_decay"], key=lambda r: r["weight_decay"])
-    out.append(C.monotone_claim(
-        "α rises with weight decay (larger γ always aligns better)", "§6 fc1 (c), Fig. 16",
-        [r["weight_decay"] for r in wd], [C.mean(rga(r["layers"][n]) for n in hidden) for r in wd],
-        x_name="γ", y_name="mean RGA over hidden layers"))
-    vals = [rga(extras["base"]["layers"][n]) for n in hidden]
-    c = C.monotone_claim("later layers align better (gradual alignment)", "§6 fc1 (a), Fig. 18",
-                         list(range(len(hidden))), vals, x_name="layer index", y_name="RGA")
-    top = wd[-1]
-    c.measured += (f" (base γ); at γ={top['weight_decay']:g}: "
-                   + C.fmt_list([rga(top["layers"][n]) for n in hidden]))
-    out.append(c)
-    bs = sorted(extras["batch_size"], key=lambda r: r["batch_size"])
+    # (c) γ: mean RGA over the hidden layers against log10 γ.
+    xs, ys, by = [], [], {}
+    for _, _, ex in runs:
+        for r in ex["weight_decay"]:
+            y = C.mean(fcnet.hidden_rga(r["layers"], h) for h in hidden)
+            xs.append(math.log10(r["weight_decay"]))
+            ys.append(y)
+            by.setdefault(r["weight_decay"], []).append(y)
+    out.append(C.trend_claim(
+        "α rises with weight decay (larger γ always aligns better)", "§6 fc1 (c), Fig. 16", xs, ys,
+        x_name="log10 γ", y_name=f"mean RGA over {label}", quote=QUOTE_GAMMA, by_x=by,
+        x_label=lambda x: f"γ={x:g}"))
+    # (1) gradual alignment: RGA of hidden layer k against k, at the base γ.
+    xs, ys, by = [], [], {}
+    for _, _, ex in runs:
+        for h in hidden:
+            y = fcnet.hidden_rga(ex["base"]["layers"], h)
+            xs.append(h["k"])
+            ys.append(y)
+            by.setdefault(h["k"], []).append(y)
+    out.append(C.trend_claim(
+        "later layers align better (gradual alignment)", "§6 fc1 (1), §5, Fig. 18", xs, ys,
+        x_name="hidden layer k", y_name=f"RGA (base γ={cfg['weight_decay']:g})", quote=QUOTE_GRADUAL,
+        by_x=by, x_label=lambda k: f"h{k}"))
+    # (b) batch size: the first hidden layer's RGA falls with log B, the last one's rises.
     if len(hidden) >= 2:
-        out.append(C.monotone_claim(
-            "earlier layers align worse as the batch size grows", "§6 fc1 (b), Fig. 16",
-            [r["batch_size"] for r in bs], _layer_rga(bs, hidden[0]),
-            x_name="B", y_name=f"RGA of {hidden[0]}", increasing=False))
-        out.append(C.monotone_claim(
-            "later layers align better as the batch size grows", "§6 fc1 (b), Fig. 16",
-            [r["batch_size"] for r in bs], _layer_rga(bs, hidden[-1]),
-            x_name="B", y_name=f"RGA of {hidden[-1]}", increasing=True))
-    out.append(baseline_claim(rep, hidden, source="§6 RGA (baseline ≈ 0.14), Fig. 16",
-                              claim="the RGA is significant in every hidden layer (forward and backward)",
-                              skip=[f"{hidden[0]}:backward_RGA"] if hidden else []))
-    out.append(exponent_range_claim(rep, hidden, source="§5, §6, C.8 Fig. 20"))
+        for hid, increasing, what in ((hidden[0], False, "earlier layers align worse as the batch size grows"),
+                                      (hidden[-1], True, "later layers align better as the batch size grows")):
+            xs, ys, by = [], [], {}
+            for _, _, ex in runs:
+                for r in ex["batch_size"]:
+                    y = fcnet.hidden_rga(r["layers"], hid)
+                    xs.append(math.log10(r["batch_size"]))
+                    ys.append(y)
+                    by.setdefault(r["batch_size"], []).append(y)
+            out.append(C.trend_claim(
+                what, "§6 fc1 (b), Fig. 16", xs, ys, x_name="log10 B",
+                y_name=f"RGA of hidden layer {hid['k']}", increasing=increasing, quote=QUOTE_BATCH,
+                by_x=by, x_label=lambda b: f"B={b:g}"))
+    out.append(fcnet.rga_significance_claim(runs, hidden, source="abstract, §6 RGA (baseline: §6 llm)"))
+    out.append(fcnet.exponent_claim(runs, hidden, source="§5, §6, C.8 Fig. 20"))
     return out
 
 

@@ -13,12 +13,12 @@ from stationary (the paper's small-γ runs are too, at 10⁵ steps).
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Sequence, Tuple
 
 from . import claims as C
 from . import fcnet
-from .claims import baseline_claim, exponent_range_claim, mean_alpha, nan
 from .runs import Context, RunResult
 
 NAME = "fc2"
@@ -33,7 +33,7 @@ _BASE = {
     "steps": 12_000, "n_measure": 3000, "measure_batch": 1000,
     "weight_decays": [1e-6, 1e-5, 1e-4, 1e-3, 3e-3], "checkpoints": 5,
     "high_alpha": 0.7, "modules": None, "streams": ["h_a", "h_b", "g_a", "g_b"],
-    "state_dtype": "float64", "threads": 1,
+    "state_dtype": "float64", "threads": 1, "seeds": 1,
 }
 
 PROFILES: Dict[str, Dict[str, Any]] = {
@@ -72,65 +72,182 @@ def run(cfg: Dict[str, Any], ctx: Context) -> RunResult:
     return RunResult(rep, extras, cfg, reports)
 
 
-def _median_alphas(record, layers):
-    return {rel: C.median(nan(record["layers"][n]["alpha"].get(rel)) for n in layers if n in record["layers"])
-            for rel in C.RELATIONS}
+#: The paper's words behind each fc2 claim (verbatim; tests/test_claims.py checks them against
+#: the paper's text).
+QUOTE_LARGE = ("all six relations (Eq. (3)-(5)) hold strongly at a large weight decay […] when the weight "
+               "decay is not too small, the CRH is quite close to being perfectly satisfied for "
+               "intermediate layers.")
+QUOTE_GAMMA = ("weight decay γ affects the alignment significantly and systematically; larger γ always "
+               "leads to better alignment.")
+QUOTE_SMALL_ONE = "For a small weight decay, at least one forward and backward relation holds strongly."
+QUOTE_READING_6 = ("at a small weight decay, the strongest alignments are the forward-RWA and the "
+                   "backward-RGA, which will be presented in the experiment in Figure 8")
+QUOTE_READING_10 = (r"when γ is small, the forward alignment between H_b and WW^{\dagger} are strong (because "
+                    r"the prefactor is independent of γ), while the other two are weak […] Similarly, the "
+                    r"backward alignment between G_a and $W^{\dagger}W$ is strong for a small γ . […] At a "
+                    r"small γ , the best alignment is between H_a and $W^{\mathsf{T}}W$ for the forward "
+                    r"relation, and G_a and WW^{T} for the backward, in agreement with the theoretical "
+                    r"prediction. […] See Figure 8, which validates both forward and backward eNFA.")
+QUOTE_RANK = ("the compactness of the representation is found to be negatively correlated with the "
+              "alignment level (Figure 4) […] The rank of representation is strongly negatively "
+              "correlated with α .")
+
+
+def _short(rel: str) -> str:
+    side, what = rel.split("_")
+    return f"{side[0]}{what}"
+
+
+def _medians(layers, hidden) -> Dict[str, float]:
+    """Per relation, the median over the hidden layers (Fig. 8's solid lines)."""
+    return {rel: C.median(fcnet.hidden_alpha(layers, h, rel) for h in hidden) for rel in C.RELATIONS}
+
+
+def _pick(records, which):
+    recs = sorted(records, key=lambda r: r["weight_decay"])
+    return recs[0] if which == "low" else recs[-1]
+
+
+def _strongest_claim(runs, hidden, cfg, *, backward: str, claim: str, source: str, quote: str) -> C.Claim:
+    """"At a small γ the strongest forward relation is RWA and the strongest backward one is
+    ``backward``": per seed, at the smallest γ, each claimed relation's median minus the larger
+    median of the other two on its side; holds when both margins' intervals lie above 0."""
+    parts, texts, details = [], [], {}
+    gammas = set()
+    for side, best in (("forward", "forward_RWA"), ("backward", backward)):
+        others = [r for r in C.RELATIONS if r.startswith(side) and r != best]
+        margins = []
+        for _, _, ex in runs:
+            low = _pick(ex["weight_decay"], "low")
+            gammas.add(low["weight_decay"])
+            med = _medians(low["layers"], hidden)
+            margins.append(med[best] - max(C.finite([med[o] for o in others]), default=float("nan")))
+        iv = C.mean_interval(margins, bounds=(-2.0, 2.0))
+        parts.append(C.interval_verdict(iv, 0.0))
+        texts.append(f"{_short(best)} − max({', '.join(_short(o) for o in others)}) = {iv.text(2, signed=True)}"
+                     f" ({side}: {parts[-1]})")
+        details[best] = iv.to_dict()
+    means = {}
+    for _, _, ex in runs:
+        for rel, v in _medians(_pick(ex["weight_decay"], "low")["layers"], hidden).items():
+            means.setdefault(rel, []).append(v)
+    verdict = C.all_of(parts)
+    measured = (f"γ={', '.join(f'{g:g}' for g in sorted(gammas))}, medians over {fcnet.hidden_label(hidden)} "
+                f"(mean over {fcnet.seeds_text([s for s, _, _ in runs])}): "
+                + ", ".join(f"{_short(r)} {C.fmt(C.mean(v))}" for r, v in means.items())
+                + "; margins [95 % CI]: " + "; ".join(texts))
+    if verdict == C.UNDETERMINED and len(runs) < 2:
+        measured += " (no interval from one seed; --seeds 3 gives one)"
+    rule = "both margins' 95 % intervals > 0 (the named relation is the strongest of its side)"
+    return C.make_claim(claim, source, measured, rule, verdict, quote=quote, details=details)
 
 
 def claims(rep, extras: Dict[str, Any], cfg: Dict[str, Any]) -> List[C.Claim]:
-    mid = extras["intermediate_layers"]
-    wd = sorted(extras["weight_decay"], key=lambda r: r["weight_decay"])
-    out: List[C.Claim] = []
-    # Fig. 8: at a large γ all six relations hold strongly.
-    top = wd[-1]
-    med = _median_alphas(top, mid)
+    """The claims of one run (one seed: numbers that need an interval over seeds are
+    undetermined; :func:`claims_over_seeds` with several)."""
+    return claims_over_seeds([(None, rep, extras)], cfg)
+
+
+def claims_over_seeds(runs: Sequence[Tuple[Any, Any, Dict[str, Any]]], cfg: Dict[str, Any]) -> List[C.Claim]:
+    """The claims of Fig. 8, Fig. 4 and §5–§6 on fc2 over ``runs`` = ``[(seed, report, extras)]``:
+    per-seed numbers as means with t intervals over seeds, the γ trend as a least-squares slope
+    over every (γ, seed) point, every verdict from its interval. Medians are over the five hidden
+    layers as in Fig. 8 (:func:`~.fcnet.hidden_representations`)."""
+    rep0 = runs[0][1]
+    hidden = fcnet.hidden_representations(cfg, list(rep0.layers))
+    label = fcnet.hidden_label(hidden)
+    seeds = fcnet.seeds_text([s for s, _, _ in runs])
     thr = float(cfg.get("high_alpha", 0.7))
-    worst = min(C.finite(med.values()), default=float("nan"))
-    out.append(C.Claim(
-        "all six α high at large γ (CRH nearly exact in intermediate layers)", "Fig. 8, §6 CRH",
-        f"γ={top['weight_decay']:g}, median over {len(mid)} intermediate layers: "
-        + ", ".join(f"{r.replace('_', ' ')} {C.fmt(v)}" for r, v in med.items()),
-        f"every median α ≥ {thr}", None if worst != worst else worst >= thr, worst))
-    out.append(C.monotone_claim(
-        "alignment rises with weight decay", "Fig. 8, §6 fc1 (c)",
-        [r["weight_decay"] for r in wd], [C.mean(mean_alpha(r["layers"][n]) for n in mid) for r in wd],
-        x_name="γ", y_name="mean of the six α over intermediate layers"))
-    # §6 "Breaking of CRH": at a small γ the strongest are forward RWA and backward RGA.
-    low = wd[0]
-    lm = _median_alphas(low, mid)
-    fwd = {r: lm[r] for r in C.RELATIONS if r.startswith("forward")}
-    bwd = {r: lm[r] for r in C.RELATIONS if r.startswith("backward")}
-    f_best = max(fwd, key=lambda r: fwd[r] if fwd[r] == fwd[r] else -9.0)  # NaN never wins
-    b_best = max(bwd, key=lambda r: bwd[r] if bwd[r] == bwd[r] else -9.0)
-    out.append(C.Claim(
-        "at small γ the strongest relations are the forward RWA and the backward RGA",
-        "§6 Breaking of CRH (Fig. 8)",
-        f"γ={low['weight_decay']:g}, medians: " + ", ".join(f"{r.replace('_', ' ')} {C.fmt(v)}" for r, v in lm.items())
-        + f"; strongest forward: {f_best.split('_')[1]}, backward: {b_best.split('_')[1]}",
-        "argmax of the forward medians is RWA and of the backward medians is RGA",
-        f_best == "forward_RWA" and b_best == "backward_RGA"))
-    # Fig. 4: rank of the representation against the backward RGA, over layers and γ.
-    ranks, alphas = [], []
-    for r in wd:
-        for n in extras["hidden_input_layers"]:
-            e = r["layers"].get(n)
-            if not e:
-                continue
-            d = (e.get("dims") or {}).get("h_a")
-            if d and e.get("effective_rank_h") is not None and e["alpha"].get("backward_RGA") is not None:
-                ranks.append(e["effective_rank_h"] / d)
-                alphas.append(e["alpha"]["backward_RGA"])
-    rho = C.pearson(ranks, alphas)
-    out.append(C.Claim(
-        "the rank of the representation is negatively correlated with α (compact ⇒ aligned)", "Fig. 4",
-        f"Pearson(effective rank of H_a / D, backward α(H_a, G_a)) = {C.fmt(rho)} over {len(ranks)} "
-        f"(layer, γ) points; rank/D {C.fmt(min(ranks, default=float('nan')))}…{C.fmt(max(ranks, default=float('nan')))}",
-        "Pearson ≤ −0.5 (equivalently: rank deficiency correlates positively with α)",
-        None if rho != rho else rho <= -0.5, rho))
-    out.append(baseline_claim(rep, list(rep.layers), source="§6 RGA (baseline ≈ 0.14)",
-                              claim="the RGA is significant in every layer (forward and backward, base γ)",
-                              skip=["layers.0:backward_RGA"]))
-    out.append(exponent_range_claim(rep, list(rep.layers), source="§5, §6, C.8"))
+    out: List[C.Claim] = []
+    one_seed = " (no interval from one seed; --seeds 3 gives one)"
+    # Fig. 8: all six relations high at the largest γ.
+    per_rel, gammas = {}, set()
+    for _, _, ex in runs:
+        top = _pick(ex["weight_decay"], "high")
+        gammas.add(top["weight_decay"])
+        for rel, v in _medians(top["layers"], hidden).items():
+            per_rel.setdefault(rel, []).append(v)
+    ivs = {rel: C.mean_interval(v, bounds=(-1.0, 1.0)) for rel, v in per_rel.items()}
+    verdict = C.all_of([C.interval_verdict(iv, thr) for iv in ivs.values()])
+    measured = (f"γ={', '.join(f'{g:g}' for g in sorted(gammas))}, median over {label}, mean [95 % CI] "
+                f"over {seeds}: " + ", ".join(f"{_short(r)} {iv.text()}" for r, iv in ivs.items()))
+    if verdict == C.UNDETERMINED and len(runs) < 2:
+        measured += one_seed
+    out.append(C.make_claim(
+        "all six α high at large γ (CRH nearly exact in the hidden layers)", "Fig. 8, §6 CRH", measured,
+        f"every relation's median: 95 % interval > {thr}", verdict, quote=QUOTE_LARGE,
+        value=min(C.finite(iv.estimate for iv in ivs.values()), default=None),
+        details={r: iv.to_dict() for r, iv in ivs.items()}))
+    # Trend over γ: the mean of the six α over the hidden layers against log10 γ.
+    xs, ys, by = [], [], {}
+    for _, _, ex in runs:
+        for r in ex["weight_decay"]:
+            y = C.mean(C.mean(fcnet.hidden_alpha(r["layers"], h, rel) for rel in C.RELATIONS) for h in hidden)
+            xs.append(math.log10(r["weight_decay"]))
+            ys.append(y)
+            by.setdefault(r["weight_decay"], []).append(y)
+    out.append(C.trend_claim(
+        "alignment rises with weight decay", "§6 fc1 (c), on fc2's Fig. 8 sweep", xs, ys, x_name="log10 γ",
+        y_name=f"mean of the six α over {label}", quote=QUOTE_GAMMA, by_x=by, x_label=lambda g: f"γ={g:g}"))
+    # Fig. 8: at the smallest γ at least one forward and one backward relation holds strongly.
+    best = {"forward": [], "backward": []}
+    gammas = set()
+    for _, _, ex in runs:
+        low = _pick(ex["weight_decay"], "low")
+        gammas.add(low["weight_decay"])
+        med = _medians(low["layers"], hidden)
+        for side in best:
+            best[side].append(max(C.finite(v for r, v in med.items() if r.startswith(side)), default=float("nan")))
+    ivs = {side: C.mean_interval(v, bounds=(-1.0, 1.0)) for side, v in best.items()}
+    verdict = C.all_of([C.interval_verdict(iv, thr) for iv in ivs.values()])
+    measured = (f"γ={', '.join(f'{g:g}' for g in sorted(gammas))}, the largest median over {label}, "
+                f"mean [95 % CI] over {seeds}: forward {ivs['forward'].text()}, backward {ivs['backward'].text()}")
+    if verdict == C.UNDETERMINED and len(runs) < 2:
+        measured += one_seed
+    out.append(C.make_claim(
+        "at small γ at least one forward and one backward relation still holds strongly", "Fig. 8",
+        measured, f"the strongest forward and backward medians: 95 % intervals > {thr}", verdict,
+        quote=QUOTE_SMALL_ONE, details={s: iv.to_dict() for s, iv in ivs.items()}))
+    # The small-γ claim, read the two ways the paper states it.
+    out.append(_strongest_claim(
+        runs, hidden, cfg, backward="backward_RGA",
+        claim="at small γ the strongest relations are the forward RWA and the backward RGA (reading of §6)",
+        source="§6 Breaking of CRH", quote=QUOTE_READING_6))
+    out.append(_strongest_claim(
+        runs, hidden, cfg, backward="backward_GWA",
+        claim="at small γ the strongest relations are the forward RWA and the backward GWA (reading of eq. 10, "
+              "Fig. 8's caption and §7.4; the caption's \"H_a and WᵀW for the forward relation\" read as "
+              "eq. 10's H_b ∝ WWᵀ)",
+        source="§5 eq. 10, Fig. 8, §7.4", quote=QUOTE_READING_10))
+    # Fig. 4: rank of the representation against the backward RGA, over hidden layers and γ.
+    rhos, npts = [], []
+    for _, _, ex in runs:
+        ranks, alphas = [], []
+        for r in ex["weight_decay"]:
+            for h in hidden:
+                e = r["layers"].get(h["backward"]) if h["backward"] else None
+                if not e:
+                    continue
+                d = (e.get("dims") or {}).get("h_a")
+                er, a = e.get("effective_rank_h"), (e.get("alpha") or {}).get("backward_RGA")
+                if d and er is not None and a is not None:
+                    ranks.append(er / d)
+                    alphas.append(a)
+        rhos.append(C.pearson(ranks, alphas))
+        npts.append(len(ranks))
+    iv = C.mean_interval(rhos, bounds=(-1.0, 1.0))
+    verdict = C.interval_verdict(iv, -0.5, above=False)
+    measured = (f"Pearson(effective rank of H_a / D, backward RGA) over the (γ, hidden layer) points: "
+                f"{iv.text()} over {seeds} (per seed " + ", ".join(C.fmt(r) for r in rhos)
+                + f"; {npts[0]} points each)")
+    if verdict == C.UNDETERMINED and len(runs) < 2:
+        measured += one_seed
+    out.append(C.make_claim(
+        "the rank of the representation is strongly negatively correlated with α (compact ⇒ aligned)",
+        "Fig. 4, §6", measured, "95 % interval of Pearson < −0.5", verdict, quote=QUOTE_RANK,
+        value=iv.estimate, details={"pearson": iv.to_dict()}))
+    out.append(fcnet.rga_significance_claim(runs, hidden, source="abstract, §6 RGA, Fig. 8 (baseline: §6 llm)"))
+    out.append(fcnet.exponent_claim(runs, hidden, source="§5, §6, C.8"))
     return out
 
 

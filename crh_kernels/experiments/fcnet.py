@@ -128,6 +128,161 @@ def hidden_layers(cfg: Dict[str, Any], names: Sequence[str]) -> List[str]:
     return [n for n in out if n in names]
 
 
+def hidden_representations(cfg: Dict[str, Any], names: Sequence[str]) -> List[Dict[str, Any]]:
+    """The hidden layers of the net as the paper counts them (Fig. 18: "layer 0 is the input
+    layer"; Fig. 8: "five hidden layers" of fc2's six Linear layers): hidden layer k (1 … depth−1)
+    is seen from two Linear layers — as the output h_b of ``layers.{k−1}`` (its forward side,
+    before the activation, with W_{k−1}) and as the input h_a of ``layers.{k}`` (its backward
+    side, after the activation, with W_k). The input (``layers.0``'s backward side) and the
+    output (the last layer's forward side) are not hidden layers. Returns ``[{"k", "forward":
+    layer or None, "backward": layer or None}]`` for the layers present in ``names``."""
+    names = set(names)
+    out = []
+    for k in range(1, int(cfg["depth"])):
+        f, b = f"layers.{k - 1}", f"layers.{k}"
+        hid = {"k": k, "forward": f if f in names else None, "backward": b if b in names else None}
+        if hid["forward"] or hid["backward"]:
+            out.append(hid)
+    return out
+
+
+def _side(rel: str) -> str:
+    return "forward" if rel.startswith("forward") else "backward"
+
+
+def hidden_alpha(layers: Dict[str, Any], hid: Dict[str, Any], rel: str) -> float:
+    """α of relation ``rel`` at hidden layer ``hid`` (:func:`hidden_representations`): a forward
+    relation read off the layer before it, a backward one off the layer after it. ``layers``:
+    a report's layers or a sweep record's layer summaries."""
+    name = hid.get(_side(rel))
+    e = layers.get(name) if name else None
+    if not e:
+        return float("nan")
+    a = e.get("alpha") if e.get("alpha") is not None else e.get("alpha_cov")
+    return nan((a or {}).get(rel))
+
+
+def hidden_rga(layers: Dict[str, Any], hid: Dict[str, Any]) -> float:
+    """The RGA of a hidden layer: mean of its forward (before the activation) and backward
+    (after it) RGA, the finite ones."""
+    return C.mean([hidden_alpha(layers, hid, "forward_RGA"), hidden_alpha(layers, hid, "backward_RGA")])
+
+
+def hidden_label(hids: Sequence[Dict[str, Any]]) -> str:
+    ks = [h["k"] for h in hids]
+    if not ks:
+        return "no hidden layer"
+    return f"hidden layer {ks[0]}" if len(ks) == 1 else f"hidden layers {ks[0]}–{ks[-1]}"
+
+
+def seeds_text(seeds: Sequence[int]) -> str:
+    return "one seed" if len(seeds) == 1 else f"{len(seeds)} seeds"
+
+
+# ----------------------------------------------------------------------------- claims both share
+#: The paper's words behind the claims fc1 and fc2 share (verbatim; tests/test_claims.py checks
+#: them against the paper's text).
+QUOTE_RGA = ("six alignment relations to universally govern the formation of representations in most "
+             "hidden layers of a neural network […] we show that the RGA holds well across a broad "
+             "range of tasks in common training settings.")
+QUOTE_EXPONENTS = ("almost all positive exponents we observed are within the range [1/3,3], which is "
+                   "exactly the range of exponents that the theorem predicts […] the observed positive "
+                   "exponents between the eigenvalues of the matrices are almost aways within the range "
+                   "[1/3, 3]")
+
+
+def rga_significance_claim(runs: Sequence[Tuple[int, Any, Dict[str, Any]]], hidden: Sequence[Dict[str, Any]],
+                           *, source: str) -> C.Claim:
+    """"The RGA holds in most hidden layers": for each hidden layer and side, the margin of its
+    RGA over the side's own random baseline (:func:`~.claims.side_baseline`), per seed, then the
+    mean margin with its t interval over seeds; a side is significant when its interval lies
+    above 0. Holds when more than half of the sides are (:func:`~.claims.most_of`)."""
+    rows, verdicts, details = [], [], {}
+    n_every = 0
+    for hid in hidden:
+        for side, rel, letter in (("forward", "forward_RGA", "b"),
+                                  ("backward", "backward_RGA", "a")):
+            name = hid[side]
+            if not name:
+                continue
+            margins, bases, alphas = [], [], []
+            for _, rep, _ in runs:
+                e = rep.layers.get(name)
+                if not e:
+                    continue
+                b = C.side_baseline(e, letter, rel)
+                a = hidden_alpha(rep.layers, hid, rel)
+                alphas.append(a)
+                bases.append(b["baseline"])
+                margins.append(a - b["baseline"])
+            iv = C.mean_interval(margins)
+            v = C.interval_verdict(iv, 0.0)
+            verdicts.append(v)
+            n_every += v == C.HOLDS
+            key = f"h{hid['k']} {'fwd' if side == 'forward' else 'bwd'}"
+            rows.append(f"{key} {C.fmt(C.mean(alphas))}−{C.fmt(C.mean(bases))}: {iv.text(2, signed=True)}")
+            details[key] = {"layer": name, "alpha": alphas, "baseline": bases, "margin": iv.to_dict()}
+    verdict = C.most_of(verdicts)
+    seeds = [s for s, _, _ in runs]
+    n = len([v for v in verdicts if v != C.NA])
+    measured = (f"sides of {hidden_label(hidden)} whose interval lies above their baseline: {n_every}/{n} "
+                f"({seeds_text(seeds)}); RGA − baseline, mean [95 % CI]: " + "; ".join(rows)
+                ) if rows else "no hidden layer measured"
+    if verdict == C.UNDETERMINED and len(runs) < 2:
+        measured += " (no interval from one seed; --seeds 3 gives one)"
+    rule = ("most sides (> half) have their RGA above their own baseline (α of two random covariances "
+            "of the side's dimension at its effective ranks): interval of α − baseline > 0")
+    return C.make_claim("the RGA is significant in most hidden layers (each hidden layer seen before "
+                        "and after its activation)", source, measured, rule, verdict, quote=QUOTE_RGA,
+                        value=(n_every / n if n else None), details=details)
+
+
+def exponent_claim(runs: Sequence[Tuple[int, Any, Dict[str, Any]]], hidden: Sequence[Dict[str, Any]], *,
+                   source: str, eps: float = 0.1, min_fraction: float = 0.8) -> C.Claim:
+    """"Almost all positive exponents are within [1/3, 3]", with the paper's measure: the
+    sorted-spectrum slopes (:func:`~.claims.pairing_exponents`: H–G, H–Z, G–Z) of both sides of
+    every hidden layer. Per seed, the fraction of the exponents above ``eps`` (smaller ones are
+    flat, not positive) that lie in [1/3, 3]; holds when the t interval of that fraction over
+    seeds lies above ``min_fraction``."""
+    fracs, counts, outside, allv = [], [], [], []
+    for seed, rep, _ in runs:
+        floor = float(rep.meta.get("floor", 1e-6)) if hasattr(rep, "meta") else 1e-6
+        vals = []
+        for hid in hidden:
+            for side, letter in (("forward", "b"), ("backward", "a")):
+                name = hid[side]
+                e = rep.layers.get(name) if name else None
+                if not e:
+                    continue
+                for pair, k in C.pairing_exponents(e, letter, floor).items():
+                    vals.append((f"h{hid['k']} {'fwd' if side == 'forward' else 'bwd'} {pair}", k))
+        pos = [(w, k) for w, k in vals if k > eps]
+        inside = [(w, k) for w, k in pos if 1 / 3 <= k <= 3]
+        allv += [k for _, k in pos]
+        counts.append((len(inside), len(pos), len(vals)))
+        if pos:
+            fracs.append(len(inside) / len(pos))
+        outside += [("" if seed is None else f"seed {seed} ") + f"{w}={k:.2f}"
+                    for w, k in pos if not 1 / 3 <= k <= 3]
+    iv = C.mean_interval(fracs, bounds=(0.0, 1.0))
+    verdict = C.interval_verdict(iv, min_fraction)
+    claim = "positive spectral exponents lie within [1/3, 3] (sorted-eigenvalue slopes)"
+    rule = (f"of the exponents > {eps} (H–G, H–Z, G–Z, both sides of every hidden layer), the fraction "
+            f"in [1/3, 3]: 95 % interval > {min_fraction:.0%}")
+    if not fracs:
+        return C.make_claim(claim, source, "no positive exponent fitted", rule, C.NA, quote=QUOTE_EXPONENTS)
+    measured = (f"fraction in range {iv.text(2)} ({seeds_text([s for s, _, _ in runs])}; per seed "
+                + ", ".join(f"{a}/{b}" for a, b, _ in counts)
+                + f" of the positive; {counts[0][2]} fitted per seed); exponents: median "
+                  f"{C.fmt(C.median(allv))}, range {C.fmt(min(allv))}…{C.fmt(max(allv))}")
+    if outside:
+        measured += "; outside: " + ", ".join(outside[:4]) + (f" and {len(outside) - 4} more" if len(outside) > 4 else "")
+    if verdict == C.UNDETERMINED:
+        measured += C._why_undetermined(iv)
+    return C.make_claim(claim, source, measured, rule, verdict, quote=QUOTE_EXPONENTS, value=iv.estimate,
+                        details={"fraction": iv.to_dict(), "counts": counts})
+
+
 def tag(value) -> str:
     return f"{value:g}".replace("+", "")
 

@@ -12,6 +12,10 @@ A run directory holds::
     claims.md      the claims table and its legend (also claims.json)
     figures/       Report.plot() PNGs and the experiment's own PNGs
     reports/       further Reports of a sweep (one JSON per setting), when the experiment has them
+    seeds/seed-S/  a run over several seeds (``--seeds N``, fc1 and fc2): the directory itself
+                   holds the first seed's run (table and figures are that seed's) and claims over
+                   every seed; each further seed S its report.json, reports/, extras.json,
+                   config.json and table.txt here
 
 ``crh report RUN_DIR`` rebuilds table, claims and every figure from these files alone (a run
 saved without matrices.npz: every figure but the heatmaps, and it says so).
@@ -305,6 +309,34 @@ def measure(col, batches: Iterable, step_fn: Callable[[Any], torch.Tensor], ctx:
 RUN_FILES = ("report.json", "matrices.npz", "extras.json", "config.json", "table.txt", "claims.md",
              "claims.json")
 RUN_FOLDERS = {"figures": "*.png", "reports": "*.json"}
+#: Where the further seeds of a run over several seeds go (:func:`seed_dir`).
+SEEDS_FOLDER = "seeds"
+
+
+def seed_dir(run_dir, seed: int) -> Path:
+    """The directory of seed ``seed`` of a run over several seeds (not the first seed's: that
+    one is ``run_dir`` itself)."""
+    return Path(run_dir) / SEEDS_FOLDER / f"seed-{int(seed)}"
+
+
+def seeds_preamble(seeds: Sequence[int]) -> str:
+    """What claims.md says above the table of an experiment whose claims carry intervals: the
+    seeds, where each seed's run is, and how numbers and verdicts were computed."""
+    seeds = [int(s) for s in seeds]
+    if len(seeds) == 1:
+        where = (f"One seed ({seeds[0]}): a number over seeds has no interval, so its claim is "
+                 "**undetermined**; `--seeds 3` gives intervals.")
+    else:
+        where = (f"{len(seeds)} seeds ({', '.join(map(str, seeds))}): this directory holds seed "
+                 f"{seeds[0]}'s run (table.txt and the figures are that seed's), "
+                 + ", ".join(f"`{SEEDS_FOLDER}/seed-{s}/`" for s in seeds[1:])
+                 + " the others; the claims below use every seed.")
+    return (where + " Every interval is a 95 % confidence interval: a number measured once per "
+            "seed is shown as the mean over seeds with its Student-t interval (n − 1 degrees of "
+            "freedom); a trend over a sweep is the least-squares slope over every (setting, seed) "
+            "point with its t interval (n − 2 degrees of freedom). A verdict **holds** only when "
+            "the interval lies on the claimed side of the threshold, **FAILS** when it lies on "
+            "the other side, and is **undetermined** when it straddles it.")
 
 
 def _versions() -> Dict[str, str]:
@@ -389,6 +421,13 @@ def clear_run_files(run_dir) -> None:
                 if p.is_file() or p.is_symlink():
                     p.unlink()
             remove_if_empty(d)
+    seeds = run_dir / SEEDS_FOLDER
+    if seeds.is_dir() and not seeds.is_symlink():
+        for d in seeds.glob("seed-*"):
+            if d.is_dir() and not d.is_symlink():
+                clear_run_files(d)
+                remove_if_empty(d)
+        remove_if_empty(seeds)
 
 
 def _write_json(path: Path, obj) -> None:
@@ -404,16 +443,18 @@ def _write_json(path: Path, obj) -> None:
 
 def save_run(run_dir: Path, experiment: str, profile: str, result: RunResult, ctx: Context,
              claims: Optional[Sequence[C.Claim]] = None, figures: Sequence[str] = (),
-             wall_s: float = 0.0, torch_threads: Optional[int] = None) -> Dict[str, Any]:
+             wall_s: float = 0.0, torch_threads: Optional[int] = None,
+             matrices: bool = True) -> Dict[str, Any]:
     """Write what was measured: report.json (its meta names the experiment), matrices.npz (the
-    heatmaps' matrices, when the report holds them), reports/, extras.json, config.json; then
-    table and claims when ``claims`` is given. ``torch_threads``: the torch CPU threads the run
-    used (default: the current setting)."""
+    heatmaps' matrices, when the report holds them and ``matrices``), reports/, extras.json,
+    config.json; then table and claims when ``claims`` is given. ``torch_threads``: the torch
+    CPU threads the run used (default: the current setting)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     result.report.meta["experiment"] = experiment
     result.report.to_json(run_dir / "report.json")
-    save_matrices(run_dir / "matrices.npz", result.report)
+    if matrices:
+        save_matrices(run_dir / "matrices.npz", result.report)
     for name, rep in result.reports.items():
         rep.meta["experiment"] = experiment
         rep.to_json(run_dir / "reports" / f"{name}.json")
@@ -501,17 +542,26 @@ def write_config(run_dir: Path, cfg: Dict[str, Any]) -> None:
 
 
 def write_outputs(run_dir: Path, report, claims: Sequence[C.Claim], experiment: str,
-                  profile: Optional[str] = None) -> None:
+                  profile: Optional[str] = None, *, seeds: Optional[Sequence[int]] = None,
+                  preamble: Optional[str] = None) -> None:
     """table.txt (with its legend) and claims.md (with its legend), both under a smoke-test
-    banner for a smoke profile (:func:`smoke_note`), and claims.json."""
+    banner for a smoke profile (:func:`smoke_note`), and claims.json. ``seeds``: the seeds of a
+    run over several (claims.md's title names them, table.txt says whose table it is);
+    ``preamble``: how the claims were computed (:func:`seeds_preamble`)."""
     run_dir = Path(run_dir)
     note = smoke_note(profile)
     table = report.table()
+    if seeds is not None and len(seeds) > 1:
+        table = (f"Seed {seeds[0]} of the seeds {', '.join(map(str, seeds))} (the others: "
+                 f"{SEEDS_FOLDER}/seed-S/table.txt).\n\n{table}")
     if note:
         table = f"{note}\n\n{table}"
     (run_dir / "table.txt").write_text(table + "\n")
-    (run_dir / "claims.md").write_text(C.to_markdown(claims, f"Claims: {experiment}", note=note,
-                                                     legend=True))
+    title = f"Claims: {experiment}"
+    if seeds is not None and len(seeds) > 1:
+        title += f" ({len(seeds)} seeds: {', '.join(map(str, seeds))})"
+    (run_dir / "claims.md").write_text(C.to_markdown(claims, title, note=note, legend=True,
+                                                     preamble=preamble))
     C.to_json(claims, run_dir / "claims.json")
 
 
