@@ -203,13 +203,44 @@ def _layout_calls(layout: str, n: int, d: int):
         out.append(("cross", dt, prec, "", layout,
                     lambda dt=dt, prec=prec: launch.cross_update(
                         x_of(dt), x_of(dt), rows(), rows(), cols(), cols(), prec)))
+    # the fused paths (moments_op, update_op: pass 1, its totals, the main pass, the epilogue
+    # with the shift removed / merged into a float32 or float64 state), under both settings of
+    # CRH_TRITON_ATOMICS; jobs() keeps only their launches that no call above makes
+    for dt, prec in MM_OPERANDS:
+        for atomic in (False, True):
+            mode = "atomic" if atomic else "det"
+            out.append(("moments", dt, prec, mode, layout,
+                        lambda dt=dt, prec=prec, atomic=atomic: _with_atomics(
+                            atomic, launch._moments_impl, x_of(dt), mask(), True, prec)))
+            for state in ("fp32", "fp64"):
+                sdt = torch.float32 if state == "fp32" else torch.float64
+                out.append(("update", dt, prec, f"{state},{mode}", layout,
+                            lambda dt=dt, prec=prec, atomic=atomic, sdt=sdt: _with_atomics(
+                                atomic, launch._update_impl, x_of(dt), mask(), True, prec,
+                                torch.empty(2, dtype=torch.int64, device="cuda"),
+                                torch.empty(d, dtype=sdt, device="cuda"),
+                                torch.empty(d, d, dtype=sdt, device="cuda"))))
     return out
+
+
+def _with_atomics(atomic: bool, fn, *args):
+    """``fn(*args)`` with ``CRH_TRITON_ATOMICS`` set as given (the fused paths read it)."""
+    saved = os.environ.get("CRH_TRITON_ATOMICS")
+    os.environ["CRH_TRITON_ATOMICS"] = "1" if atomic else "0"
+    try:
+        return fn(*args)
+    finally:
+        if saved is None:
+            os.environ.pop("CRH_TRITON_ATOMICS", None)
+        else:
+            os.environ["CRH_TRITON_ATOMICS"] = saved
 
 
 def _config_label(fn, cfg: dict, kwargs: dict) -> str:
     """Block sizes, warps, stages (and a register cap) of one launch: "128x64 w8 s3"."""
     merged = dict(kwargs, **cfg)
-    blocks = [str(merged[p.name]) for p in fn.params if p.name.startswith("BLOCK_") and p.name in merged]
+    blocks = [str(merged[p.name]) for p in fn.params
+              if (p.name == "BLOCK" or p.name.startswith("BLOCK_")) and p.name in merged]
     label = "x".join(blocks) + f" w{merged.get('num_warps', 4)}"
     if "num_stages" in merged:
         label += f" s{merged['num_stages']}"
@@ -231,6 +262,10 @@ def jobs():
 
     backends = {cc: make_backend(GPUTarget("cuda", cc, 32)) for cc in CCS}
     out, seen = [], set()
+    # (layout, kernel, target, specialization, options) of every case: a kernel a call
+    # launches besides its own (pass 1 and the main pass of the fused paths, the epilogue of
+    # each operand type) is a case only where no earlier call launched it so
+    compiled_as = set()
     for kernel, dt, prec, variant, layout, call in _scenarios():
         with _Recorder() as rec:
             try:
@@ -258,7 +293,11 @@ def jobs():
                     case = AotResult("-".join(x for x in parts if x), name, dt, prec, var, config, layout, cc)
                     if case.id in seen:
                         continue
+                    same = (layout, fn.__name__, cc, repr(spec), repr(sorted(options.items())))
+                    if name != kernel and same in compiled_as:
+                        continue
                     seen.add(case.id)
+                    compiled_as.add(same)
                     case.ints = {p.name: v for p, v in zip(fn.params, bound.values())
                                  if not p.is_constexpr and type(v) is int}
                     if stopped:
