@@ -7,7 +7,7 @@ round so that a noisy neighbour hits every variant alike:
 * ``baseline``  — the step without hooks;
 * ``naive``     — plain PyTorch hooks computing the same four streams per layer: forward hooks
   for h_a and h_b, tensor hooks for g_b and g_a (input hook where the input requires grad, else
-  ``g_b @ W``), each stream ``x̂ = x/||x||, μ = x̂.mean(0), (x̂−μ)ᵀ(x̂−μ)`` (SPEC §5's baseline)
+  ``g_b @ W``), each stream ``x̂ = x/||x||, μ = x̂.mean(0), (x̂−μ)ᵀ(x̂−μ)`` (docs/spec.md §5's baseline)
   merged in place into a float32 state (the target's reference); ``naive_f64``: the same
   recipe keeping a float64 state;
 * ``collector`` — ``crh_kernels.Collector(model)`` with its defaults (backend choice rule,

@@ -1,10 +1,10 @@
-"""The `cpp` backend against plain PyTorch on this CPU (issue 3 targets, SPEC §5).
+"""The `cpp` backend against plain PyTorch on this CPU (issue 3 targets, docs/spec.md §5).
 
 Every case times three jobs in the same run, interleaved round by round so that a busy
 neighbour on a shared machine slows all three alike:
 
 * ``cpp``      ``torch.ops.crh.batch_stats`` (row stats, scale + center, upper-triangle tiles),
-* ``pipeline`` x̂ = x/||x||, μ = x̂.mean(0), (x̂−μ)ᵀ(x̂−μ)   (the baseline of SPEC §5),
+* ``pipeline`` x̂ = x/||x||, μ = x̂.mean(0), (x̂−μ)ᵀ(x̂−μ)   (the baseline of docs/spec.md §5),
 * ``mm``       bare xᵀx.
 
 Flops: the symmetric update does N·D·(D+1); a full xᵀx 2·N·D². Ratios use the best round of

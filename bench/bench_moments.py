@@ -1,4 +1,4 @@
-"""The fused update against plain PyTorch (SPEC §5), every backend usable on this device.
+"""The fused update against plain PyTorch (docs/spec.md §5), every backend usable on this device.
 
 Baselines, timed in the same run: ``pipeline`` (x̂ = x/||x||, μ = mean, (x̂−μ)ᵀ(x̂−μ)) and
 ``mm`` (bare xᵀx). Effective GFLOP/s use the full-product count 2·N·D² for every row so that

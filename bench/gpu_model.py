@@ -26,7 +26,7 @@ Model (each line an assumption the measurement can refute):
 - ``target``: issue 14's goals: row stats read x once, ≤ 4 launches, no sync, a main-loop
   ceiling of 70 %, splits in whole waves, one epilogue (the S partials read once, the D²
   result written once and read once by the merge).
-- The SPEC §5 pipeline (x/‖x‖, mean, subtract, ``y.T @ y``): 8 passes of N·D elements
+- The docs/spec.md §5 pipeline (x/‖x‖, mean, subtract, ``y.T @ y``): 8 passes of N·D elements
   (norm, divide read+write, mean, subtract read+write, the product's two operands) and
   ``torch.mm``'s flops, 5 launches.
 - fp32 rows: ``torch.mm`` and ours both IEEE fp32 on the FMA units (67 TFLOP/s, the same

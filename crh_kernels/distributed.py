@@ -1,7 +1,7 @@
 """Exact merge of :class:`~crh_kernels.Moments` states across torch.distributed ranks.
 
 Owns the cross-rank reduction only: the wire layout, the bucketing, the rank-agreement
-check and the choice of the device that carries the collectives. The Chan merge of SPEC §1
+check and the choice of the device that carries the collectives. The Chan merge of docs/spec.md §1
 generalised to R ranks is
 
     N = Σ_r n_r,   μ = Σ_r n_r μ_r / N,   C = Σ_r [ C_r + n_r (μ_r − μ)(μ_r − μ)ᵀ ]

@@ -12,7 +12,7 @@ notebook's backend.
   heads of one module in different colours, with the fitted slope and grey reference lines of
   slopes 1, 2, 3 (paper Fig. 3).
 * ``exponents.png`` — h_i and g_i against z_i in W's singular basis with the fitted p and q.
-* ``phase.png`` — the (p, q) plane: the six relation lines, the phase points of SPEC §4 and
+* ``phase.png`` — the (p, q) plane: the six relation lines, the phase points of docs/spec.md §4 and
   each layer as a point, filled when the verdict's exponent reading named its phase through the
   gates, hollow (with the failed gates, or "z flat") when it did not.
 * ``heatmap_<layer>.png`` — H, G, Z of a layer (b and a sides; paper Fig. 2).

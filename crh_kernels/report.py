@@ -8,12 +8,12 @@ only gathers them, names them and lays them out. Per layer (``Report.layers[name
 key                         meaning
 ==========================  ===================================================================
 ``kind``                    ``linear``, ``conv2d``, ``conv1d`` or ``head``
-``alpha_cov``               the six α of SPEC §3 on covariances ``cov(x̂)`` (the paper's headline)
+``alpha_cov``               the six α of docs/spec.md §3 on covariances ``cov(x̂)`` (the paper's headline)
 ``alpha_second``            the same on second moments ``E[x̂x̂ᵀ]`` (paper appendix C.2)
 ``r_h``, ``r_g``            ``||μ||² / tr E[x̂x̂ᵀ]`` of h and g (paper Fig. 10): the a side (h_a,
                             g_a) when collected, else the b side (heads); all four in ``mean_ratio``
 ``effective_rank_h/_g``     effective rank of H and G (same side rule, same ``kind`` as exponents)
-``p``, ``q``                exponents ``h ~ z^p``, ``g ~ z^q`` in W's singular basis (SPEC §4)
+``p``, ``q``                exponents ``h ~ z^p``, ``g ~ z^q`` in W's singular basis (docs/spec.md §4)
 ``exponent_moments``        which matrices p, q, the forward slope, ``commutation`` and the phase
                             were fitted on: ``"raw"`` (raw second moments, bias folded in:
                             ``Collector(raw_moments=True)``, or ``normalize=False`` with the bias
@@ -25,7 +25,7 @@ key                         meaning
                             weight_change} or null}`` (:func:`~crh_kernels.analysis
                             .identity_residual`); ``identity_residual``: the larger residual
 ``forward_slope``           slope of log H_b vs log G_b: in W's left singular basis for layers
-                            with a weight (SPEC §4), of the sorted spectra for heads
+                            with a weight (docs/spec.md §4), of the sorted spectra for heads
                             (``forward_slope_source`` says which)
 ``pairing_slope``           slope of log λ_H,i vs log λ_G,i of H_b, G_b by rank (paper Fig. 3),
                             always on the ``kind`` matrices (the paper's), as are ``spectra``
@@ -251,7 +251,7 @@ _LAYER_NUMBERS = ("r_h", "r_g", "effective_rank_h", "effective_rank_g", "p", "q"
 _LAYER_STRINGS = ("kind", "parent", "side_h", "side_g", "phase", "phase_explanation",
                   "forward_slope_source", "exponent_moments_why")
 _FIT_LABEL = {"raw": "raw", "cov": "cov", "second_moment": "sm"}
-#: what ``exponent_moments`` may say (SPEC §4: raw moments for the lines, else the ``kind``)
+#: what ``exponent_moments`` may say (docs/spec.md §4: raw moments for the lines, else the ``kind``)
 EXPONENT_MOMENTS = ("raw", "cov", "second_moment")
 
 
@@ -439,7 +439,7 @@ def _second64(m) -> torch.Tensor:
 
 def _raw_moments(st, mom):
     """``({"W": W̃, "H_a": E[h̃_a h̃_aᵀ], "G_b": E[g_b g_bᵀ], "why", "source", "n"}, "")`` in
-    float64 when the layer has raw second moments (SPEC §4), else ``(None, why not)``.
+    float64 when the layer has raw second moments (docs/spec.md §4), else ``(None, why not)``.
 
     Two sources: the raw streams of ``Collector(raw_moments=True)``; or, without them, the
     ordinary H_a and G_b when they are raw already (``normalize=False`` and H_a has the bias
@@ -647,7 +647,7 @@ class Report:
                 spectra and heatmaps use (both α variants are always reported).
             heatmap_size: the largest side of a kept heatmap matrix.
             exponent_moments: ``"auto"``: exponents and phases on a layer's raw second moments
-                when the collector has them (SPEC §4: the identities behind the lines hold for
+                when the collector has them (docs/spec.md §4: the identities behind the lines hold for
                 those), else on the ``kind`` matrices; ``"kind"``: on the ``kind`` matrices
                 always (to compare).
             gates: the :class:`~crh_kernels.analysis.VerdictGates` of each layer's verdict
@@ -910,7 +910,7 @@ class Report:
         return "\n".join(lines)
 
     def legend(self) -> str:
-        """What each column of :meth:`table` and each phase name means (SPEC §1, §3, §4), as
+        """What each column of :meth:`table` and each phase name means (docs/spec.md §1, §3, §4), as
         the lines printed under the table."""
         from .analysis import PHASES, VerdictGates
         shown = {str(e.get("phase")) for e in self.layers.values() if e.get("phase")}

@@ -1,6 +1,6 @@
 """A quick self-check: every available backend on sample data, accuracy against a float64
 reference, and time per update. Used by ``crh check``. Also home of the plain-PyTorch
-baselines of SPEC §5 and of that float64 reference, which the benchmarks share.
+baselines of docs/spec.md §5 and of that float64 reference, which the benchmarks share.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from .moments import Moments
 
 
 def pipeline(x: torch.Tensor) -> torch.Tensor:
-    """SPEC §5's baseline, plain PyTorch in x's dtype: x̂ = x/||x||, μ = mean, (x̂−μ)ᵀ(x̂−μ)."""
+    """docs/spec.md §5's baseline, plain PyTorch in x's dtype: x̂ = x/||x||, μ = mean, (x̂−μ)ᵀ(x̂−μ)."""
     xh = x / x.norm(dim=-1, keepdim=True)
     y = xh - xh.mean(0)
     return y.T @ y

@@ -1,6 +1,6 @@
 // CPU infrastructure of the crh_kernels CPU kernels (C++17, OpenMP): scratch memory, the
 // fp16/bf16 -> fp32 conversions and dtype dispatch, instruction-set detection, streaming
-// stores, and the work split of rows over threads. No torch and no math of SPEC §2 here:
+// stores, and the work split of rows over threads. No torch and no math of docs/spec.md §2 here:
 // cpu_microkernels.h builds the packing and inner kernels on top of this, moments_cpu.cpp and
 // matmul_rows.cpp the passes and the op-facing API.
 //

@@ -29,7 +29,7 @@ constexpr int64_t kPanel = 32;  // packed panel width (fp32 columns): one 128-by
 //                bf16(y_2q[32p + c]) in its low half and bf16(y_2q+1[32p + c]) in its high half
 //                (the operand order of the AVX-512 BF16 dot product; a missing 2nd row is 0).
 // Either way a panel row is 128 bytes and "prow" (m or ⌈m/2⌉) rows make a panel.
-// y_r = s_r · x[rows[r]] − mu, in fp32 (SPEC §2: center first, then round to the unit's type);
+// y_r = s_r · x[rows[r]] − mu, in fp32 (docs/spec.md §2: center first, then round to the unit's type);
 // columns ≥ D are 0 (mu is 0 there too).
 template <DType T>
 void pack_generic(const View& x, const int64_t* rows, const float* rscale, int64_t r0, int64_t r1,

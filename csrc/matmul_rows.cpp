@@ -1,6 +1,6 @@
 // The CPU GEMM of crh_kernels: out (N, M) = x (N, K) · w (K, M) in fp32, the collector's
 // g_a = g_b·W on the CPU (crh::matmul_rows; a backend's `row_matmul` capability). It is not a
-// statistic of SPEC §2: it only borrows the packing and the inner kernels of the covariance
+// statistic of docs/spec.md §2: it only borrows the packing and the inner kernels of the covariance
 // (cpu_microkernels.h), which beat torch.mm on the CPUs measured (NOTES.md).
 //
 // w is packed once into column panels (the "vector" operand), and for each micro-row strip of

@@ -1,4 +1,4 @@
-// CPU kernels of crh_kernels (C++17, OpenMP): the fused symmetric covariance update of SPEC §2,
+// CPU kernels of crh_kernels (C++17, OpenMP): the fused symmetric covariance update of docs/spec.md §2,
 // its merge into a running state, and the cross moment. No torch here (see moments_cpu.h);
 // bindings.cpp turns tensors into View and calls these.
 //
@@ -60,7 +60,7 @@ CRH_INLINE float inv_sqrt(float sq) { return float(1.0 / std::sqrt(double(sq)));
 // such rows are measured again (the bound SQ_TINY of crh_kernels/backends/torch.py and Triton).
 constexpr float kSqTiny = 0x1p-100f;
 
-// The row rule's second look (SPEC §1) at a live row whose fp32 squared norm is zero, tiny or not
+// The row rule's second look (docs/spec.md §1) at a live row whose fp32 squared norm is zero, tiny or not
 // finite, from its squared norm q summed again in float64 (where no square of an fp32 value
 // under- or overflows): valid when every entry is finite and, normalizing, 1/||x|| is finite
 // (and nonzero) in fp32. Out of line: it runs for such rows only.
@@ -77,7 +77,7 @@ __attribute__((noinline, cold)) bool row_rule_rescue(double q, bool normalize, f
   return true;
 }
 
-// The row rule (SPEC §1, crh_kernels/backends/base.py) of a live row from its fp32 squared norm
+// The row rule (docs/spec.md §1, crh_kernels/backends/base.py) of a live row from its fp32 squared norm
 // sq: its status and scale, one definition for every pass-1 path. sq decides alone when it is
 // finite and, normalizing, at least kSqTiny; otherwise sq64() sums the row's squares again in
 // float64 for row_rule_rescue. True when the row is valid.

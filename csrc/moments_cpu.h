@@ -1,4 +1,4 @@
-// CPU kernels of crh_kernels: the batch statistics of SPEC §2 on plain memory (moments_cpu.cpp)
+// CPU kernels of crh_kernels: the batch statistics of docs/spec.md §2 on plain memory (moments_cpu.cpp)
 // and the row GEMM matmul_rows (matmul_rows.cpp).
 //
 // This header is free of torch: the kernels take raw pointers and element strides, so the
@@ -28,7 +28,7 @@ struct Counts {
                       // when normalizing (row_status.h)
 };
 
-// Batch statistics of the rows of x (N, D) (SPEC §2, crh_kernels/backends/base.py):
+// Batch statistics of the rows of x (N, D) (docs/spec.md §2, crh_kernels/backends/base.py):
 //   y_i = s_i * x_i with s_i = 1/||x_i|| (normalize) or 1, for the valid rows i;
 //   mean    (D,)   float64: mu = (1/n) Σ_i y_i (0 when n == 0);
 //   scatter (D, D) float32, row-major, exactly symmetric: Σ_i (y_i − mu)(y_i − mu)ᵀ,

@@ -1,4 +1,4 @@
-// CUDA kernels of crh_kernels: the fused covariance update of SPEC §2 on the GPU.
+// CUDA kernels of crh_kernels: the fused covariance update of docs/spec.md §2 on the GPU.
 //
 // Owns: the row-statistics pass, the float64 column means, the tiled upper-triangle product
 // (tensor-core MMA through WMMA for bf16/fp16, fp32 FMA for fp32) with the scale and shift
@@ -88,7 +88,7 @@ __global__ void row_stats_kernel(const T* __restrict__ x, int64_t n, int64_t d, 
     }
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, off);
-    // The row rule (SPEC §1). Every lane holds the same sq (a butterfly of commutative adds), so
+    // The row rule (docs/spec.md §1). Every lane holds the same sq (a butterfly of commutative adds), so
     // the branch is warp-uniform. sq decides alone when it is finite and, normalizing, at least
     // kSqTiny (2^-100: 2^26 above FLT_MIN, below which subnormal squares lose bits; the bound of
     // the CPU and Triton passes). Otherwise (zero, tiny or not finite) the row is measured again
@@ -324,7 +324,7 @@ struct MmaOk<__half> : std::false_type {};
 
 // bf16/fp16 operands: WMMA 16x16x16 tensor-core tiles, fp32 accumulators. 8 warps as 2 x 4,
 // each warp owns 64 x 32 outputs (4 x 2 fragments). The centered fp32 value is rounded to the
-// input type only when stored to shared memory (SPEC §2: center first, then cast).
+// input type only when stored to shared memory (docs/spec.md §2: center first, then cast).
 template <typename T, bool SYM>
 __global__ void __launch_bounds__(THREADS)
     partial_scatter_mma_kernel(Side A, Side B, const unsigned char* __restrict__ status,

@@ -24,7 +24,7 @@ typedef struct {
 // Bytes of scratch memory crh_cuda_batch_stats needs for x of shape (n, d) on the current device.
 size_t crh_cuda_batch_workspace(int64_t n, int64_t d);
 
-// Batch statistics (SPEC §2) of the rows of x (n, d), fp32/bf16/fp16, on `stream`:
+// Batch statistics (docs/spec.md §2) of the rows of x (n, d), fp32/bf16/fp16, on `stream`:
 //   valid row i: finite fp32 squared norm (and > 0 when normalize), mask[i] != 0 (mask may be
 //   NULL); s_i = 1/||x_i|| or 1;
 //   mean (d,) float64 = (1/n) Σ s_i x_i;  counts (2,) int64 = [n valid, n skipped];

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-RTOL = 2e-4   # fp32 activations/gradients against a float64 reference (SPEC §2: ≤ 1e-4 on cov)
+RTOL = 2e-4   # fp32 activations/gradients against a float64 reference (docs/spec.md §2: ≤ 1e-4 on cov)
 
 
 # ------------------------------------------------------------------------ float64 reference

@@ -1,9 +1,9 @@
 """The float64 reference and the hostile inputs of the kernel tests (tests/test_cpp.py,
 tests/test_cuda.py, and the test-hooks build's check that test_cpp.py runs in a subprocess).
 
-Written here in float64 numpy from SPEC §2 (no import of the package's own reference, and no
+Written here in float64 numpy from docs/spec.md §2 (no import of the package's own reference, and no
 import of crh_kernels at all: the subprocess must not load the regular extension). The row rule
-is SPEC §1's: a row is skipped when an entry is not finite or, normalizing, when 1/||x|| is not
+is docs/spec.md §1's: a row is skipped when an entry is not finite or, normalizing, when 1/||x|| is not
 finite in fp32 (the zero row, and rows of norm below 2^-128); finite rows whose fp32 squared norm
 overflows or underflows count.
 """
@@ -78,7 +78,7 @@ def hostile(gen, n, d, *, mean_ratio, dtype, zero=0, bad=0, overflow=0, layout="
             vals = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=torch.float64)
             x[idx, torch.randint(0, d, (len(idx),), generator=gen)] = vals[torch.arange(len(idx)) % 3]
         else:  # finite entries whose fp32 squared norm overflows (d ≥ 2): the row rule counts
-            # it (SPEC §1); no single square overflows, so without normalizing C fits fp32 too
+            # it (docs/spec.md §1); no single square overflows, so without normalizing C fits fp32 too
             x[idx, :2] = 1.5e19 if dtype != torch.float16 else float("inf")
     x = x.to(dtype)
     if layout == "transposed":  # column stride N: the strided (portable) load path

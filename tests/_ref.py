@@ -1,6 +1,6 @@
 """Independent float64 references and input generators for the tests.
 
-Written from SPEC §1–2 directly with numpy, sharing no code with crh_kernels, so that a bug
+Written from docs/spec.md §1–2 directly with numpy, sharing no code with crh_kernels, so that a bug
 in the package cannot hide in its own reference.
 """
 from __future__ import annotations
@@ -49,7 +49,7 @@ def _row_norms(a: np.ndarray) -> np.ndarray:
 
 
 def row_ok(x: torch.Tensor, a: np.ndarray, normalize: bool) -> np.ndarray:
-    """SPEC §1's row rule for the rows ``a`` (float64) of ``x``: every entry finite and, when
+    """docs/spec.md §1's row rule for the rows ``a`` (float64) of ``x``: every entry finite and, when
     normalizing, 1/||x|| finite in the accumulation dtype (fp32; fp64 for fp64 input), which
     also excludes the zero row."""
     finite = np.isfinite(a).all(axis=1)
@@ -109,7 +109,7 @@ def rel_err(out, ref, scale=None) -> float:
     return float(num / den) if den > 0 else float(num)
 
 
-# SPEC §2 accuracy bounds on the covariance, by operand dtype
+# docs/spec.md §2 accuracy bounds on the covariance, by operand dtype
 COV_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2, torch.float64: 1e-10}
 MEAN_TOL = 1e-6
 

@@ -1,8 +1,8 @@
-"""Tests of crh_kernels.analysis (SPEC §3 alignments, §4 spectra/exponents/phases).
+"""Tests of crh_kernels.analysis (docs/spec.md §3 alignments, §4 spectra/exponents/phases).
 
 References are written here with numpy (np.corrcoef, np.linalg.svd/eigh, np.polyfit), sharing
 no code with the package. Random inputs are fresh per run: seeds are drawn by hypothesis.
-The phase tests build the matrices SPEC §4 prescribes for every row of its table, so they check
+The phase tests build the matrices docs/spec.md §4 prescribes for every row of its table, so they check
 the table itself (the relations of a row hold, α = 1, and the others do not) as well as the code.
 """
 from __future__ import annotations
@@ -85,7 +85,7 @@ class Layer:
 
 
 def build_point_phase(p, q, d_out, d_in, seed, noise=0.0, angle=0.0):
-    """SPEC §4's construction: W = U S Vᵀ with distinct singular values over one decade (z over
+    """docs/spec.md §4's construction: W = U S Vᵀ with distinct singular values over one decade (z over
     two), H_a = V z^p Vᵀ, G_a = V z^q Vᵀ, H_b = W H_a Wᵀ, G_b = U z^(q−1) Uᵀ. ``noise``:
     log-normal jitter of each spectrum; ``angle``: small random rotation of each basis."""
     g = gen(seed)
@@ -152,7 +152,7 @@ def np_fit(W, H, G):
             np.polyfit(np.log(z[keep]), np.log(gg[keep]), 1)[0])
 
 
-# ======================================================================= α (SPEC §3, eq. 11)
+# ======================================================================= α (docs/spec.md §3, eq. 11)
 @FAST
 @given(seed=SEEDS, d=st.integers(2, 12))
 def test_alignment_matches_corrcoef_and_is_symmetric(seed, d):
@@ -191,7 +191,7 @@ def test_alignment_is_one_iff_proportional(seed, d, c):
     E = torch.zeros(d, d, dtype=F64)
     E[0, 1] = E[1, 0] = 0.1 * float(A.abs().max())
     assert alignment(A, A + E) < 1 - 1e-6
-    # Pearson is also blind to adding a constant (SPEC's "α = ±1 iff A = cB" holds up to a shift)
+    # Pearson is also blind to adding a constant (the spec's "α = ±1 iff A = cB" holds up to a shift)
     assert alignment(A, c * A + 5.0) == pytest.approx(1.0, abs=1e-12)
 
 
@@ -333,7 +333,7 @@ def test_random_baseline_matches_numpy_reference():
         random_baseline(10, 2, trials=0)
 
 
-# ====================================================================== spectra (SPEC §4)
+# ====================================================================== spectra (docs/spec.md §4)
 @FAST
 @given(seed=SEEDS, d=st.integers(1, 20))
 def test_eigh_descending_and_correct(seed, d, device):
@@ -481,7 +481,7 @@ def test_flat_phases_from_alignments(phase, seed, jitter):
 
 # ------------------------------------------------------------------ the phase diagram
 def test_lines_pass_through_exactly_their_phase_points():
-    """SPEC §4: each phase point lies on its relations' lines and ≥ 0.7 from the others."""
+    """docs/spec.md §4: each phase point lies on its relations' lines and ≥ 0.7 from the others."""
     for ph in POINT_PHASES:
         p, q = phase_point(ph)
         dist = line_distances(p, q)

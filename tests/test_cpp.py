@@ -1,6 +1,6 @@
 """The C++ extension (`cpp` backend): ops, fake kernels, accuracy on hostile inputs, loading.
 
-The reference is float64 numpy written from SPEC §2 (tests/_cpp_ref.py, shared with
+The reference is float64 numpy written from docs/spec.md §2 (tests/_cpp_ref.py, shared with
 tests/test_cuda.py, which holds the CUDA extension's tests). tests/test_moments.py runs the
 shared backend matrix on `cpp` as well; this file covers what is specific to the extension:
 both inner kernels (AVX-512 and portable), the chunk/thread boundaries of the blocked driver and

@@ -1,4 +1,4 @@
-"""Raw moments (issue 13, item 2; SPEC §4 "Which moments the lines are about").
+"""Raw moments (issue 13, item 2; docs/spec.md §4 "Which moments the lines are about").
 
 ``Collector(raw_moments=True)`` also keeps, per layer with a weight, the raw (unnormalized,
 uncentered, bias folded in) second moments of ``(h_a, 1)`` and of the per-sample ``g_b``; the
@@ -166,7 +166,7 @@ def test_identities_hold_for_raw_moments_not_for_normalized(trained_run):
 
 
 def np_exponents(w, h_a, g_a, floor=1e-6):
-    """p, q by numpy: slopes of log v_iᵀHv_i and log v_iᵀGv_i against log s_i² (SPEC §4)."""
+    """p, q by numpy: slopes of log v_iᵀHv_i and log v_iᵀGv_i against log s_i² (docs/spec.md §4)."""
     _, s, vt = np.linalg.svd(w, full_matrices=False)
     z = s * s
     h = np.einsum("ij,jk,ik->i", vt, h_a, vt)

@@ -1,4 +1,4 @@
-"""The row rule of SPEC §1 on every backend available here, against tests/_ref.py's float64
+"""The row rule of docs/spec.md §1 on every backend available here, against tests/_ref.py's float64
 reference: masks of any layout, and rows of any finite scale.
 
 Backends: those of ``backends_under_test()``; the C++ one also with its first pass capped to

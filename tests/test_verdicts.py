@@ -266,7 +266,7 @@ def test_name_relations_tie_goes_to_the_stronger_pair():
     assert name_relations(hs, al)[0] == "2"
 
 
-# =========================================================== exponent reading on SPEC §4 matrices
+# =========================================================== exponent reading on docs/spec.md §4 matrices
 @pytest.mark.parametrize("phase", POINT_PHASES)
 @settings(max_examples=4, deadline=None)
 @given(seed=SEEDS, shape=st.sampled_from([(16, 16), (24, 24), (12, 20), (20, 12)]))
@@ -285,7 +285,7 @@ def test_each_point_phase_is_named_when_the_fit_is_clean(phase, seed, shape):
     v = layer_verdict(al, dims=dims, fit=fit, baselines=base,
                       commutation_g=commutation_error(W, G_a))
     assert v.exponent["phase"] == phase and not v.trivial
-    # the phase's own relations hold by α too (α = 1 there, SPEC §4's check)
+    # the phase's own relations hold by α too (α = 1 there, docs/spec.md §4's check)
     assert set(PHASES[phase].relations) <= set(v.alpha["holds"])
     json.dumps(v.to_dict(), allow_nan=False)
 
@@ -308,7 +308,7 @@ def test_flat_phases_are_flat_and_agree_with_the_alpha_reading(phase, seed, jitt
 
 
 def _power_law_layer(p, q, d, seed, *, noise_h=0.0, angle=0.0, decades=2.0):
-    """SPEC §4's construction with s over ``decades`` (z over twice as many); ``noise_h``:
+    """docs/spec.md §4's construction with s over ``decades`` (z over twice as many); ``noise_h``:
     log-normal noise of h only; ``angle``: rotation of H_a's eigenbasis away from W's."""
     g = gen(seed)
     U, V = rand_orth(d, g), rand_orth(d, g)

@@ -1,9 +1,9 @@
-"""crh_kernels.analysis: turning accumulated moments into CRH / PAH statements (SPEC §3, §4).
+"""crh_kernels.analysis: turning accumulated moments into CRH / PAH statements (docs/spec.md §3, §4).
 
 * :mod:`.align` — the alignment α (eq. 11), the six relations of a layer, the random baseline;
 * :mod:`.spectra` — eigendecomposition, effective rank, exponent fit (p, q, forward slope),
   sorted-spectrum pairing and its slope (:func:`pairing_fit`), commutation error: every fit;
-* :mod:`.phases` — the (p, q) phase diagram (SPEC §4's re-derived Table 1), the classifier, and
+* :mod:`.phases` — the (p, q) phase diagram (docs/spec.md §4's re-derived Table 1), the classifier, and
   a layer's verdict with its evidence (:func:`layer_verdict`, gates in :class:`VerdictGates`).
 
 Pure functions on tensors, float64. Public names only; no logic lives here.

@@ -1,4 +1,4 @@
-"""Alignment α between matrices (SPEC §3, paper eq. 11) and the six CRH relations of a layer.
+"""Alignment α between matrices (docs/spec.md §3, paper eq. 11) and the six CRH relations of a layer.
 
 Owns: the Pearson-correlation alignment :func:`alignment`, the per-layer table of the six
 relations :func:`six_alignments`, and the significance baseline :func:`random_baseline` (per
@@ -19,7 +19,7 @@ import torch
 __all__ = ["alignment", "six_alignments", "random_baseline", "relation_baselines", "RELATIONS",
            "RELATION_MATRICES", "KINDS", "effective_rank_of_spectrum"]
 
-#: The six relation names, in the order the report prints them (SPEC §3 table).
+#: The six relation names, in the order the report prints them (docs/spec.md §3 table).
 RELATIONS = ("forward_RGA", "forward_RWA", "forward_GWA",
              "backward_RGA", "backward_RWA", "backward_GWA")
 
@@ -57,12 +57,12 @@ def _check_finite(t: torch.Tensor, name: str) -> None:
 
 
 def alignment(A, B) -> float:
-    """α(A, B): Pearson correlation of the entries of ``A`` and ``B`` (SPEC §3, eq. 11).
+    """α(A, B): Pearson correlation of the entries of ``A`` and ``B`` (docs/spec.md §3, eq. 11).
 
     ``α = (mean(A∘B) − mean(A)·mean(B)) / (std(A)·std(B))`` with population std, in float64.
     α is symmetric, invariant to positive scaling of either argument (a negative scale flips
     its sign) and, being a Pearson correlation, also to adding a constant to every entry: so
-    α = ±1 iff ``A = c·B + d`` (SPEC's "iff A = c·B" holds up to that common shift).
+    α = ±1 iff ``A = c·B + d`` (the spec's "iff A = c·B" holds up to that common shift).
 
     Args:
         A, B: tensors (or array-likes) of the same shape, usually d×d. ``B`` is moved to
@@ -132,7 +132,7 @@ def _weight_gram(layer, what: str) -> Optional[torch.Tensor]:
 
 
 def six_alignments(layer, kind: str = "cov") -> Dict[str, float]:
-    """The six CRH alignments of one layer (SPEC §3 table).
+    """The six CRH alignments of one layer (docs/spec.md §3 table).
 
     Args:
         layer: duck-typed; attributes ``H_a, H_b, G_a, G_b`` (each a :class:`crh_kernels.Moments`,
@@ -278,7 +278,7 @@ def _cached_baseline(dim: int, ka: int, kb: int, trials: int) -> float:
     return random_baseline(dim, ka, rank_b=kb, trials=trials, seed=0)
 
 
-#: The two matrices of each relation (SPEC §3 table), and the side whose dimension it has.
+#: The two matrices of each relation (docs/spec.md §3 table), and the side whose dimension it has.
 RELATION_MATRICES = {
     "forward_RGA": ("H_b", "G_b"), "forward_RWA": ("H_b", "Z_b"), "forward_GWA": ("G_b", "Z_b"),
     "backward_RGA": ("H_a", "G_a"), "backward_RWA": ("H_a", "Z_a"), "backward_GWA": ("G_a", "Z_a"),

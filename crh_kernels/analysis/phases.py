@@ -1,4 +1,4 @@
-"""The phase diagram of SPEC §4 (the paper's Table 1, re-derived): lines, points, classifier.
+"""The phase diagram of docs/spec.md §4 (the paper's Table 1, re-derived): lines, points, classifier.
 
 Owns: the six relation lines in the (p, q) exponent plane (:data:`LINES`), the phase points
 (:data:`PHASES`, :func:`phase_point`, :data:`FORWARD_SLOPE`), distances to the lines
@@ -38,7 +38,7 @@ class Line(NamedTuple):
     label: str
 
 
-#: The six relations as lines in the (p, q) plane (SPEC §4 first table).
+#: The six relations as lines in the (p, q) plane (docs/spec.md §4 first table).
 LINES: Dict[str, Line] = {
     "backward_RGA": Line(1.0, -1.0, 0.0, "H_a ∝ G_a: p = q"),
     "backward_RWA": Line(1.0, 0.0, 1.0, "H_a ∝ Z_a: p = 1"),
@@ -57,7 +57,7 @@ class Phase(NamedTuple):
     description: str
 
 
-#: SPEC §4 second table. Phases 4–9 are crossings of one backward and one forward line; the
+#: docs/spec.md §4 second table. Phases 4–9 are crossings of one backward and one forward line; the
 #: three parallel pairs (RGA/RGA, RWA/RWA, GWA/GWA) never cross, which is why phases 1–3 need a
 #: flat z (Z ∝ a projection) and are read from the alignments instead.
 PHASES: Dict[str, Phase] = {
@@ -108,7 +108,7 @@ def line_distances(p: float, q: float) -> Dict[str, float]:
 
 
 def phase_point(phase) -> Optional[Tuple[float, float]]:
-    """The (p, q) of a phase of SPEC §4; None for CRH, 1, 2, 3 (flat z: no exponents) and "none".
+    """The (p, q) of a phase of docs/spec.md §4; None for CRH, 1, 2, 3 (flat z: no exponents) and "none".
 
     Raises:
         ValueError: an unknown phase name (ints 1–9 are accepted as their strings).
@@ -147,7 +147,7 @@ def _fmt(names) -> str:
 def classify_phase(p: float, q: float, *, tol: float = 0.25, z_flat: bool = False,
                    alignments: Optional[Mapping[str, float]] = None,
                    alpha_threshold: float = 0.5) -> PhaseResult:
-    """The phase of SPEC §4 that exponents (p, q) (or, for a flat z, the alignments) indicate.
+    """The phase of docs/spec.md §4 that exponents (p, q) (or, for a flat z, the alignments) indicate.
 
     Non-flat z (default): a relation holds when (p, q) is within ``tol`` of its line.
     Candidates are "backward CRH" if ≥ 2 backward relations hold (by the master theorem's
@@ -215,7 +215,7 @@ def classify_phase(p: float, q: float, *, tol: float = 0.25, z_flat: bool = Fals
         if set(FORWARD) <= hs:
             return PhaseResult("forward CRH", distances, holds, why + " All three forward hold.")
         return PhaseResult("none", distances, holds,
-                           why + " No phase of SPEC §4 matches (need a relation on both sides).")
+                           why + " No phase of docs/spec.md §4 matches (need a relation on both sides).")
 
     if not finite:
         return PhaseResult("none", distances, [],
@@ -236,7 +236,7 @@ def classify_phase(p: float, q: float, *, tol: float = 0.25, z_flat: bool = Fals
         head += f" Cross-check, α ≥ {alpha_threshold}: {_fmt(by_alpha())}."
     if not cands:
         return PhaseResult("none", distances, holds, head + " No backward and forward line "
-                           "cross here, so this is no phase of SPEC §4 (partial CRH at most).")
+                           "cross here, so this is no phase of docs/spec.md §4 (partial CRH at most).")
 
     def dist(ph):
         pp, qq = PHASES[ph].point
@@ -406,7 +406,7 @@ def isotropy(H, n: Optional[int] = None) -> float:
 
 
 def name_relations(holds, alphas: Optional[Mapping[str, float]] = None) -> Tuple[str, List[str]]:
-    """The Table 1 row (SPEC §4) that a set of holding relations makes: the phase with the most
+    """The Table 1 row (docs/spec.md §4) that a set of holding relations makes: the phase with the most
     relations all of which hold (ties: the larger smallest α), else "partial" (some hold) or
     "none". Returns ``(name, extra)``, ``extra`` the holding relations the name leaves out.
     """
@@ -644,7 +644,7 @@ def layer_verdict(alphas: Mapping[str, float], *, dims: Mapping[str, Optional[in
                   isotropy_a: Optional[float] = None, commutation_g: Optional[float] = None,
                   no_fit_reason: str = "no exponent fit", applicable: bool = True,
                   gates: VerdictGates = VerdictGates()) -> LayerVerdict:
-    """A layer's verdict with its evidence (issue 13; SPEC §4 "When not to name a phase").
+    """A layer's verdict with its evidence (issue 13; docs/spec.md §4 "When not to name a phase").
 
     Args:
         alphas: the six α (covariances, :func:`~crh_kernels.analysis.six_alignments`).

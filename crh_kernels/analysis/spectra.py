@@ -1,4 +1,4 @@
-"""Spectra, power-law exponents and commutation of a layer's matrices (SPEC §4, the PAH).
+"""Spectra, power-law exponents and commutation of a layer's matrices (docs/spec.md §4, the PAH).
 
 Owns: the robust symmetric eigendecomposition :func:`eigh` (float64, descending, CPU fallback),
 :func:`effective_rank`, the exponent fit :func:`fit_exponents` (``h ~ z^p``, ``g ~ z^q`` in W's
@@ -219,7 +219,7 @@ def _above_floor(x: np.ndarray, floor: float) -> np.ndarray:
 
 def fit_exponents(W, H_a, G_a, H_b=None, G_b=None, *, floor: float = 1e-6,
                   flat_span: float = 1e-6) -> ExponentFit:
-    """Fit ``h ~ z^p`` and ``g ~ z^q`` in W's singular basis (SPEC §4).
+    """Fit ``h ~ z^p`` and ``g ~ z^q`` in W's singular basis (docs/spec.md §4).
 
     ``W = U S Vᵀ`` (D_out×D_in), ``z_i = s_i²``, ``h_i = v_iᵀ H_a v_i``, ``g_i = v_iᵀ G_a v_i``.
     p and q are least-squares slopes of ``log h`` and ``log g`` against ``log z`` over the
@@ -228,7 +228,7 @@ def fit_exponents(W, H_a, G_a, H_b=None, G_b=None, *, floor: float = 1e-6,
 
     With ``H_b`` and ``G_b`` (D_out×D_out) also the forward slope: ``log u_iᵀH_bu_i`` against
     ``log u_iᵀG_bu_i`` over the same support (further restricted to positive values above the
-    floor); this is the "forward slope" column of SPEC §4's phase table (NaN where G_b is flat).
+    floor); this is the "forward slope" column of docs/spec.md §4's phase table (NaN where G_b is flat).
 
     Args:
         floor: relative floor for z, h, g (and the forward diagonals).
@@ -385,7 +385,7 @@ def _one_identity(B: torch.Tensor, M: torch.Tensor) -> dict:
 
 def identity_residual(W, H_a=None, H_b=None, G_a=None, G_b=None) -> Dict[str, Optional[dict]]:
     """How far a layer's matrices are from the identities ``H_b = W H_a Wᵀ`` and
-    ``G_a = Wᵀ G_b W`` (SPEC §4, "Which moments the lines are about").
+    ``G_a = Wᵀ G_b W`` (docs/spec.md §4, "Which moments the lines are about").
 
     For each identity ``B ≟ M`` (``B = H_b, M = W H_a Wᵀ``; ``B = G_a, M = Wᵀ G_b W``):
 
@@ -395,7 +395,7 @@ def identity_residual(W, H_a=None, H_b=None, G_a=None, G_b=None) -> Dict[str, Op
       differs anyway between normalized sides). 0 when the identity holds up to a factor;
       residual r means the best multiple of M misses B by r of its Frobenius norm;
     * ``scale``: that best c (1 for raw moments where the identity holds exactly);
-    * ``alpha``: α(B, M) (SPEC §3), the same comparison in the paper's measure.
+    * ``alpha``: α(B, M) (docs/spec.md §3), the same comparison in the paper's measure.
 
     Float64 throughout. An identity whose matrices are not all given is None; ``B = 0`` gives
     NaN for all three; α of a constant matrix (e.g. a 1×1 H_b) is NaN, without a warning.

@@ -4,7 +4,7 @@ Owns: loading the C++ extensions (prebuilt by setup.py, else a JIT build on firs
 one-line reason; :mod:`crh_kernels.backends.cuda` loads the CUDA one through
 :func:`load_extension` too), the fake (meta) kernels of the ops, the op wrappers both compiled
 backends share (:class:`OpsBackend`) and :class:`CppBackend`. The kernels themselves are in
-``csrc/``; they follow the row rule of :mod:`crh_kernels.backends.base` and SPEC §2: fp32 row
+``csrc/``; they follow the row rule of :mod:`crh_kernels.backends.base` and docs/spec.md §2: fp32 row
 norms, shift by the batch mean in fp32 before the product, upper-triangle tiles only, fp32
 accumulation, exact mirror.
 

@@ -1,6 +1,6 @@
 """How each supported module kind yields its rows: ``(h_a, h_b, W)`` and the gradient rows.
 
-A *row* is one sample after flattening every leading dimension (SPEC §1). Each adapter maps a
+A *row* is one sample after flattening every leading dimension (docs/spec.md §1). Each adapter maps a
 module's forward input/output (and the gradient of that output) to 2-D row matrices and gives the
 layer's weight as the ``(D_out, D_in)`` matrix ``W`` of ``h_b = W h_a (+ b)``:
 

@@ -22,7 +22,7 @@ Gradients
   input feeds other consumers too (q, k, v projections of one tensor, a residual branch) it is
   the sum over all of them, exactly the paper's ``-∂ℓ/∂h_a``. ``g_a_source="weight"`` always
   uses the layer's own share ``g_b @ W`` instead (then ``G_a = Wᵀ G_b W`` holds exactly for
-  unnormalized rows, as SPEC §4 assumes).
+  unnormalized rows, as docs/spec.md §4 assumes).
 * Stored values are autograd's ``∂ℓ/∂h`` (the paper's ``g = -∂ℓ/∂h`` up to sign: the sign flips
   the mean only, which no covariance, second moment or ratio depends on).
 * Scale: autograd hands hooks the gradient of the *reduced* loss. With ``normalize=True`` every
@@ -110,7 +110,7 @@ WWᵀ in float64 and six correlations of D×D matrices, no eigendecomposition (s
 
 Raw moments (``raw_moments=True``)
 ----------------------------------
-The lines of SPEC §4 rest on ``H_b = W H_a Wᵀ`` and ``G_a = Wᵀ G_b W``, which hold exactly
+The lines of docs/spec.md §4 rest on ``H_b = W H_a Wᵀ`` and ``G_a = Wᵀ G_b W``, which hold exactly
 for raw second moments (rows not normalized, not centered, bias folded in: ``h_a → (h_a, 1)``,
 ``W → W̃ = [W | b]``) and only roughly for the normalized covariances α uses. With
 ``raw_moments=True`` every layer with a weight also accumulates two raw streams: the rows
@@ -158,7 +158,7 @@ class Collector:
             pattern (``re.search`` on the module name), or a predicate ``f(name, module) -> bool``
             (or ``f(module)``). Regexes and predicates only pick among supported layers.
         streams: subset of ``("h_a", "h_b", "g_a", "g_b")``.
-        normalize: scale every row to unit norm first (the paper's default; SPEC §1).
+        normalize: scale every row to unit norm first (the paper's default; docs/spec.md §1).
         every: collect on steps where ``steps % every == 0`` (``col.step()`` advances).
         max_rows: keep at most this many random rows per layer call (None: all).
         include_bias: ``h_a -> (h_a, 1)`` and ``W -> [W | b]`` for layers with a bias.
@@ -174,7 +174,7 @@ class Collector:
         g_a_source: ``"auto"`` (input tensor hook when possible, else ``g_b @ W``) or
             ``"weight"`` (always ``g_b @ W``).
         state_dtype: dtype of the Moments states. float32 (default) is what the batch kernels
-            accumulate in anyway (SPEC §2: "fp32 at least"); it halves the memory of every
+            accumulate in anyway (docs/spec.md §2: "fp32 at least"); it halves the memory of every
             state and makes each merge cheaper (the collector's overhead target needs it).
             float64 makes the cross-batch merge exact to ~1e-15 for very long accumulations.
         seed: seed of the ``max_rows`` generator.

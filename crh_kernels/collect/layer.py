@@ -6,7 +6,7 @@ Owns the stream names (``STREAMS``, ``RAW_STREAMS``) and where each stream's Mom
 a LayerStats (``STATE_ATTR``, ``RAW_ATTR``). Nothing here touches hooks or modules' forward
 passes.
 
-Raw streams (``Collector(raw_moments=True)``, SPEC §4 "Which moments the lines are about"):
+Raw streams (``Collector(raw_moments=True)``, docs/spec.md §4 "Which moments the lines are about"):
 ``h_a_raw`` are the rows ``(h_a, 1)`` (the 1 only when the module has a bias, whatever
 ``include_bias`` says) and ``g_b_raw`` the per-sample output gradients, both accumulated
 unnormalized (``Moments(normalize=False)``); their uncentered second moments ``H̃_a`` and

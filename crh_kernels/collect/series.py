@@ -1,7 +1,7 @@
 """The six α of every layer over training: :class:`AlphaSeries` and :func:`alpha_point`.
 
 Owns the time series a :class:`~crh_kernels.collect.Collector` keeps with ``alpha_every=K``:
-every K steps, the six α on covariances of every layer (SPEC §3,
+every K steps, the six α on covariances of every layer (docs/spec.md §3,
 :func:`crh_kernels.analysis.six_alignments`) are computed from the collector's running states,
 the very states the final report reads, so no second pass over data is made and the series'
 point at step ``s`` is what ``col.report()`` would have said at that step. Its dict form

@@ -5,7 +5,7 @@ a cost per call proportional to D² (the accumulator: zeroing, the sum of the pe
 the mirror, the merge into the state), which dominates at N ≲ D. The stager copies each call's
 rows into a preallocated buffer per Moments and runs ``Moments.update`` once the buffer holds
 ``rows`` rows (or when flushed), so the kernel sees N ≈ ``rows``. Merging is order-free
-(SPEC §1), so the state is the same, up to rounding, as with one update per call.
+(docs/spec.md §1), so the state is the same, up to rounding, as with one update per call.
 
 Copies are taken at once: activations may be modified in place after the hook returns.
 A call with ``rows`` rows or more, 3-D rows, or a buffer that would exceed the byte budget
