@@ -217,6 +217,27 @@ def _above_floor(x: np.ndarray, floor: float) -> np.ndarray:
     return (x > 0) & (x > floor * top)
 
 
+def _layer_matrices(W, H_a, G_a, H_b, G_b):
+    """``(w, {"H_a": .., "G_a": .., "H_b": .., "G_b": ..})``: W and the layer's matrices as
+    float64, each checked against W's sides (H_a, G_a D_in×D_in; H_b, G_b D_out×D_out) and
+    symmetrized; a matrix given as None stays None."""
+    w = _matrix(W, "W", square=False)
+    d_out, d_in = w.shape
+    mats = {}
+    for name, m, d in (("H_a", H_a, d_in), ("G_a", G_a, d_in), ("H_b", H_b, d_out),
+                       ("G_b", G_b, d_out)):
+        if m is None:
+            mats[name] = None
+            continue
+        t = _matrix(m, name, device=w.device)
+        if t.shape[0] != d:
+            side = "D_in" if name.endswith("_a") else "D_out"
+            raise ValueError(f"{name} must be {side}×{side} = {d}×{d} for W of shape "
+                             f"{tuple(w.shape)}, got {tuple(t.shape)}")
+        mats[name] = (t + t.T) / 2
+    return w, mats
+
+
 def fit_exponents(W, H_a, G_a, H_b=None, G_b=None, *, floor: float = 1e-6,
                   flat_span: float = 1e-6) -> ExponentFit:
     """Fit ``h ~ z^p`` and ``g ~ z^q`` in W's singular basis (docs/spec.md §4).
@@ -243,20 +264,7 @@ def fit_exponents(W, H_a, G_a, H_b=None, G_b=None, *, floor: float = 1e-6,
         raise ValueError(f"floor must be in [0, 1), got {floor!r}")
     if not flat_span >= 0.0:
         raise ValueError(f"flat_span must be ≥ 0, got {flat_span!r}")
-    w = _matrix(W, "W", square=False)
-    d_out, d_in = w.shape
-    mats = {}
-    for name, m, d in (("H_a", H_a, d_in), ("G_a", G_a, d_in), ("H_b", H_b, d_out),
-                       ("G_b", G_b, d_out)):
-        if m is None:
-            mats[name] = None
-            continue
-        t = _matrix(m, name, device=w.device)
-        if t.shape[0] != d:
-            side = "D_in" if name.endswith("_a") else "D_out"
-            raise ValueError(f"{name} must be {side}×{side} = {d}×{d} for W of shape "
-                             f"{tuple(w.shape)}, got {tuple(t.shape)}")
-        mats[name] = (t + t.T) / 2
+    w, mats = _layer_matrices(W, H_a, G_a, H_b, G_b)
     if mats["H_a"] is None or mats["G_a"] is None:
         raise ValueError("H_a and G_a are required (got None)")
 
@@ -407,20 +415,7 @@ def identity_residual(W, H_a=None, H_b=None, G_a=None, G_b=None) -> Dict[str, Op
         ValueError: wrong shapes (H_a, G_a must be D_in×D_in, H_b, G_b D_out×D_out for W of
             shape (D_out, D_in)) or non-finite entries.
     """
-    w = _matrix(W, "W", square=False)
-    d_out, d_in = w.shape
-    mats = {}
-    for name, m, d in (("H_a", H_a, d_in), ("G_a", G_a, d_in), ("H_b", H_b, d_out),
-                       ("G_b", G_b, d_out)):
-        if m is None:
-            mats[name] = None
-            continue
-        t = _matrix(m, name, device=w.device)
-        if t.shape[0] != d:
-            side = "D_in" if name.endswith("_a") else "D_out"
-            raise ValueError(f"{name} must be {side}×{side} = {d}×{d} for W of shape "
-                             f"{tuple(w.shape)}, got {tuple(t.shape)}")
-        mats[name] = (t + t.T) / 2
+    w, mats = _layer_matrices(W, H_a, G_a, H_b, G_b)
     out: Dict[str, Optional[dict]] = {"H_b": None, "G_a": None}
     if mats["H_a"] is not None and mats["H_b"] is not None:
         out["H_b"] = _one_identity(mats["H_b"], w @ mats["H_a"] @ w.T)

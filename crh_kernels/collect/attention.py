@@ -24,8 +24,8 @@ import torch.nn as nn
 
 from ..moments import Moments
 from .adapters import LinearSpy
-from .hooks import (NORMAL, RECORD, REPLAY, SKIP, Ticket, call_mode, first_tensor, hook_once,
-                    in_backward, on_layer, put_record, take_record)
+from .hooks import (NORMAL, RECORD, REPLAY, Ticket, call_gate, first_tensor, hook_once, on_layer,
+                    put_record, take_record)
 from .layer import HeadGroup
 
 __all__ = ["MhaWatch", "register", "on_heads"]
@@ -136,24 +136,10 @@ def _head_grad_hook(col, ms: List[Moments], n_heads: int, idx, mask, terms, resh
     return hook
 
 
-def _mode(col):
-    """``(mode, ctx)`` of a hooked call, or None when the call is not to be collected."""
-    if not col._running:
-        return None
-    mode, ctx = NORMAL, None
-    if not torch.is_grad_enabled() or in_backward():
-        mode, ctx = call_mode()
-        if mode == SKIP:
-            return None
-    if not col._collecting and mode != REPLAY:
-        return None
-    return mode, ctx
-
-
 # ------------------------------------------------------------------ heads= entries
 def _heads_hook(col, grp: HeadGroup):
     def hook(module, args, output):
-        how = _mode(col)
+        how = call_gate(col)
         if how is None:
             return None
         y = first_tensor(output)
@@ -180,7 +166,7 @@ def _mha_pre_hook(col, grp: HeadGroup):
     mha = grp.module
 
     def pre_hook(module, args, kwargs):
-        how = _mode(col)
+        how = call_gate(col)
         if how is None:
             return None
         query = args[0] if args else kwargs.get("query")

@@ -443,19 +443,29 @@ class SharedInputs:
         return out
 
 
+def call_gate(col):
+    """``(mode, ctx)`` of a hooked forward call, or None when the call is not to be collected
+    (collector stopped, a recomputation to skip, or not a collecting step and no replay)."""
+    if not col._running:
+        return None
+    mode, ctx = NORMAL, None
+    if not torch.is_grad_enabled() or in_backward():
+        mode, ctx = call_mode()
+        if mode == SKIP:
+            return None
+    if not col._collecting and mode != REPLAY:
+        return None
+    return mode, ctx
+
+
 # ------------------------------------------------------------------ forward hooks
 def forward_hook(col, st: LayerStats):
     """The module forward hook (``with_kwargs=True``) of weight layer ``st``."""
     def hook(module, args, kwargs, output):
-        if not col._running:
+        gate = call_gate(col)
+        if gate is None:
             return None
-        mode, ctx = NORMAL, None
-        if not torch.is_grad_enabled() or in_backward():
-            mode, ctx = call_mode()
-            if mode == SKIP:
-                return None
-        if not col._collecting and mode != REPLAY:
-            return None
+        mode, ctx = gate
         x = args[0] if args else first_tensor(list(kwargs.values()))
         y = first_tensor(output)
         if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
