@@ -24,8 +24,8 @@ import torch.nn as nn
 
 from ..moments import Moments
 from .adapters import LinearSpy
-from .hooks import (NORMAL, RECORD, REPLAY, Ticket, call_gate, first_tensor, hook_once, on_layer,
-                    put_record, take_record)
+from .hooks import (NORMAL, RECORD, REPLAY, Ticket, call_gate, choose_rows, first_tensor, hook_once,
+                    on_layer, put_record, take_record)
 from .layer import HeadGroup
 
 __all__ = ["MhaWatch", "register", "on_heads"]
@@ -89,9 +89,7 @@ def on_heads(col, grp: HeadGroup, rows: torch.Tensor, mask, requires_grad: bool,
             if not st.dims:
                 st.dims = {"h_b": d, "g_b": d}
         terms = (rows.shape[0], mask)
-        idx = col._subsample(rows.shape[0], rows.device)
-        if idx is not None and mask is not None:
-            mask = mask[idx]
+        idx, mask = choose_rows(col, rows.shape[0], rows.device, mask)
         if mode == RECORD:
             put_record(ctx, col, grp, (idx, mask, terms))
     if idx is not None:

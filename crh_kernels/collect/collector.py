@@ -270,14 +270,7 @@ class Collector:
                               include_bias=self.include_bias, heads=self.heads,
                               state_dtype=self.state_dtype, raw_moments=self.raw_moments)
             return other.memory_plan()
-        plan = memory_plan(self._layers.all, self.state_dtype)
-        item = torch.empty((), dtype=self.state_dtype).element_size()
-        order = {name: i for i, name in enumerate(self._layers.all)}
-        for name, st in self._layers.all.items():
-            for s, d in st.raw_dims.items():
-                plan.append((name, s, (d, d), item * (d + d * d)))
-        plan.sort(key=lambda row: order[row[0]])        # stable: each layer's rows together
-        return plan
+        return memory_plan(self._layers.all, self.state_dtype)
 
     @classmethod
     def estimate_bytes(cls, model: nn.Module, modules=None, streams: Sequence[str] = STREAMS,

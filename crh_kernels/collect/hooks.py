@@ -443,6 +443,13 @@ class SharedInputs:
         return out
 
 
+def choose_rows(col, r: int, device, mask):
+    """``(idx, mask)``: the ``max_rows`` subsample of a call's ``r`` rows (None: all of them)
+    and the call's row mask cut down to it."""
+    idx = col._subsample(r, device)
+    return idx, (mask[idx] if idx is not None and mask is not None else mask)
+
+
 def call_gate(col):
     """``(mode, ctx)`` of a hooked forward call, or None when the call is not to be collected
     (collector stopped, a recomputation to skip, or not a collecting step and no replay)."""
@@ -512,9 +519,7 @@ def on_layer(col, st: LayerStats, module, x: torch.Tensor, y: torch.Tensor,
         if c is not None:
             idx, mask = c.idx, c.mask              # the rows its first claimant kept
         else:
-            idx, mask = col._subsample(r, y.device), full_mask
-            if idx is not None and mask is not None:
-                mask = mask[idx]
+            idx, mask = choose_rows(col, r, y.device, full_mask)
         if mode == RECORD:
             put_record(ctx, col, st, (idx, mask, full_mask))
     if idx is not None:

@@ -167,12 +167,12 @@ def build_layers(model: nn.Module, modules, streams: Sequence[str], heads: Dict[
 def memory_plan(layers: Dict[str, LayerStats], state_dtype: torch.dtype
                 ) -> List[Tuple[str, str, Optional[tuple], int]]:
     """``[(layer name, stream, state shape, bytes)]`` of a ``(D,)`` mean plus a ``(D, D)``
-    scatter per stream; a stream whose D is not known yet has shape None and 0 bytes."""
+    scatter per stream (the raw streams too, after a layer's own); a stream whose D is not
+    known yet has shape None and 0 bytes."""
     item = torch.empty((), dtype=state_dtype).element_size()
     plan = []
     for name, st in layers.items():
-        for s in st.streams:
-            d = st.dims.get(s)
+        for s, d in [(s, st.dims.get(s)) for s in st.streams] + list(st.raw_dims.items()):
             if d is None:
                 plan.append((name, s, None, 0))
             else:
