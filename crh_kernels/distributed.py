@@ -377,11 +377,12 @@ def all_reduce_moments(moments: Iterable[Optional[MomentsState]], group=None, *,
     # Phase 1: one SUM of [n, n_skipped] for every Moments followed by every n·μ, in float64
     # (counts exact to 2^53). A rank with n = 0 writes zeros: its mean may be unallocated.
     k = len(items)
-    counts = torch.tensor([float(v) for m in items for v in (m.n, m.n_skipped)],
-                          dtype=torch.float64)
+    # each state's counts read once (one host read per state; the same values in both phases)
+    local = [(m.n, m.n_skipped) for m in items]
+    counts = torch.tensor([float(v) for nk in local for v in nk], dtype=torch.float64)
     parts = [counts.to(dev)]
-    for m in items:
-        parts.append(m.mean.to(device=dev, dtype=torch.float64) * m.n if m.n
+    for m, (n, _) in zip(items, local):
+        parts.append(m.mean.to(device=dev, dtype=torch.float64) * n if n
                      else torch.zeros(m.dim, dtype=torch.float64, device=dev))
     head = torch.cat(parts)  # a fresh buffer: a collective never writes into a state
     _wait([_all_reduce(head, dist.ReduceOp.SUM, group)], wait_for, "the counts and means", group)
@@ -403,11 +404,11 @@ def all_reduce_moments(moments: Iterable[Optional[MomentsState]], group=None, *,
     works = []
     sent = 0  # elements of `flat` already handed to a collective
     off = 0
-    for m, size, (_, _, mu) in zip(items, sizes, glob):
-        if m.n:
+    for m, size, (_, _, mu), (n, _) in zip(items, sizes, glob, local):
+        if n:
             c = m.scatter.to(device=dev, dtype=torch.float64)
             delta = m.mean.to(device=dev, dtype=torch.float64) - mu
-            shifted = torch.addr(c, delta, delta, alpha=float(m.n))
+            shifted = torch.addr(c, delta, delta, alpha=float(n))
             flat[off: off + size] = shifted[_triu_mask(m.dim, dev, masks)].to(dtype)
             del c, shifted
         off += size

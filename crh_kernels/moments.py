@@ -26,7 +26,7 @@ import torch
 from . import _env
 from . import backends as _backends
 from . import distributed as _distributed
-from .backends.base import ROW_MASKED, MergedState
+from .backends.base import ROW_MASKED, MergedState, host_reads_free
 
 _INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -78,13 +78,6 @@ def _batch_counts(n, n_skipped, device) -> torch.Tensor:
     return _counts(int(n), int(n_skipped), device)
 
 
-def _host_readable(t: torch.Tensor) -> bool:
-    """Whether reading a value of ``t`` on the host is free: a real CPU tensor, in eager mode
-    (not traced by torch.compile, not a FakeTensor)."""
-    return (t.device.type == "cpu" and not torch.compiler.is_compiling()
-            and not isinstance(t, torch._subclasses.fake_tensor.FakeTensor))
-
-
 def _device(device) -> torch.device:
     """``device`` with its index: "cuda" is the current CUDA device, as tensors made there say
     (``cuda:0``), so that the state's device compares equal to theirs."""
@@ -96,16 +89,6 @@ def _device(device) -> torch.device:
 
 def _is_int(v) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
-
-
-def _tri(dim: int) -> int:
-    return dim * (dim + 1) // 2
-
-
-def _triu_mask(dim: int, device) -> torch.Tensor:
-    """Upper-triangle mask: selecting with it packs row-major, the order of
-    ``torch.triu_indices`` (state dicts, ranks), at 1 byte per entry."""
-    return torch.ones(dim, dim, dtype=torch.bool, device=device).triu_()
 
 
 class _State:
@@ -386,7 +369,7 @@ class Moments:
         ``counts_b``, onto the state ``before``: strict, or on a CPU state in eager mode, the
         skipped count is read now (:meth:`_note_skipped`; strict on a GPU: the update's one
         host sync); elsewhere the batch is recorded as unchecked, for the next host read."""
-        if self.strict or (not self._warned and _host_readable(counts_b)):
+        if self.strict or (not self._warned and host_reads_free(counts_b)):
             self._note_skipped(counts_b.select(0, 1).item(), stacklevel + 1)
         elif not self._warned and not self._unchecked:
             self._unchecked_base = before.counts
@@ -559,7 +542,7 @@ class Moments:
                 "dim": self.dim, "normalize": self.normalize, "n": n, "n_skipped": k,
                 "dtype": str(self.dtype).replace("torch.", ""),
                 "mean": mean.detach().clone(),
-                "scatter_triu": scatter[_triu_mask(self.dim, scatter.device)].detach(),
+                "scatter_triu": scatter[_distributed._triu_mask(self.dim, scatter.device, {})].detach(),
             }
 
     @classmethod
@@ -607,7 +590,7 @@ class Moments:
         upper triangle, mirrored exactly; the counts (None: zero), μ and C copied (never shared
         with the caller's tensors)."""
         c = torch.empty(self.dim, self.dim, dtype=self.dtype, device=device)
-        mask = _triu_mask(self.dim, device)
+        mask = _distributed._triu_mask(self.dim, device, {})
         p = packed.detach().to(device=device, dtype=self.dtype)
         c[mask] = p
         c.T[mask] = p  # the same values, read column-wise: the lower triangle
@@ -668,7 +651,7 @@ def _check_counts(n, n_skipped, prefix: str):
 
 def _check_packed(dim: int, n: Optional[int], mean, packed, prefix: str) -> None:
     """Types, shapes (before anything of size dim² exists), finiteness, and zeros when n = 0."""
-    for name, t, shape in (("mean", mean, (dim,)), ("scatter_triu", packed, (_tri(dim),))):
+    for name, t, shape in (("mean", mean, (dim,)), ("scatter_triu", packed, (_distributed._tri(dim),))):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{prefix}{name!r} must be a torch.Tensor, got {type(t).__name__}")
         if t.dtype not in (torch.float32, torch.float64):

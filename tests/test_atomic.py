@@ -194,7 +194,7 @@ def test_update_without_host_reads_is_all_or_nothing(monkeypatch, backend, case,
     unchecked, the warning deferred to the next read) and is still all or nothing. (That
     branch is the same for every backend; the Triton commit itself is covered above.)"""
     _need(backend)
-    monkeypatch.setattr(importlib.import_module("crh_kernels.moments"), "_host_readable",
+    monkeypatch.setattr(importlib.import_module("crh_kernels.moments"), "host_reads_free",
                         lambda t: False)
     d = 9 if backend != "triton" else 5
     template = Moments(d, backend=backend) if case.startswith("first") else _template(backend, d=d)

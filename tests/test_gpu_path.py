@@ -197,7 +197,7 @@ def test_one_update_is_four_launches_and_no_sync(monkeypatch, triton_launches, a
     accumulator (no memset)."""
     tb = _triton()
     monkeypatch.setenv("CRH_TRITON_ATOMICS", atomics)
-    monkeypatch.setattr(moments_mod, "_host_readable", lambda t: False)
+    monkeypatch.setattr(moments_mod, "host_reads_free", lambda t: False)
     gen = torch.Generator().manual_seed(9)
     d = 70
     m = Moments(d, backend="triton")
@@ -227,7 +227,7 @@ def test_one_update_is_four_launches_and_no_sync(monkeypatch, triton_launches, a
 # ------------------------------------------------------- the deferred skipped-row warning
 def _gpu_like(monkeypatch):
     """The counts of every state behave as on a GPU: not read on the host by an update."""
-    monkeypatch.setattr(moments_mod, "_host_readable", lambda t: False)
+    monkeypatch.setattr(moments_mod, "host_reads_free", lambda t: False)
 
 
 def _rows_with_skips(seed, d=9, n=30, skipped=2):

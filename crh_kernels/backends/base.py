@@ -203,3 +203,10 @@ def mirror_upper(c: torch.Tensor) -> torch.Tensor:
     even if it holds garbage): never average two halves (docs/spec.md §2)."""
     upper = torch.triu(c)
     return upper + torch.triu(upper, diagonal=1).transpose(0, 1)
+
+
+def host_reads_free(t: torch.Tensor) -> bool:
+    """Whether reading a value of ``t`` on the host is free: a real CPU tensor, in eager mode
+    (not traced by torch.compile, not a FakeTensor)."""
+    return (t.device.type == "cpu" and not torch.compiler.is_compiling()
+            and not isinstance(t, torch._subclasses.fake_tensor.FakeTensor))

@@ -19,7 +19,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .base import Backend, BatchStats, CrossStats, mirror_upper
+from .base import Backend, BatchStats, CrossStats, host_reads_free, mirror_upper
 
 
 #: Squared norms (summed in the accumulation dtype) below this may have lost bits to subnormal
@@ -62,12 +62,6 @@ def _rescaled_rows(xs: torch.Tensor, normalize: bool) -> Tuple[torch.Tensor, tor
     return valid, torch.where(valid, scale, 0.0)
 
 
-def _host_reads_free(x: torch.Tensor) -> bool:
-    """Whether a value of ``x`` may be read on the host: a real CPU tensor in eager mode."""
-    return (x.device.type == "cpu" and not torch.compiler.is_compiling()
-            and not isinstance(x, torch._subclasses.fake_tensor.FakeTensor))
-
-
 def row_scale(x: torch.Tensor, mask: Optional[torch.Tensor], normalize: bool
               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row scale (1/||x|| or 1), validity (the valid rows), and the number of skipped rows
@@ -94,7 +88,7 @@ def row_scale(x: torch.Tensor, mask: Optional[torch.Tensor], normalize: bool
     # logical_not and unsqueeze, not ~ and [:, None]: FakeTensorMode on a CPU build of torch
     # cannot run those on fake CUDA tensors (tests/test_gpu_path.py runs this path there)
     slow = live & ok.logical_not()
-    if not _host_reads_free(x):
+    if not host_reads_free(x):
         # every row measured again, the slow rows' results selected: no count on the host
         v, s = _rescaled_rows(x.to(acc), normalize)
         ok = torch.where(slow, v, ok)
