@@ -11,8 +11,10 @@ round so that a noisy neighbour hits every variant alike:
   merged in place into a float32 state (the target's reference); ``naive_f64``: the same
   recipe keeping a float64 state;
 * ``collector`` — ``crh_kernels.Collector(model)`` with its defaults (backend choice rule,
-  float32 state); ``collector_f64``: the same with ``state_dtype=torch.float64``; with
-  ``CRH_BENCH_ALL=1`` also ``collector_torch`` (the plain-PyTorch reference backend);
+  float32 state); ``collector_f64``: the same with ``state_dtype=torch.float64``;
+  ``collector_blocks8``: the defaults with ``blocks=8`` (sub-states for the standard errors,
+  issue 16: eight states per stream, round robin over steps); with ``CRH_BENCH_ALL=1`` also
+  ``collector_torch`` (the plain-PyTorch reference backend);
 * ``kfac``      — curvlinops-for-pytorch's KFAC factors (the H_a / G_b pair, uncentered,
   unnormalized), ``compute_kronecker_factors()`` on the same batch with the empirical Fisher
   (one forward + backward of the real loss), against ``fwdbwd``, the same forward + backward
@@ -197,13 +199,14 @@ def _run(rounds: int) -> dict:
     variants["naive_f64"] = lambda: train_step(nv64, opt_n64, x, y)
 
     cols = {}
-    configs = [("collector", None, torch.float32), ("collector_f64", None, torch.float64)]
+    configs = [("collector", None, torch.float32, {}), ("collector_f64", None, torch.float64, {}),
+               ("collector_blocks8", None, torch.float32, {"blocks": 8})]
     if os.environ.get("CRH_BENCH_ALL") == "1":
-        configs.append(("collector_torch", "torch", torch.float64))
-    for label, backend, sdt in configs:
+        configs.append(("collector_torch", "torch", torch.float64, {}))
+    for label, backend, sdt, kw in configs:
         m = make_model()
         opt = torch.optim.SGD(m.parameters(), lr=1e-3)
-        col = Collector(m, backend=backend, state_dtype=sdt).start()
+        col = Collector(m, backend=backend, state_dtype=sdt, **kw).start()
         cols[label] = col
 
         def step(m=m, opt=opt, col=col):
@@ -220,8 +223,11 @@ def _run(rounds: int) -> dict:
 
     # The collector gathers small batches and runs the kernel once per STAGE_ROWS rows, so one
     # round is that many rows of steps for every variant, and the collector's round ends with
-    # a flush: the time per step is the amortized cost, flush included.
+    # a flush: the time per step is the amortized cost, flush included. (With blocks=8 a
+    # stream's rows of one step go to one of 8 buffers; a round of 8 steps fills each once.)
     steps = max(1, STAGE_ROWS // BATCH)
+    if "collector_blocks8" in cols:
+        steps = max(steps, 8)
     finish = {label: col.flush for label, col in cols.items()}
 
     def round_of(k):
@@ -252,7 +258,8 @@ def _run(rounds: int) -> dict:
                       "threads": torch.get_num_threads(), "torch": torch.__version__},
            "median_ms": {k: 1e3 * v for k, v in med.items()},
            "min_ms": {k: 1e3 * v for k, v in best.items()}}
-    cols_here = [k for k in ("collector", "collector_f64", "collector_torch") if k in times]
+    cols_here = [k for k in ("collector", "collector_f64", "collector_blocks8", "collector_torch")
+                 if k in times]
     for stat, t in (("median", med), ("min", best)):
         ov = {k: t[k] - t["baseline"] for k in ["naive", "naive_f64"] + cols_here}
         if "kfac" in t:
@@ -292,6 +299,7 @@ def format_result(r: dict) -> str:
     for k in rm:
         what = {"collector": f"collector ({r['collector_backend']}, defaults)",
                 "collector_f64": f"collector ({r['collector_backend']}, float64 state)",
+                "collector_blocks8": f"collector ({r['collector_backend']}, blocks=8)",
                 "collector_torch": "collector (torch backend)", "kfac": "KFAC factors (peer)"}[k]
         target = "  (target ≤ 0.5)" if k.startswith("collector") else ""
         lines.append(f"  {what:38s} overhead / naive overhead = {rm[k]:.3f} / {rn[k]:.3f}{target}")
@@ -301,6 +309,10 @@ def format_result(r: dict) -> str:
     fm, fn = r["ratio_vs_naive_f64_median"], r["ratio_vs_naive_f64_min"]
     for k in fm:
         lines.append(f"  {k:38s} overhead / naive_f64 overhead = {fm[k]:.3f} / {fn[k]:.3f}")
+    om = r["overhead_median_ms"]
+    if "collector_blocks8" in om:
+        lines.append(f"  blocks=8 / defaults, overhead (median): "
+                     f"{om['collector_blocks8'] / om['collector']:.2f}×")
     lines.append(f"  {r['kfac_note']}")
     return "\n".join(lines)
 

@@ -7,20 +7,24 @@ object API with an Agg canvas (never ``pyplot``), so it neither needs a display 
 notebook's backend.
 
 * ``alpha.png`` — the six α per layer (paper Figs. 5, 18): one line per relation, covariance
-  and second-moment panels; per-head layers are grouped by module (mean, min–max band).
+  and second-moment panels; per-head layers are grouped by module (mean, min–max band). With
+  standard errors (``Collector(blocks=K)``, issue 16) each single layer's α has its 95 %
+  interval as a vertical bar (``se.interval``: the jackknife's, around the bias-corrected α).
 * ``spectra.png`` — sorted eigenvalues λ_H,i against λ_G,i (log-log) of H_b and G_b per layer,
   heads of one module in different colours, with the fitted slope and grey reference lines of
   slopes 1, 2, 3 (paper Fig. 3).
 * ``exponents.png`` — h_i and g_i against z_i in W's singular basis with the fitted p and q.
 * ``phase.png`` — the (p, q) plane: the six relation lines, the phase points of docs/spec.md §4 and
   each layer as a point, filled when the verdict's exponent reading named its phase through the
-  gates, hollow (with the failed gates, or "z flat") when it did not.
+  gates, hollow (with the failed gates, or "z flat") when it did not; with standard errors, the
+  95 % intervals of p and q as a cross.
 * ``heatmap_<layer>.png`` — H, G, Z of a layer (b and a sides; paper Fig. 2).
 
 Every figure has a title saying what it shows, and a panel that cannot show what it is for (an
 exponent fit on too few modes, a spectrum without a slope) says why on the panel.
 * ``alpha_series.png`` — the six α against the training step, one panel per layer (heads of a
-  module: mean and min–max band), when the report has an α series (paper Fig. 6).
+  module: mean and min–max band), when the report has an α series (paper Fig. 6); with standard
+  errors, error bars α ± t_{K−1}·se at each point of a single layer.
 """
 from __future__ import annotations
 
@@ -63,6 +67,18 @@ def save_figure(fig, path) -> str:
 
 def _f(v) -> float:
     return float("nan") if v is None else float(v)
+
+
+def _multiplier(rep, k) -> Optional[float]:
+    """The interval half-width in standard errors: the report's (meta.jackknife.z), else
+    t_{K−1} of ``k``; None when neither is known."""
+    z = (getattr(rep, "meta", None) or {}).get("jackknife") or {}
+    if isinstance(z.get("z"), (int, float)):
+        return float(z["z"])
+    if isinstance(k, int) and k >= 2:
+        from .analysis.errors import multiplier
+        return multiplier(k)
+    return None
 
 
 def _groups(rep) -> Dict[str, List[str]]:
@@ -131,6 +147,7 @@ def plot_alpha(rep, path: str) -> str:
     names = list(groups)
     x = np.arange(len(names))
     fig = figure(max(6.0, 1.0 + 0.45 * len(names)) * 2, 4.2)
+    bars = False
     for j, (key, title) in enumerate((("alpha_cov", "α on covariances"),
                                       ("alpha_second", "α on second moments"))):
         ax = fig.add_subplot(1, 2, j + 1)
@@ -149,6 +166,16 @@ def plot_alpha(rep, path: str) -> str:
             ax.plot(x, mean, style, marker="o", ms=3, color=_COLORS[rel], label=rel.replace("_", " "))
             if any(len(groups[g]) > 1 for g in names):
                 ax.fill_between(x, lo, hi, color=_COLORS[rel], alpha=0.15, lw=0)
+            # 95 % intervals of single layers (issue 16), with caps
+            iv = [((rep.layers[groups[g][0]].get("se") or {}).get("interval") or {}).get(key, {})
+                  .get(rel) if len(groups[g]) == 1 else None for g in names]
+            at = [i for i, v in enumerate(iv) if v is not None]
+            if at:
+                bars = True
+                los, his = [iv[i][0] for i in at], [iv[i][1] for i in at]
+                ax.vlines(x[at], los, his, color=_COLORS[rel], lw=1.4)
+                for ends in (los, his):
+                    ax.hlines(ends, x[at] - 0.06, x[at] + 0.06, color=_COLORS[rel], lw=1.0)
         ax.axhline(0.0, color="0.8", lw=0.8)
         ax.set_ylim(-1.05, 1.05)
         ax.set_xticks(x)
@@ -157,9 +184,12 @@ def plot_alpha(rep, path: str) -> str:
         ax.set_title(title)
         if j == 0:
             ax.legend(fontsize=7, ncol=2, loc="lower left")
+    jk = (getattr(rep, "meta", None) or {}).get("jackknife") or {}
+    bar_text = (f"\nbars: 95 % intervals ({jk.get('method', 'jackknife')}, K={jk.get('k')} blocks; "
+                f"Tukey's interval around the bias-corrected α)" if bars else "")
     fig.suptitle("Alignment α of the six CRH relations per layer (1 = proportional matrices)\n"
                  "solid: forward = the layer's output side (H_b, G_b, Z_b); dashed: backward = its "
-                 "input side (H_a, G_a, Z_a)", fontsize=9)
+                 "input side (H_a, G_a, Z_a)" + bar_text, fontsize=9)
     return save_figure(fig, path)
 
 
@@ -340,6 +370,11 @@ def plot_phase(rep, path: str) -> str:
                 tag += " (undet: " + ",".join(ex.get("failed") or []) + ")"
             elif ex.get("phase") == "flat":
                 tag += " (z flat)"
+            iv = (rep.layers[name].get("se") or {}).get("interval") or {}
+            if iv.get("p") is not None:      # 95 % intervals of p and q (issue 16)
+                ax.hlines(q, iv["p"][0], iv["p"][1], color=color, lw=1.0)
+            if iv.get("q") is not None:
+                ax.vlines(p, iv["q"][0], iv["q"][1], color=color, lw=1.0)
             if named or not ex:
                 ax.plot(p, q, "o", color=color, ms=7, mec="k", mew=0.5)
             else:
@@ -432,6 +467,9 @@ def plot_alpha_series(rep, path: str, max_panels: Optional[int] = 24) -> str:
     ncol = min(3, n)
     nrow = math.ceil(n / ncol)
     fig = figure(4.2 * ncol, 3.0 * nrow + 0.6)
+    ses = series.get("se") or {}
+    mult = _multiplier(rep, series.get("k")) if ses else None
+    bars = False
     for k, (gname, members) in enumerate(groups_list):
         ax = fig.add_subplot(nrow, ncol, k + 1)
         drawn = False
@@ -450,6 +488,13 @@ def plot_alpha_series(rep, path: str, max_panels: Optional[int] = 24) -> str:
                 lo = np.where(cnt > 0, np.where(ok, vals, np.inf).min(axis=0), np.nan)
                 hi = np.where(cnt > 0, np.where(ok, vals, -np.inf).max(axis=0), np.nan)
                 ax.fill_between(steps, lo, hi, color=_COLORS[rel], alpha=0.15, lw=0)
+            elif mult is not None and members[0] in ses:
+                se = np.array([_f(v) for v in ses[members[0]][rel]])
+                fin = np.isfinite(se) & np.isfinite(mean)
+                if fin.any():
+                    bars = True
+                    ax.errorbar(steps[fin], mean[fin], yerr=mult * se[fin], fmt="none",
+                                ecolor=_COLORS[rel], elinewidth=0.9, capsize=2)
             drawn = True
         if not drawn:
             ax.text(0.5, 0.5, "no α yet\n(no rows collected at these steps)", ha="center",
@@ -467,8 +512,10 @@ def plot_alpha_series(rep, path: str, max_panels: Optional[int] = 24) -> str:
         ax = fig.add_subplot(1, 1, 1)
         ax.text(0.5, 0.5, "the α series has no layer", ha="center", va="center")
         ax.set_axis_off()
+    bar_text = (f"\nerror bars: α ± {mult:.3g}·se (jackknife standard error over K={series.get('k')} "
+                f"blocks; 95 % t interval)" if bars else "")
     fig.suptitle(f"α over training: six relations per layer every {series['every']} steps "
-                 f"(rows since the start; forward solid, backward dashed)", fontsize=9)
+                 f"(rows since the start; forward solid, backward dashed)" + bar_text, fontsize=9)
     return save_figure(fig, path)
 
 

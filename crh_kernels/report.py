@@ -46,6 +46,22 @@ key                         meaning
 ``exponents``               :meth:`ExponentFit.to_dict` (z, h, g, pairing spectra, fits) or None
 ``spectra``                 eigenvalues (descending) per stream where ``exponents`` has none
 ``warnings``                warnings raised while analysing this layer
+``se``                      standard errors (issue 16), None unless the collector kept
+                            sub-states (``Collector(blocks=K)``): ``{"alpha_cov": {relation:
+                            se}, "alpha_second": {..}, "p", "q", "forward_slope",
+                            "pairing_slope", "effective_rank_h", "effective_rank_g", "k"}``
+                            (delete-one-block jackknife over the K leave-one-out views, each
+                            analysed by the same functions as the layer; None where the number
+                            or its se is undefined), ``bias`` (same shape: the jackknife bias),
+                            ``interval`` (same shape: the 95 % interval (value − bias) ±
+                            t_{K−1}·se, or None) and ``reasons`` (why a defined number has no
+                            se). The verdict reads the intervals: a relation holds only when
+                            its whole interval clears the bar, "undetermined" when it straddles
+                            it (:func:`~crh_kernels.analysis.layer_verdict`).
+                            ``meta["jackknife"]``: ``{"k", "by", "method", "level", "z" (the
+                            multiplier t_{K−1, 0.975}), "quantile", "interval"}`` (None without
+                            sub-states); :mod:`crh_kernels.analysis.errors` says why t and why
+                            the bias-corrected centre
 ==========================  ===================================================================
 
 Undefined numbers (a missing stream, a constant matrix, a flat z) are ``None``, in memory and in
@@ -54,7 +70,8 @@ notes (``forward_only`` when no gradient was seen). The matrices needed for heat
 memory only (``Report.matrices``, downsized by block averaging to at most ``heatmap_size``).
 ``Report.alpha_series`` (None unless the collector had ``alpha_every=K``) holds the six α per
 layer every K steps (:mod:`crh_kernels.collect.series`): ``{"kind": "cov", "every": K, "steps":
-[...], "layers": {name: {relation: [α or null per step]}}}``, in JSON too.
+[...], "layers": {name: {relation: [α or null per step]}}}`` (with sub-states also ``"se"``, of
+the same shape, and ``"k"``), in JSON too.
 """
 from __future__ import annotations
 
@@ -248,6 +265,8 @@ class _Checker:
 _STREAMS = ("h_a", "h_b", "g_a", "g_b")
 _LAYER_NUMBERS = ("r_h", "r_g", "effective_rank_h", "effective_rank_g", "p", "q", "forward_slope",
                   "pairing_slope", "commutation", "identity_residual")
+#: The numbers of a layer entry that get a standard error (issue 16), besides the two α maps.
+SE_NUMBERS = ("p", "q", "forward_slope", "pairing_slope", "effective_rank_h", "effective_rank_g")
 _LAYER_STRINGS = ("kind", "parent", "side_h", "side_g", "phase", "phase_explanation",
                   "forward_slope_source", "exponent_moments_why")
 _FIT_LABEL = {"raw": "raw", "cov": "cov", "second_moment": "sm"}
@@ -265,15 +284,62 @@ def _check_series(c: "_Checker", path: str, d) -> None:
         c.integer(f"{path}.steps[{i}]", s)
         if i and s <= steps[i - 1]:
             c.fail(f"{path}.steps[{i}]", f"larger than the step before ({steps[i - 1]})", s)
-    for name, rels in c.obj(f"{path}.layers", d.get("layers")).items():
-        lp = _key(f"{path}.layers", name)
-        c.obj(lp, rels)
-        if set(rels) != set(RELATIONS):
-            c.fail(lp, "an object of the six relations " + ", ".join(RELATIONS), rels)
-        for r in RELATIONS:
-            c.num_list(f"{lp}.{r}", rels[r], null=False)
-            if len(rels[r]) != len(steps):
-                c.fail(f"{lp}.{r}", f"a list of {len(steps)} values (one per step)", rels[r])
+    tables = [("layers", d.get("layers"))]
+    if d.get("se") is not None:
+        tables.append(("se", d["se"]))
+        c.integer(f"{path}.k", d.get("k"), lo=2)
+    for table, layers in tables:
+        for name, rels in c.obj(f"{path}.{table}", layers).items():
+            lp = _key(f"{path}.{table}", name)
+            c.obj(lp, rels)
+            if set(rels) != set(RELATIONS):
+                c.fail(lp, "an object of the six relations " + ", ".join(RELATIONS), rels)
+            for r in RELATIONS:
+                c.num_list(f"{lp}.{r}", rels[r], null=False)
+                if len(rels[r]) != len(steps):
+                    c.fail(f"{lp}.{r}", f"a list of {len(steps)} values (one per step)", rels[r])
+
+
+def _check_pair(c: "_Checker", path: str, v) -> None:
+    """An interval: null or a list of two finite numbers, the lower first."""
+    if v is None:
+        return
+    c.num_list(path, v, null=False)
+    if len(v) != 2 or v[0] > v[1]:
+        c.fail(path, "null or [lo, hi] with lo ≤ hi", v)
+
+
+def _check_se(c: "_Checker", path: str, se) -> None:
+    """A layer's ``se`` block (issue 16; :func:`_standard_errors`)."""
+    from .analysis import RELATIONS
+    c.obj(path, se)
+    c.integer(f"{path}.k", se.get("k"), lo=2)
+    for key in ("alpha_cov", "alpha_second"):
+        c.num_map(f"{path}.{key}", se.get(key))
+        unknown = set(se[key]) - set(RELATIONS)
+        if unknown:
+            c.fail(f"{path}.{key}", "an object keyed by the six relations", se[key])
+    for k in SE_NUMBERS:
+        if k in se:
+            c.num(f"{path}.{k}", se[k])
+    if se.get("bias") is not None:
+        b = c.obj(f"{path}.bias", se["bias"])
+        for k, v in b.items():
+            if isinstance(v, dict):
+                c.num_map(_key(f"{path}.bias", k), v)
+            else:
+                c.num(_key(f"{path}.bias", k), v)
+    if se.get("interval") is not None:
+        iv = c.obj(f"{path}.interval", se["interval"])
+        for k, v in iv.items():
+            kp = _key(f"{path}.interval", k)
+            if isinstance(v, dict):
+                for rel, x in v.items():
+                    _check_pair(c, _key(kp, rel), x)
+            else:
+                _check_pair(c, kp, v)
+    for k, why in c.obj(f"{path}.reasons", se.get("reasons"), null=True).items():
+        c.string(_key(f"{path}.reasons", k), why, null=False)
 
 
 def _check_verdict(c: "_Checker", path: str, v) -> None:
@@ -293,8 +359,9 @@ def _check_verdict(c: "_Checker", path: str, v) -> None:
     for rel, r in c.obj(f"{path}.alpha.relations", al.get("relations")).items():
         rp = _key(f"{path}.alpha.relations", rel)
         c.obj(rp, r)
-        for k in ("alpha", "baseline", "required"):
+        for k in ("alpha", "baseline", "required", "se"):
             c.num(f"{rp}.{k}", r.get(k))
+        _check_pair(c, f"{rp}.interval", r.get("interval"))
     ex = c.obj(f"{path}.exponent", v.get("exponent"))
     c.string(f"{path}.exponent.phase", ex.get("phase"), null=False)
     c.str_list(f"{path}.exponent.failed", ex.get("failed"))
@@ -311,7 +378,8 @@ def check_alpha_series(d, where: str = "α series") -> None:
     """Check the dict form of an α series (``Report.alpha_series``; written by
     :meth:`crh_kernels.collect.series.AlphaSeries.to_dict`): ``kind`` "cov", ``every`` a
     positive int, ``steps`` increasing non-negative ints, ``layers`` an object of six-relation
-    objects holding one finite number or null per step. Raises ``ValueError`` naming the field."""
+    objects holding one finite number or null per step; with sub-states also ``se`` (the same
+    shape: standard errors) and ``k`` (an int ≥ 2). Raises ``ValueError`` naming the field."""
     _check_series(_Checker(where), "alpha_series", d)
 
 
@@ -342,6 +410,12 @@ def check_report_dict(d, where: str = "report.json") -> None:
         c.str_list("meta.notes", meta["notes"])
     if "experiment" in meta:
         c.string("meta.experiment", meta["experiment"])
+    if meta.get("jackknife") is not None:
+        jk = c.obj("meta.jackknife", meta["jackknife"])
+        if not isinstance(jk.get("k"), list):
+            c.integer("meta.jackknife.k", jk.get("k"), lo=2)
+        c.num("meta.jackknife.z", jk.get("z"))
+        c.string("meta.jackknife.method", jk.get("method"), null=False)
     if d.get("alpha_series") is not None:
         _check_series(c, "alpha_series", d["alpha_series"])
     for name, e in c.obj("layers", d["layers"]).items():
@@ -371,6 +445,8 @@ def check_report_dict(d, where: str = "report.json") -> None:
                 c.string(f"{ip}.raw.source", raw["source"])
         if e.get("verdict") is not None:
             _check_verdict(c, f"{path}.verdict", e["verdict"])
+        if e.get("se") is not None:
+            _check_se(c, f"{path}.se", e["se"])
         if "n" in e:
             c.integer(f"{path}.n", e["n"])
         if "streams" in e:
@@ -516,6 +592,10 @@ def _larger_residual(ident) -> Optional[float]:
     return max(vals) if vals else None
 
 
+def _num(v) -> str:
+    return "?" if not isinstance(v, (int, float)) else f"{v:.3g}"
+
+
 def _phase_cell(e) -> str:
     """The table's phase cell: the gated exponent phase; "undet:<gates>" names failed gates."""
     ph = e.get("phase")
@@ -527,7 +607,7 @@ def _phase_cell(e) -> str:
     return ph
 
 
-def _verdict(A, st, entry, view, mom, mat, kind, W, raw, exps, gates) -> None:
+def _verdict(A, st, entry, view, mom, mat, kind, W, raw, exps, gates, intervals=None) -> None:
     """The layer's verdict with its evidence (issue 13; :func:`~crh_kernels.analysis.
     layer_verdict`): ``entry["verdict"]``, and ``phase``/``phase_explanation``/``phase_holds``
     from its exponent reading (a phase is named only through the gates).
@@ -535,7 +615,8 @@ def _verdict(A, st, entry, view, mom, mat, kind, W, raw, exps, gates) -> None:
     The α reading uses ``alpha_cov`` (the paper's headline) against baselines at the effective
     ranks of the six covariances / Grams; the white-input test uses cov(ĥ_a) and its n; the
     exponent reading gates the fit the report made (raw moments or ``kind`` matrices), with
-    the commutation error of that fit's G_a beside H_a's."""
+    the commutation error of that fit's G_a beside H_a's. ``intervals``: the jackknife
+    intervals of a collector with blocks (:func:`_standard_errors`), read by both readings."""
     cov = {}
     for s, m in mom.items():
         cov[_ATTR[s]] = mat[_ATTR[s]] if kind == "cov" else _f64(m.cov())
@@ -579,7 +660,7 @@ def _verdict(A, st, entry, view, mom, mat, kind, W, raw, exps, gates) -> None:
     v = A.layer_verdict(alphas, dims=dims, fit=exps, baselines=baselines, isotropy_a=iso,
                         commutation_g=comm_g, applicable=W is not None,
                         no_fit_reason=entry.get("phase_explanation") or "no exponent fit",
-                        gates=gates)
+                        gates=gates, intervals=intervals)
     d = v.to_dict()
     d["isotropy_a"] = iso
     d["effective_ranks"] = eranks
@@ -591,15 +672,96 @@ def _verdict(A, st, entry, view, mom, mat, kind, W, raw, exps, gates) -> None:
         entry["phase_holds"] = list(ex["holds"])
 
 
-class _View:
-    """What the analysis functions see of a layer: streams with rows (else None), cached Z."""
+def _leave_one_out(st) -> Optional[list]:
+    """The layer's K leave-one-out views (``LayerStats.leave_one_out()``), None without blocks."""
+    fn = getattr(st, "leave_one_out", None)
+    if fn is None or not getattr(st, "n_blocks", None):
+        return None
+    views = fn()
+    return None if views is None else list(views)
 
-    def __init__(self, st):
+
+def _jackknife_meta(col, layers) -> Optional[dict]:
+    """``meta["jackknife"]``: how the standard errors were computed; None without blocks."""
+    ks = sorted({e["se"]["k"] for e in layers.values() if e.get("se")})
+    if not ks:
+        return None
+    from .analysis import errors as E
+    k = ks[0] if len(ks) == 1 else None
+    blocks = (getattr(col, "meta", None) or {}).get("blocks") or {}
+    by = getattr(col, "block_by", None) or blocks.get("by")
+    return {"k": k if k is not None else ks, "by": by, "method": E.METHOD, "level": E.LEVEL,
+            "z": None if k is None else E.multiplier(k),
+            "quantile": "Student's t with K − 1 degrees of freedom",
+            "interval": "(value − bias) ± z·se: Tukey's jackknife interval around the "
+                        "bias-corrected estimate (se.interval of each layer)"}
+
+
+def _standard_errors(A, entry, loo, why_not: Optional[str] = None) -> tuple:
+    """``(entry["se"], intervals)`` from the light entries ``loo`` of the K leave-one-out views
+    (:func:`crh_kernels.analysis.errors.jackknife`).
+
+    ``se``: ``{"alpha_cov": {relation: se}, "alpha_second": {..}, "p", "q", "forward_slope",
+    "pairing_slope", "effective_rank_h", "effective_rank_g", "k"}`` (None where the quantity or
+    its standard error is undefined), plus ``bias`` and ``interval`` of the same shape (the
+    jackknife bias, the 95 % interval around the bias-corrected value) and ``reasons``
+    (``{"p": why, "alpha_cov.forward_RGA": why}`` where a defined quantity has no se).
+    ``intervals``: what :func:`~crh_kernels.analysis.layer_verdict` reads, the α on covariances,
+    p, q and the signed distance of (p, q) to each line. ``why_not``: the blocks cannot give
+    standard errors (:func:`~crh_kernels.analysis.errors.empty_blocks`): every se is None with
+    this reason."""
+    from .analysis import errors as E
+    k = len(loo)
+    m = E.multiplier(k)
+    se, bias, interval, reasons = {"k": k}, {}, {}, {}
+
+    def one(path, full, vals):
+        j = E.jackknife(full, vals, why_not)
+        iv = j.interval(m)
+        if j.value is not None and j.se is None:
+            reasons[path] = j.reason
+        return j, {"lo": None if iv is None else iv[0], "hi": None if iv is None else iv[1],
+                   "se": j.se, "reason": j.reason}
+
+    ivs = {}
+    for key in ("alpha_cov", "alpha_second"):
+        se[key], bias[key], interval[key] = {}, {}, {}
+        for rel, v in entry[key].items():
+            j, iv = one(f"{key}.{rel}", v, [(e.get(key) or {}).get(rel) for e in loo])
+            se[key][rel], bias[key][rel] = j.se, j.bias
+            interval[key][rel] = None if iv["lo"] is None else [iv["lo"], iv["hi"]]
+            if key == "alpha_cov":
+                ivs.setdefault("alpha", {})[rel] = iv
+    for key in SE_NUMBERS:
+        j, iv = one(key, entry.get(key), [e.get(key) for e in loo])
+        se[key], bias[key] = j.se, j.bias
+        interval[key] = None if iv["lo"] is None else [iv["lo"], iv["hi"]]
+        if key in ("p", "q"):
+            ivs[key] = iv
+    ivs["lines"] = {}
+    for rel, ln in A.LINES.items():
+        def signed(e):
+            p, q = e.get("p"), e.get("q")
+            if p is None or q is None:
+                return None
+            return (ln.a * float(p) + ln.b * float(q) - ln.c) / math.hypot(ln.a, ln.b)
+        ivs["lines"][rel] = one(f"line.{rel}", signed(entry), [signed(e) for e in loo])[1]
+        reasons.pop(f"line.{rel}", None)
+    se.update(bias=bias, interval=interval, reasons=reasons)
+    return se, ivs
+
+
+class _View:
+    """What the analysis functions see of a layer: streams with rows (else None), cached Z.
+    ``grams``: a view of the same layer whose Z it shares (a leave-one-out view has the
+    layer's W: the weights are not blocked)."""
+
+    def __init__(self, st, grams: Optional["_View"] = None):
         self._st = st
         for s, attr in _ATTR.items():
             m = getattr(st, attr, None)
             setattr(self, attr, m if (m is not None and m.n > 0) else None)
-        self._z = {}
+        self._z = {} if grams is None else grams._z
 
     def _gram(self, which):
         if which not in self._z:
@@ -665,16 +827,38 @@ class Report:
         if exponent_moments not in ("auto", "kind"):
             raise ValueError(f"exponent_moments must be 'auto' or 'kind', got {exponent_moments!r}")
         layers, matrices = {}, {}
+        opts = dict(floor=floor, tol=tol, kind=kind, heatmap_size=heatmap_size,
+                    use_raw=exponent_moments == "auto", gates=gates)
         for name, st in col.layers.items():
+            view = _View(st)
+            loo = None
+            why_not, views = None, None
+            if getattr(st, "n_blocks", None):
+                why_not = A.empty_blocks(st.block_counts())
+            if why_not is not None:
+                loo = [{} for _ in range(st.n_blocks)]   # no analyses: every se None, with why
+            else:
+                views = _leave_one_out(st)
+            if views is not None:
+                # light analyses of the K leave-one-out views, with the same functions as the
+                # point estimate; their warnings repeat the layer's own and are not kept
+                try:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        loo = [cls._analyse(A, v, view=_View(v, grams=view), light=True,
+                                            **opts)[0] for v in views]
+                finally:   # the K merges are not kept: rebuilt if a report asks again
+                    release = getattr(st, "release_leave_one_out", None)
+                    if release is not None:
+                        release()
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                entry, mats = cls._analyse(A, st, floor=floor, tol=tol, kind=kind,
-                                           heatmap_size=heatmap_size,
-                                           use_raw=exponent_moments == "auto", gates=gates)
+                entry, mats = cls._analyse(A, st, view=view, loo=loo, loo_why=why_not, **opts)
             entry["warnings"] = sorted({str(w.message) for w in caught})
             layers[name] = _clean(entry)
             matrices[name] = mats
         meta = dict(col.meta)
+        meta["jackknife"] = _jackknife_meta(col, layers)
         meta.update({
             "kind": kind, "floor": floor, "tol": tol, "n_layers": len(layers),
             "exponent_moments": exponent_moments,
@@ -688,8 +872,12 @@ class Report:
         return cls(layers, _clean(meta), matrices, alpha_series=series)
 
     @staticmethod
-    def _analyse(A, st, *, floor, tol, kind, heatmap_size, use_raw=True, gates=None):
-        view = _View(st)
+    def _analyse(A, st, *, floor, tol, kind, heatmap_size, use_raw=True, gates=None, view=None,
+                 light=False, loo=None, loo_why=None):
+        """One layer's entry and heatmap matrices. ``light``: the numbers only (a leave-one-out
+        view: no identity, verdict nor heatmaps); ``loo``: the light entries of the layer's
+        leave-one-out views, whose jackknife gives ``se`` and the verdict's intervals."""
+        view = _View(st) if view is None else view
         streams = [s for s in ("h_a", "h_b", "g_a", "g_b") if getattr(view, _ATTR[s]) is not None]
         mom = {s: getattr(view, _ATTR[s]) for s in streams}
         entry = {"kind": st.kind, "parent": st.parent, "head": st.head, "streams": streams,
@@ -721,8 +909,9 @@ class Report:
         W = None if W is None else _f64(W)
         exps = None
         raw, raw_why = _raw_moments(st, mom) if use_raw else (None, "kind")
-        entry["identity"] = None if W is None else _identity(A, st, W, mom, mat, kind, raw)
-        entry["identity_residual"] = _larger_residual(entry["identity"])
+        if not light:
+            entry["identity"] = None if W is None else _identity(A, st, W, mom, mat, kind, raw)
+            entry["identity_residual"] = _larger_residual(entry["identity"])
         try:
             if W is not None and raw is not None:
                 Wr, Ha, Gb = raw["W"], raw["H_a"], raw["G_b"]
@@ -738,7 +927,7 @@ class Report:
             warnings.warn(f"fit_exponents failed: {exc}", RuntimeWarning)
         if exps is None:
             entry["exponent_moments"] = entry["exponent_moments_why"] = None
-        entry["exponents"] = None if exps is None else exps.to_dict()
+        entry["exponents"] = None if exps is None or light else exps.to_dict()
         spectra = {}
         if exps is not None and entry["exponent_moments"] == "raw":
             # spectra and the pairing slope (the paper's Fig. 3) stay on the kind matrices
@@ -778,7 +967,13 @@ class Report:
         if entry["forward_slope"] is None and fit is not None and st.kind == "head":
             entry["forward_slope"], entry["forward_slope_source"] = fit[0], "sorted spectra"
 
-        _verdict(A, st, entry, view, mom, mat, kind, W, raw, exps, gates)
+        if light:
+            return entry, {}
+        intervals = None
+        entry["se"] = None
+        if loo is not None:
+            entry["se"], intervals = _standard_errors(A, entry, loo, loo_why)
+        _verdict(A, st, entry, view, mom, mat, kind, W, raw, exps, gates, intervals)
 
         mats = {k: _downsize(m.cpu().numpy(), heatmap_size) for k, m in mat.items()}
         if W is not None:
@@ -851,13 +1046,24 @@ class Report:
                 return f"{v:.{digits}f}"
             return str(v)
 
+        def pm(v, se):
+            """``v±se`` (issue 16: the jackknife standard error), 2 decimals, 3 when se < 0.01."""
+            if v is None or se is None or not isinstance(v, float):
+                return num(v)
+            d = 2 if se >= 0.01 or abs(v) >= 1000 else 3
+            return f"{num(v, d)}±{se:.{d}f}"
+
         rows = []
         for name, e in self.layers.items():
             row = [name, e.get("kind", "?"), str(e.get("n", 0))]
+            se = e.get("se") or {}
             for label, key in cols[3:]:
                 if key in ("forward_RGA", "forward_RWA", "forward_GWA", "backward_RGA",
                            "backward_RWA", "backward_GWA"):
-                    row.append(num((e.get("alpha_cov") or {}).get(key)))
+                    row.append(pm((e.get("alpha_cov") or {}).get(key),
+                                  (se.get("alpha_cov") or {}).get(key)))
+                elif key in ("p", "q", "forward_slope"):
+                    row.append(pm(e.get(key), se.get(key)))
                 elif key == "effective_rank_h" or key == "effective_rank_g":
                     row.append(num(e.get(key), 1))
                 elif key in ("r_h", "r_g", "commutation", "identity_residual"):
@@ -903,6 +1109,11 @@ class Report:
                             f"; on the {'covariances' if m.get('kind', 'cov') == 'cov' else 'second moments'}"
                             f" of the {'normalized ' if m.get('normalize', True) else ''}rows for "
                             f"the rest (no raw moments: Collector(raw_moments=True))"))
+        jk = m.get("jackknife")
+        if jk:
+            lines.append(f"± : {jk.get('method')} standard error over K={jk.get('k')} blocks "
+                         f"(by {jk.get('by')}); 95 % interval = (value − bias) ± {_num(jk.get('z'))}·se "
+                         f"(t with K − 1 dof; report.json: se.interval, se.bias)")
         for note in m.get("notes", []):
             lines.append(f"note: {note}")
         if legend:
@@ -966,7 +1177,11 @@ class Report:
                                f"the exponents are undefined; Table 1 allows CRH and phases 1–3"))
         rows.append(("  undet:…", "undetermined: the fit failed the gates listed (modes, p, q, "
                                   "commutation; report.json's verdict.exponent.gates has each "
-                                  "value and limit), so no phase is named"))
+                                  "value and limit), so no phase is named"
+                     + ("; interval: with standard errors, a line holds only when the 95 % "
+                        "interval of (p, q)'s signed distance to it lies within ±tol, and "
+                        "lines whose interval crosses ±tol could name different phases"
+                        if self.meta.get("jackknife") else "")))
         for other in sorted(shown - set(PHASES) - {"none", "flat", "undetermined"}):
             rows.append((f"  {other}", "see phase_explanation in report.json"))
         rows.append(("-", "undefined: a stream not collected, a constant matrix, no weight (heads) "
@@ -984,7 +1199,16 @@ class Report:
                                 f"undefined: no α (e.g. no gradients seen); "
                                 f"trivial: not classified (d_out=1, d_in=1, tiny: a dimension ≤ "
                                 f"{gd['tiny_dim']}, white input: H_a ∝ I); report.json's verdict "
-                                f"holds both readings, every gate and the reasons"))
+                                f"holds both readings, every gate and the reasons"
+                                + ("; with standard errors (±) a relation holds only when its "
+                                   "whole 95 % interval clears the bar, ?X: X's interval "
+                                   "straddles the bar (undetermined), undet: A/B: the row "
+                                   "depends on undetermined relations"
+                                   if self.meta.get("jackknife") else "")))
+        if self.meta.get("jackknife"):
+            rows.append(("±", "jackknife standard error (Collector(blocks=K): the states kept as "
+                              "K sub-states, each number recomputed without each block; "
+                              "docs/usage.md \"Standard errors\")"))
         width = max(len(k) for k, _ in rows)
         out = ["Legend (docs/spec.md §1, §3, §4):"]
         for k, text in rows:

@@ -5,7 +5,9 @@ Owns: the six relation lines in the (p, q) exponent plane (:data:`LINES`), the p
 (:func:`line_distances`), the flatness test for z (:func:`is_flat`), the classifier
 (:func:`classify_phase`), and a layer's verdict with its evidence (:func:`layer_verdict`: the α
 reading against the layer's own baseline, the exponent reading through the quality gates of
-:class:`VerdictGates`, the effective support, trivial layers). Pure interpretation: the exponents come from
+:class:`VerdictGates`, the effective support, trivial layers; with standard errors, both
+readings by 95 % intervals: a relation or line holds only when its whole interval clears the
+bar, "undetermined" when it straddles it, issue 16). Pure interpretation: the exponents come from
 :func:`crh_kernels.analysis.spectra.fit_exponents`, the alignments from
 :func:`crh_kernels.analysis.align.six_alignments`.
 
@@ -144,6 +146,29 @@ def _fmt(names) -> str:
     return ", ".join(names) if names else "none"
 
 
+def _phase_of_lines(p: float, q: float, holds) -> Tuple[str, List[str]]:
+    """The phase :func:`classify_phase` names when the lines ``holds`` hold at (p, q), and the
+    candidates: "backward CRH" (≥ 2 backward lines), "forward CRH" likewise, phase k ∈ 4..9
+    (both its lines); the nearest phase point among several; ``("none", [])`` without one."""
+    hs = set(holds)
+    cands = []
+    if len(hs & set(BACKWARD)) >= 2:
+        cands.append("backward CRH")
+    if len(hs & set(FORWARD)) >= 2:
+        cands.append("forward CRH")
+    for ph in ("4", "5", "6", "7", "8", "9"):
+        if set(PHASES[ph].relations) <= hs:
+            cands.append(ph)
+    if not cands:
+        return "none", []
+
+    def dist(ph):
+        pp, qq = PHASES[ph].point
+        return math.hypot(p - pp, q - qq)
+
+    return min(cands, key=dist), cands
+
+
 def classify_phase(p: float, q: float, *, tol: float = 0.25, z_flat: bool = False,
                    alignments: Optional[Mapping[str, float]] = None,
                    alpha_threshold: float = 0.5) -> PhaseResult:
@@ -222,27 +247,13 @@ def classify_phase(p: float, q: float, *, tol: float = 0.25, z_flat: bool = Fals
                            f"exponents undefined (p={p}, q={q}); if z is flat (a projection), "
                            f"call with z_flat=True and alignments")
     holds = [r for r in RELATIONS if distances[r] <= tol]
-    hs = set(holds)
-    cands = []
-    if len(hs & set(BACKWARD)) >= 2:
-        cands.append("backward CRH")
-    if len(hs & set(FORWARD)) >= 2:
-        cands.append("forward CRH")
-    for ph in ("4", "5", "6", "7", "8", "9"):
-        if set(PHASES[ph].relations) <= hs:
-            cands.append(ph)
+    best, cands = _phase_of_lines(p, q, holds)
     head = f"(p, q) = ({p:.3g}, {q:.3g}); relations within tol={tol} of their line: {_fmt(holds)}."
     if alignments is not None:
         head += f" Cross-check, α ≥ {alpha_threshold}: {_fmt(by_alpha())}."
     if not cands:
         return PhaseResult("none", distances, holds, head + " No backward and forward line "
                            "cross here, so this is no phase of docs/spec.md §4 (partial CRH at most).")
-
-    def dist(ph):
-        pp, qq = PHASES[ph].point
-        return math.hypot(p - pp, q - qq)
-
-    best = min(cands, key=dist)
     pp, qq = PHASES[best].point
     text = head + f" Phase {best} ({PHASES[best].description}) at ({pp:g}, {qq:g})."
     if len(cands) > 1:
@@ -420,8 +431,28 @@ def name_relations(holds, alphas: Optional[Mapping[str, float]] = None) -> Tuple
     return best, [r for r in hs if r not in PHASES[best].relations]
 
 
+def _subset_names(sure, unsure, name_of) -> List[str]:
+    """The names ``name_of(sure ∪ S)`` over every subset S of ``unsure`` (at most 2⁶), sorted,
+    without repeats: what the reading could be, however the undetermined relations resolve."""
+    unsure = list(unsure)
+    names = set()
+    for mask in range(1 << len(unsure)):
+        names.add(name_of(list(sure) + [r for i, r in enumerate(unsure) if mask >> i & 1]))
+    return sorted(names)
+
+
+def _interval_of(iv) -> Tuple[Optional[float], Optional[float], Optional[float], str]:
+    """``(lo, hi, se, reason)`` of one entry of ``intervals`` (a dict or None)."""
+    iv = iv or {}
+    lo, hi = _fin(iv.get("lo")), _fin(iv.get("hi"))
+    if lo is None or hi is None:
+        lo = hi = None
+    return lo, hi, _fin(iv.get("se")), str(iv.get("reason") or "")
+
+
 def alpha_reading(alphas: Mapping[str, float], baselines: Optional[Mapping[str, dict]] = None,
-                  gates: VerdictGates = VerdictGates()) -> dict:
+                  gates: VerdictGates = VerdictGates(), *,
+                  intervals: Optional[Mapping[str, Optional[dict]]] = None) -> dict:
     """Which relations hold by α: ``α ≥ max(alpha_threshold, baseline + alpha_margin)``.
 
     ``baselines``: :func:`~crh_kernels.analysis.align.relation_baselines` output (a missing or
@@ -429,17 +460,38 @@ def alpha_reading(alphas: Mapping[str, float], baselines: Optional[Mapping[str, 
     "required", "status"}`` with status ``holds``, ``above baseline`` (α > baseline but short
     of the bar), ``not above baseline`` or ``undefined`` (α missing); then ``holds``, the
     phase ``name`` (:func:`name_relations`; ``"undefined"`` when no α is defined) and ``extra``.
+
+    ``intervals`` (issue 16; a collector with ``blocks``): ``{relation: {"lo", "hi", "se",
+    "reason"}}``, the 95 % interval of each α (:mod:`crh_kernels.analysis.errors`: the
+    jackknife's, centred on the bias-corrected α). Then a relation holds only when the whole
+    interval clears the bar (``lo ≥ required``); when it straddles the bar (``lo < required ≤
+    hi``), or the interval is undefined while α is not, the status is ``undetermined`` with
+    ``why``; an interval wholly below the bar gives the statuses above (from the point α). The
+    ``name`` is the Table 1 row of the relations that hold if every way the undetermined ones
+    could resolve gives that same row; else ``"undetermined"``, with the possible rows in
+    ``candidates``. Each relation then also has ``se`` and ``interval`` ([lo, hi] or None).
     """
-    rels, holds = {}, []
+    rels, holds, unsure = {}, [], []
     for r in RELATIONS:
         a = _fin(alphas.get(r)) if alphas else None
         b = (baselines or {}).get(r) or {}
         base = _fin(b.get("baseline"))
         req = gates.alpha_threshold if base is None else max(gates.alpha_threshold,
                                                                base + gates.alpha_margin)
+        extra = {}
+        if intervals is not None:
+            lo, hi, se, reason = _interval_of(intervals.get(r))
+            extra = {"se": se, "interval": None if lo is None else [lo, hi]}
         if a is None:
             status = "undefined"
-        elif a >= req:
+        elif intervals is not None and extra["interval"] is None:
+            status = "undetermined"
+            extra["why"] = f"no interval: {reason or 'its standard error is undefined'}"
+        elif intervals is not None and lo < req <= hi:
+            status = "undetermined"
+            extra["why"] = (f"the 95 % interval [{lo:.3f}, {hi:.3f}] straddles the bar "
+                            f"{req:.3f}")
+        elif (a >= req) if intervals is None else (lo >= req):
             status = "holds"
             holds.append(r)
         elif base is not None and a > base:
@@ -448,13 +500,23 @@ def alpha_reading(alphas: Mapping[str, float], baselines: Optional[Mapping[str, 
             status = "below threshold"
         else:
             status = "not above baseline"
+        if status == "undetermined":
+            unsure.append(r)
         rels[r] = {"alpha": a, "baseline": base, "ranks": b.get("ranks"), "required": req,
-                   "status": status}
-    name, extra = name_relations(holds, alphas)
+                   "status": status, **extra}
+    name, extra_rel = name_relations(holds, alphas)
+    out = {"name": name, "holds": holds, "extra": extra_rel, "relations": rels,
+           "rule": f"α ≥ max({gates.alpha_threshold:g}, baseline + {gates.alpha_margin:g})"}
+    if intervals is not None:
+        out["rule"] += " for the whole 95 % interval"
+        out["undetermined"] = unsure
+        cands = _subset_names(holds, unsure, lambda hs: name_relations(hs, alphas)[0])
+        out["candidates"] = cands
+        if len(cands) > 1:
+            out["name"] = "undetermined"
     if all(r["status"] == "undefined" for r in rels.values()):
-        name = "undefined"       # no α at all (no gradients seen, no weight, …): not "none"
-    return {"name": name, "holds": holds, "extra": extra, "relations": rels,
-            "rule": f"α ≥ max({gates.alpha_threshold:g}, baseline + {gates.alpha_margin:g})"}
+        out["name"] = "undefined"   # no α at all (no gradients seen, no weight, …): not "none"
+    return out
 
 
 def _scatter(fit_line, x: np.ndarray, y: np.ndarray) -> float:
@@ -474,7 +536,8 @@ def _gate(value, limit, passed, text) -> dict:
 
 
 def exponent_reading(fit, gates: VerdictGates = VerdictGates(), *,
-                     commutation_g: Optional[float] = None) -> dict:
+                     commutation_g: Optional[float] = None,
+                     intervals: Optional[Mapping[str, object]] = None) -> dict:
     """The (p, q) phase of an :class:`~crh_kernels.analysis.ExponentFit`, named only through the
     gates of :class:`VerdictGates`.
 
@@ -489,6 +552,18 @@ def exponent_reading(fit, gates: VerdictGates = VerdictGates(), *,
     "energy", "log_span", "flat", "flat_limit"}, "gates": {name: {value, limit, passed, text}},
     "failed", "p", "q", "holds" (relations within tol of their line, gated fits only),
     "reason"}``.
+
+    ``intervals`` (issue 16; a collector with ``blocks``): ``{"p": {"lo", "hi", "se",
+    "reason"}, "q": {...}, "lines": {relation: {...}}}``, the 95 % intervals of p, q and of
+    each line's *signed* distance ``(a·p + b·q − c)/√(a² + b²)`` (its jackknife: the
+    covariance of p and q is in it). When the gates pass, a line then holds only when its
+    whole interval lies within ``[−tol, tol]``; it is out when the interval misses that band,
+    and undetermined when it overlaps the band's edge (or has no interval). The phase is
+    named when every way the undetermined lines could resolve names the same phase (the rule
+    of :func:`classify_phase`); else it is ``"undetermined"`` through the gate ``interval``
+    (value: the undetermined lines; the reason lists the possible phases). Adds ``p_se``,
+    ``q_se``, ``p_interval``, ``q_interval`` and ``lines``: ``{relation: {"distance",
+    "interval", "se", "status"}}`` (status ``holds``, ``out``, ``undetermined``).
     """
     z = _arr(fit.z)
     sup = effective_support(z, gates.support_energy) if z.size else np.zeros(0, dtype=bool)
@@ -497,6 +572,10 @@ def exponent_reading(fit, gates: VerdictGates = VerdictGates(), *,
            "p": _fin(fit.p.slope), "q": _fin(fit.q.slope), "reason": "",
            "support": {"modes": k, "energy": gates.support_energy, "log_span": None,
                        "flat": False, "flat_limit": gates.flat_log_span}}
+    if intervals is not None:
+        for w in ("p", "q"):
+            lo, hi, se, _ = _interval_of(intervals.get(w))
+            out[f"{w}_se"], out[f"{w}_interval"] = se, (None if lo is None else [lo, hi])
     if k == 0:
         out["failed"] = ["support"]
         out["reason"] = "W = 0: no mode carries weight, so there are no exponents"
@@ -552,11 +631,61 @@ def exponent_reading(fit, gates: VerdictGates = VerdictGates(), *,
         out["reason"] = ("not named: " + "; ".join(g[f]["text"] for f in failed))
         return out
     res = classify_phase(out["p"], out["q"], tol=gates.tol)
-    out.update(phase=res.phase, holds=list(res.holds),
+    if intervals is not None:
+        named = _lines_by_interval(out, res, intervals, gates)
+        if not named:
+            return out
+    holds = list(res.holds)
+    if "lines" in out:   # with intervals: the lines whose whole interval is within tol
+        holds = [r for r in RELATIONS if out["lines"][r]["status"] == "holds"]
+    out.update(phase=res.phase, holds=holds,
                compatible=[] if res.phase == "none" else [res.phase])
     out["reason"] = "gates passed (" + "; ".join(v["text"] for v in g.values()) + "). " + \
         res.explanation
     return out
+
+
+def _lines_by_interval(out: dict, res: PhaseResult, intervals: Mapping[str, object],
+                       gates: VerdictGates) -> bool:
+    """The exponent reading's line test with intervals (see :func:`exponent_reading`): fills
+    ``out["lines"]`` and the gate ``interval``; on an undetermined phase also ``phase``,
+    ``failed`` and ``reason``, and returns False. True: the phase ``res`` stands."""
+    tol = gates.tol
+    lines_iv = intervals.get("lines") or {}
+    lines, sure, unsure = {}, [], []
+    for r in RELATIONS:
+        lo, hi, se, reason = _interval_of(lines_iv.get(r))
+        d = _fin(res.distances.get(r))
+        if lo is None:
+            status = "undetermined"
+        elif -tol <= lo and hi <= tol:
+            status = "holds"
+        elif hi < -tol or lo > tol:
+            status = "out"
+        else:
+            status = "undetermined"
+        (sure if status == "holds" else unsure if status == "undetermined" else []).append(r)
+        lines[r] = {"distance": d, "interval": None if lo is None else [lo, hi], "se": se,
+                    "status": status}
+        if lo is None:
+            lines[r]["why"] = f"no interval: {reason or 'its standard error is undefined'}"
+    out["lines"] = lines
+    p, q = out["p"], out["q"]
+    names = _subset_names(sure, unsure, lambda hs: _phase_of_lines(p, q, hs)[0])
+    ok = len(names) == 1
+    pq = []
+    for w in ("p", "q"):
+        iv = out.get(f"{w}_interval")
+        pq.append(f"{w} ∈ [{iv[0]:.3g}, {iv[1]:.3g}]" if iv else f"{w} without interval")
+    text = (f"95 % intervals {', '.join(pq)}; lines whose interval of the signed distance "
+            f"overlaps ±tol={tol:g} at its edge: {_fmt([SHORT[r] for r in unsure])}; possible "
+            f"phases: {', '.join(names)}")
+    out["gates"]["interval"] = _gate(len(unsure), 0, ok, text)
+    if ok:
+        return True
+    out["failed"] = ["interval"]
+    out["reason"] = "not named: " + text
+    return False
 
 
 @dataclass
@@ -643,7 +772,8 @@ def layer_verdict(alphas: Mapping[str, float], *, dims: Mapping[str, Optional[in
                   fit=None, baselines: Optional[Mapping[str, dict]] = None,
                   isotropy_a: Optional[float] = None, commutation_g: Optional[float] = None,
                   no_fit_reason: str = "no exponent fit", applicable: bool = True,
-                  gates: VerdictGates = VerdictGates()) -> LayerVerdict:
+                  gates: VerdictGates = VerdictGates(),
+                  intervals: Optional[Mapping[str, object]] = None) -> LayerVerdict:
     """A layer's verdict with its evidence (issue 13; docs/spec.md §4 "When not to name a phase").
 
     Args:
@@ -655,15 +785,21 @@ def layer_verdict(alphas: Mapping[str, float], *, dims: Mapping[str, Optional[in
         commutation_g: G_a's commutation error (gated with H_a's).
         no_fit_reason: why ``fit`` is None (shown as the exponent reading's reason).
         applicable: False when exponents cannot exist (no weight: an attention head).
+        intervals: the 95 % intervals of a collector with ``blocks`` (issue 16; None: point
+            estimates only): ``{"alpha": {relation: {"lo", "hi", "se", "reason"}}, "p": {..},
+            "q": {..}, "lines": {relation: {..}}}``, read by :func:`alpha_reading` and
+            :func:`exponent_reading` (a relation or a line holds only when its whole interval
+            clears the bar; "undetermined" when it straddles it).
 
     The verdict is the α reading (the paper's own measure); the exponent reading stands beside
     it, and ``agreement`` says whether both name the same Table 1 row. A trivial layer
     (:func:`trivial_reasons`) gets the verdict "trivial": both readings are still computed and
     kept as evidence, but neither is a finding.
     """
-    al = alpha_reading(alphas, baselines, gates)
+    al = alpha_reading(alphas, baselines, gates,
+                       intervals=None if intervals is None else (intervals.get("alpha") or {}))
     if fit is not None:
-        ex = exponent_reading(fit, gates, commutation_g=commutation_g)
+        ex = exponent_reading(fit, gates, commutation_g=commutation_g, intervals=intervals)
     else:
         ex = {"phase": "not applicable" if not applicable else "undetermined", "compatible": [],
               "gates": {}, "failed": [] if not applicable else ["fit"], "holds": [],
@@ -674,7 +810,12 @@ def layer_verdict(alphas: Mapping[str, float], *, dims: Mapping[str, Optional[in
         verdict, label, agreement = "trivial", "trivial: " + triv[0]["kind"], None
     else:
         verdict, label = name, _label(name, al["extra"])
-        if ex["phase"] in ("undetermined", "not applicable") or name == "undefined":
+        if name == "undetermined":
+            label = "undet: " + "/".join(al["candidates"])
+        elif al.get("undetermined"):
+            label += " ?" + " ?".join(SHORT[r] for r in al["undetermined"])
+        if ex["phase"] in ("undetermined", "not applicable") or name in ("undefined",
+                                                                          "undetermined"):
             agreement = None
         elif ex["phase"] == "flat":
             # A flat z is what CRH and phases 1–3 need, not a phase itself: it confirms those
@@ -690,13 +831,23 @@ def layer_verdict(alphas: Mapping[str, float], *, dims: Mapping[str, Optional[in
     parts = []
     if triv:
         parts.append("Trivial, not classified: " + "; ".join(t["reason"] for t in triv) + ".")
-    parts.append(f"α reading: {holds} {verb} ({al['rule']}, baseline at the layer's effective "
-                 f"ranks) → {_label(name, al['extra'])}.")
+    alpha_text = f"α reading: {holds} {verb} ({al['rule']}, baseline at the layer's effective " \
+                 f"ranks)"
+    if al.get("undetermined"):
+        alpha_text += (f"; undetermined (the interval straddles the bar, or has none): "
+                       f"{', '.join(SHORT[r] for r in al['undetermined'])}")
+    if name == "undetermined":
+        alpha_text += f" → undetermined: could be {' or '.join(al['candidates'])}."
+    else:
+        alpha_text += f" → {_label(name, al['extra'])}."
+    parts.append(alpha_text)
     parts.append(f"Exponent reading: {ex['phase']} — {ex['reason'].rstrip('.')}.")
     if not triv:
         if agreement is None and ex["phase"] == "flat":
             parts.append(f"Agreement: cannot tell (a flat z makes the exponents undefined; it "
                          f"supports only CRH and phases 1–3, and the α reading says {name}).")
+        elif agreement is None and name == "undetermined":
+            parts.append("Agreement: cannot tell (the α reading names no row).")
         elif agreement is None:
             parts.append("Agreement: cannot tell (the exponent reading names no phase).")
         else:

@@ -6,7 +6,7 @@ memory; ``hooks.py`` holds the forward/gradient hooks of weight layers and the s
 dedup; ``attention.py`` the per-head streams and ``nn.MultiheadAttention``; ``checkpoint.py``
 the ``state_dict`` format; ``layer.py`` :class:`LayerStats`; ``adapters.py`` says how each module
 kind (Linear, Conv2d, HF Conv1D) yields its rows; ``staging.py`` gathers small calls' rows into
-fewer updates.
+fewer updates; ``blocks.py`` the sub-states of ``Collector(blocks=K)``.
 """
 from .collector import STREAMS, Collector, LayerStats
 

@@ -12,7 +12,8 @@ is kept per head group and replayed.
 The functions receive the :class:`~crh_kernels.collect.Collector` explicitly and use only this
 part of it: the flags ``_collecting`` and ``_running``, the generation ``_epoch`` (tensor hooks
 of an earlier one are inert), the row policy ``_mask`` (is one set),
-``_row_mask``, ``_subsample`` and ``_grad_scale``, ``_moments``, the stager ``_stager``,
+``_row_mask``, ``_subsample`` and ``_grad_scale``, ``_moments``, ``_block_now`` (the sub-state
+block of a call, carried to its gradient hook), the stager ``_stager``,
 ``_layers.weight_layers`` (to find ``out_proj``) and ``_mha`` (its :class:`MhaWatch`).
 """
 from __future__ import annotations
@@ -65,8 +66,9 @@ def register(col, grp: HeadGroup) -> list:
 def on_heads(col, grp: HeadGroup, rows: torch.Tensor, mask, requires_grad: bool,
              mode: str = NORMAL, ctx=None):
     """rows: (R, D) output rows of the module, split into ``grp.n_heads`` heads. Returns
-    ``(Moments of g_b per head, idx, mask, terms, ticket)`` when gradients are to be hooked,
-    else None. ``mode``/``ctx``: see :func:`.hooks.call_mode`."""
+    ``(Moments of g_b per head, idx, mask, terms, ticket, block)`` when gradients are to be
+    hooked, else None (``block``: the sub-state block of the call, ``Collector(blocks=K)``).
+    ``mode``/``ctx``: see :func:`.hooks.call_mode`."""
     layers = grp.layers
     h = grp.n_heads
     d_total = rows.shape[-1]
@@ -80,7 +82,7 @@ def on_heads(col, grp: HeadGroup, rows: torch.Tensor, mask, requires_grad: bool,
         rec = take_record(ctx, col, grp)
         if rec is None or "g_b" not in streams:
             return None
-        idx, mask, terms = rec
+        idx, mask, terms, blk = rec
         for st in layers:
             st.forward_only_calls -= 1      # the first pass was not forward-only after all
     else:
@@ -89,15 +91,16 @@ def on_heads(col, grp: HeadGroup, rows: torch.Tensor, mask, requires_grad: bool,
             if not st.dims:
                 st.dims = {"h_b": d, "g_b": d}
         terms = (rows.shape[0], mask)
+        blk = col._block_now()
         idx, mask = choose_rows(col, rows.shape[0], rows.device, mask)
         if mode == RECORD:
-            put_record(ctx, col, grp, (idx, mask, terms))
+            put_record(ctx, col, grp, (idx, mask, terms, blk))
     if idx is not None:
         rows = rows[idx]
     if "h_b" in streams and not replay:
         per = rows.reshape(rows.shape[0], h, d).transpose(0, 1)
         for i, st in enumerate(layers):
-            col._stager.feed(col._moments(st, "h_b", d, rows.device), per[i], mask)
+            col._stager.feed(col._moments(st, "h_b", d, rows.device), per[i], mask, blk)
     if "g_b" not in streams:
         return None
     if not (torch.is_grad_enabled() and requires_grad):
@@ -108,10 +111,11 @@ def on_heads(col, grp: HeadGroup, rows: torch.Tensor, mask, requires_grad: bool,
     for st in layers:
         st.grad_calls += 1
     ticket = Ticket(col, layers, rows.shape[0], mask)
-    return ms, idx, mask, terms, ticket
+    return ms, idx, mask, terms, ticket, blk
 
 
-def _head_grad_hook(col, ms: List[Moments], n_heads: int, idx, mask, terms, reshape, ticket):
+def _head_grad_hook(col, ms: List[Moments], n_heads: int, idx, mask, terms, reshape, ticket,
+                    blk=None):
     """Tensor hook on the split tensor: its gradient rows, split per head, are each head's g_b."""
     epoch = col._epoch
 
@@ -128,7 +132,7 @@ def _head_grad_hook(col, ms: List[Moments], n_heads: int, idx, mask, terms, resh
             d = gr.shape[-1] // n_heads
             per = gr.reshape(gr.shape[0], n_heads, d).transpose(0, 1)
             for i, m in enumerate(ms):
-                col._stager.feed(m, per[i], mask)
+                col._stager.feed(m, per[i], mask, blk)
         ticket.fired = True
         return None
     return hook
@@ -154,7 +158,8 @@ def _heads_hook(col, grp: HeadGroup):
         if res is not None:
             hook_once(y, _head_grad_hook(col, ms=res[0], n_heads=grp.n_heads, idx=res[1],
                                          mask=res[2], terms=res[3], ticket=res[4],
-                                         reshape=lambda g: g.reshape(-1, g.shape[-1])))
+                                         reshape=lambda g: g.reshape(-1, g.shape[-1]),
+                                         blk=res[5]))
         return None
     return hook
 
@@ -218,7 +223,7 @@ def _on_mha_out_proj(col, grp: HeadGroup, state: dict, inp: torch.Tensor,
     if res is not None:
         hook_once(inp, _head_grad_hook(col, ms=res[0], n_heads=grp.n_heads, idx=res[1],
                                        mask=res[2], terms=res[3], ticket=res[4],
-                                       reshape=lambda g: g))
+                                       reshape=lambda g: g, blk=res[5]))
     out_st = state["out"]
     if out_st is not None:
         on_layer(col, out_st, out_st.module, inp, out, rows_mask=mask, lead_known=True,

@@ -5,7 +5,11 @@ layers is stored under its first layer and stream, the others hold ``{"alias": [
 stream]}``), each layer's shared-input names, dims and counters, the step count, the state of the
 ``max_rows`` generator and the configuration; with ``raw_moments``, each layer's entry also has
 ``"raw": {"h_a_raw": state or None, "g_b_raw": state or None, "weight0": W̃ or None}`` (the raw
-streams are never shared); and the restore, in two halves:
+streams are never shared). With sub-states (``Collector(blocks=K)``, ``config["blocks"] =
+{"k": K, "by": "step" | "row"}``; None or absent without) every stored state is
+``{"dim": D, "blocks": [K Moments state dicts]}``, block i first to last. A state dict loads
+only into a collector with the same ``blocks`` configuration (one from before the option, which
+has none, loads into a collector without blocks). The restore comes in two halves:
 
 * :func:`plan_restore` checks everything (types, the configuration that changes the meaning of
   the states, layer names, streams, dims, aliases, counters, the generator state, and every
@@ -24,6 +28,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from ..moments import Moments
+from .blocks import Block, BlockClock, BlockedMoments
 from .layer import RAW_ATTR, RAW_STREAMS, STATE_ATTR, STREAMS, LayerStats, module_device
 
 __all__ = ["FORMAT", "state_dict", "Plan", "plan_restore", "apply", "snapshot", "restore"]
@@ -54,9 +59,9 @@ def state_dict(layers: Dict[str, LayerStats], steps: int, rng_state: torch.Tenso
                 entry[s] = {"alias": list(owner_of[id(m)])}
             else:
                 owner_of[id(m)] = (name, s)
-                entry[s] = m.state_dict()
+                entry[s] = _stored(m)
         if st.raw:
-            raw = {s: (None if m is None else m.state_dict()) for s, m in st.raw_moments().items()}
+            raw = {s: (None if m is None else _stored(m)) for s, m in st.raw_moments().items()}
             raw["weight0"] = None if st.raw_weight0 is None else st.raw_weight0.detach().cpu().clone()
             entry["raw"] = raw
         entry["shared"] = dict(st.shared)
@@ -65,6 +70,68 @@ def state_dict(layers: Dict[str, LayerStats], steps: int, rng_state: torch.Tenso
         out[name] = entry
     return {"format": FORMAT, "steps": steps, "rng": rng_state, "config": dict(config),
             "layers": out}
+
+
+def _stored(m: Moments) -> dict:
+    """A state as stored: its state dict, or ``{"dim", "blocks"}`` for a BlockedMoments."""
+    if isinstance(m, BlockedMoments):
+        return {"dim": m.dim, "blocks": [b.state_dict() for b in m.blocks]}
+    return m.state_dict()
+
+
+def _check_blocks_config(cfg: Mapping, clock: Optional[BlockClock]) -> None:
+    """The state dict's ``config["blocks"]`` must be this collector's."""
+    theirs = cfg.get("blocks")        # state dicts from before the option: no blocks
+    mine = None if clock is None else clock.config()
+    if theirs is not None:
+        theirs = _mapping(theirs, "config['blocks']")
+        if set(theirs) != {"k", "by"}:
+            raise ValueError(f"config['blocks'] must be {{'k': K, 'by': 'step'|'row'}}, got "
+                             f"{dict(theirs)!r}")
+        k, by = theirs["k"], theirs["by"]
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 2:
+            raise ValueError(f"config['blocks']['k'] must be an int >= 2, got {k!r}")
+        if by not in ("step", "row"):
+            raise ValueError(f"config['blocks']['by'] must be 'step' or 'row', got {by!r}")
+        theirs = {"k": int(k), "by": by}
+    if theirs != mine:
+        raise ValueError(f"state dict has blocks={theirs}, this collector {mine} (sub-states "
+                         f"cannot be made up or dropped on a restore)")
+
+
+def _load_state(e: Mapping, what: str, device, backend: Optional[str],
+                clock: Optional[BlockClock]) -> Moments:
+    """A stored state, checked and built (a BlockedMoments when the collector keeps blocks);
+    errors name ``what``."""
+    try:
+        if clock is None:
+            if "blocks" in e:
+                raise ValueError("holds sub-states (blocks), this collector keeps none")
+            return Moments.from_state_dict(e, device=device, backend=backend)
+        bl = e.get("blocks")
+        if not isinstance(bl, (list, tuple)):
+            raise ValueError(f"must hold 'blocks', a list of {clock.k} states (this collector "
+                             f"has blocks={clock.k}), got {type(bl).__name__}")
+        if len(bl) != clock.k:
+            raise ValueError(f"holds {len(bl)} blocks, this collector {clock.k}")
+        blocks = []
+        for i, b in enumerate(bl):
+            b = _mapping(b, f"['blocks'][{i}]")
+            if b.get("dim") != e.get("dim"):
+                raise ValueError(f"['blocks'][{i}]: dim {b.get('dim')!r}, the state's "
+                                 f"{e.get('dim')!r}")
+            try:
+                blocks.append(Block.from_state_dict(b, device=device, backend=backend))
+            except (TypeError, ValueError, KeyError) as err:
+                msg = err.args[0] if err.args else str(err)
+                raise type(err)(f"['blocks'][{i}]: {msg}") from None
+        if len({(b.normalize, b.dtype) for b in blocks}) != 1:
+            raise ValueError("its blocks differ in normalize or dtype")
+        return BlockedMoments(blocks, clock, device)
+    except (TypeError, ValueError, KeyError) as err:
+        msg = err.args[0] if err.args else str(err)
+        sep = "" if msg.startswith("[") else ": "
+        raise type(err)(f"{what}{sep}{msg}") from None
 
 
 # ------------------------------------------------------------------------- checks
@@ -102,9 +169,11 @@ class Plan:
 
 
 def plan_restore(layers: Dict[str, LayerStats], sd, strict: bool, *, normalize: bool,
-                 include_bias: bool, backend: Optional[str], raw_moments: bool = False) -> Plan:
+                 include_bias: bool, backend: Optional[str], raw_moments: bool = False,
+                 clock: Optional[BlockClock] = None) -> Plan:
     """Check ``sd`` against ``layers`` and build every new state (Moments on each module's
-    device, with ``backend``); nothing is changed. ``strict``: the layer names must be the
+    device, with ``backend``; BlockedMoments on ``clock`` when the collector keeps blocks);
+    nothing is changed. ``strict``: the layer names must be the
     same on both sides (else layers missing on either side are left out).
     Raises ``TypeError``/``ValueError``/``KeyError`` naming the offending field."""
     sd = _mapping(sd, "state dict")
@@ -130,6 +199,7 @@ def plan_restore(layers: Dict[str, LayerStats], sd, strict: bool, *, normalize: 
     if raw_cfg != raw_moments:
         raise ValueError(f"state dict has raw_moments={raw_cfg}, this collector {raw_moments} "
                          f"(the raw states would not count the same rows as the others)")
+    _check_blocks_config(cfg, clock)
     entries = _mapping(sd["layers"], "layers")
     for name in entries:
         if not isinstance(name, str):
@@ -202,7 +272,7 @@ def plan_restore(layers: Dict[str, LayerStats], sd, strict: bool, *, normalize: 
                 e = ("alias", (a[0], a[1]))
             wanted.append((st, s, e))
         vals["dims"] = new_dims
-        vals.update(_plan_raw(st, entry, what, backend))
+        vals.update(_plan_raw(st, entry, what, backend, clock))
         new_vals[st] = vals
 
     # pass 2: build every Moments (each stored state once; aliases share it)
@@ -216,12 +286,8 @@ def plan_restore(layers: Dict[str, LayerStats], sd, strict: bool, *, normalize: 
                                      or d != want):    # before anything is allocated
                 raise ValueError(f"layers[{key[0]!r}][{key[1]!r}]: state dim {d!r}, layer "
                                  f"{st.name!r} has {want}")
-            try:
-                m = Moments.from_state_dict(raw[key], device=module_device(st.module),
-                                            backend=backend)
-            except (TypeError, ValueError, KeyError) as err:
-                msg = err.args[0] if err.args else str(err)
-                raise type(err)(f"layers[{key[0]!r}][{key[1]!r}]: {msg}") from None
+            m = _load_state(raw[key], f"layers[{key[0]!r}][{key[1]!r}]",
+                            module_device(st.module), backend, clock)
             if m.normalize != normalize:
                 raise ValueError(f"layers[{key[0]!r}][{key[1]!r}]: normalize={m.normalize}, "
                                  f"this collector {normalize}")
@@ -243,7 +309,8 @@ def plan_restore(layers: Dict[str, LayerStats], sd, strict: bool, *, normalize: 
     return Plan(steps, rng, new_vals)
 
 
-def _plan_raw(st: LayerStats, entry: Mapping, what: str, backend: Optional[str]) -> dict:
+def _plan_raw(st: LayerStats, entry: Mapping, what: str, backend: Optional[str],
+              clock: Optional[BlockClock] = None) -> dict:
     """The raw states of one layer's entry, checked and built (nothing changed): a layer with
     raw streams needs ``entry["raw"]``, one without must not have it."""
     e = entry.get("raw")
@@ -268,11 +335,7 @@ def _plan_raw(st: LayerStats, entry: Mapping, what: str, backend: Optional[str])
             want, d = st.raw_dims[s], r.get("dim")
             if isinstance(d, bool) or not isinstance(d, numbers.Integral) or d != want:
                 raise ValueError(f"{what}['raw'][{s!r}]: state dim {d!r}, layer has {want}")
-            try:
-                m = Moments.from_state_dict(r, device=dev, backend=backend)
-            except (TypeError, ValueError, KeyError) as err:
-                msg = err.args[0] if err.args else str(err)
-                raise type(err)(f"{what}['raw'][{s!r}]: {msg}") from None
+            m = _load_state(r, f"{what}['raw'][{s!r}]", dev, backend, clock)
             if m.normalize:
                 raise ValueError(f"{what}['raw'][{s!r}]: normalize=True, raw states are not "
                                  f"normalized")

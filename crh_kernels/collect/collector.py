@@ -128,10 +128,29 @@ state again as the four streams, and 1.4–1.9× the collector's time per step; 
 (measured in NOTES.md, "Raw moments").
 ``normalize=False, include_bias=True`` already makes H_a and G_b raw: the report uses them
 without the option.
+
+Sub-states (``blocks=K``)
+-------------------------
+Every stream of every layer (raw streams and heads too) is kept as K disjoint sub-states
+(:class:`.blocks.BlockedMoments`); ``st.H_a`` etc. read as one Moments, the exact merge of the K
+blocks (built on the first read after a change, kept until the next), so every point estimate is
+the one without blocks, up to rounding. ``block_by="step"``: all rows of a collected step go to
+block ``(steps // every) mod K`` (round robin: each block sees the whole run; gradient rows go to
+the block of their forward pass, even after a ``step()``); one update per call per stream, as
+without blocks. ``block_by="row"``: each call's rows are cut into K contiguous slices, the same
+cut in every stream of the call (for one large batch). ``LayerStats.leave_one_out()`` gives K
+views of the layer, view i with every state the merge of all blocks but i (the jackknife's
+input). ``state_dict`` stores the blocks, ``sync`` merges block i with block i across ranks,
+``reset`` clears them; ``meta["blocks"] = {"k": K, "by": ...}``. Cost: K times the memory of the
+states (``memory_plan``, ``nbytes``), plus one merged state per stream while it is read and K
+more once the leave-one-out views are read; a merged read costs K merges of D×D, the
+leave-one-out states K·(K − 1). The row stager keeps one buffer per block (``stage_bytes``
+bounds them all together).
 """
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -139,12 +158,24 @@ import torch.nn as nn
 
 from ..moments import Moments
 from . import attention, checkpoint, hooks
+from .blocks import BlockClock, BlockedMoments
 from .layer import RAW_ATTR, STATE_ATTR, STREAMS, LayerStats, module_device
 from .selection import build_layers, memory_plan
 from .series import AlphaSeries
 from .staging import RowStager
 
-__all__ = ["Collector", "LayerStats", "STREAMS"]
+__all__ = ["Collector", "LayerStats", "STREAMS", "MONITOR_PRESETS"]
+
+#: The sampling of :meth:`Collector.monitor` per preset (issue 16, "monitoring mode"): which steps
+#: are collected (``every``), how many rows of each call are kept (``max_rows``) and how many
+#: sub-states give the standard errors (``blocks``, round robin over the collected steps). The
+#: step overhead and the α standard error of each were measured by ``bench/bench_monitor.py``
+#: (NOTES.md, "Monitoring presets").
+MONITOR_PRESETS: Dict[str, Dict[str, Optional[int]]] = {
+    "full": {"every": 1, "max_rows": None, "blocks": 8},
+    "default": {"every": 32, "max_rows": 1024, "blocks": 8},
+    "light": {"every": 64, "max_rows": 256, "blocks": 8},
+}
 
 
 class Collector:
@@ -193,9 +224,18 @@ class Collector:
             for which ``H_b = W̃ H̃_a W̃ᵀ`` and ``G̃_a = W̃ᵀ G_b W̃`` hold exactly: the report's
             exponents and phases use them (module doc "Raw moments"). Two more states per
             layer; off by default.
+        blocks: None (default), or K >= 2: keep every stream of every layer (the raw streams
+            too) as K disjoint sub-states, merged exactly for every read
+            (:class:`~.blocks.BlockedMoments`), so that ``LayerStats.leave_one_out()`` gives
+            the merges of all blocks but one, from which the report's standard errors come
+            (module doc "Sub-states"). K times the memory of the states.
+        block_by: which block the rows go to: ``"step"`` (default; round robin over the
+            collected steps: block ``(steps // every) mod K``) or ``"row"`` (each call's rows
+            cut into K contiguous slices: for one large batch or one measurement step).
     """
 
     STREAMS = STREAMS
+    MONITOR_PRESETS = MONITOR_PRESETS
 
     def __init__(self, model: nn.Module, modules=None, streams: Sequence[str] = STREAMS,
                  normalize: bool = True, every: int = 1, max_rows: Optional[int] = None,
@@ -204,7 +244,8 @@ class Collector:
                  mask: Optional[torch.Tensor] = None, *, loss_terms=None,
                  g_a_source: str = "auto", state_dtype: torch.dtype = torch.float32,
                  seed: int = 0, stage_rows: int = 4096, stage_bytes: int = 256 << 20,
-                 alpha_every: Optional[int] = None, raw_moments: bool = False):
+                 alpha_every: Optional[int] = None, raw_moments: bool = False,
+                 blocks: Optional[int] = None, block_by: str = "step"):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         streams = tuple(streams)
@@ -224,6 +265,11 @@ class Collector:
             raise TypeError(f"state_dtype must be torch.float32 or torch.float64, got {state_dtype}")
         if not isinstance(raw_moments, bool):
             raise TypeError(f"raw_moments must be a bool, got {raw_moments!r}")
+        if blocks is not None and (isinstance(blocks, bool) or not isinstance(blocks, int)
+                                   or blocks < 2):
+            raise ValueError(f"blocks must be an int >= 2 or None, got {blocks!r}")
+        if block_by not in ("step", "row"):
+            raise ValueError(f"block_by must be 'step' or 'row', got {block_by!r}")
         self.model = model
         self.streams = tuple(s for s in STREAMS if s in streams)
         self.normalize = bool(normalize)
@@ -245,6 +291,12 @@ class Collector:
         if raw_moments:
             for st in self._layers.weight_layers.values():
                 st.enable_raw()
+        self.blocks = blocks
+        self.block_by = block_by
+        self._clock = None if blocks is None else BlockClock(blocks, block_by,
+                                                             _step_index(self))
+        for st in self._layers.all.values():
+            st.n_blocks = blocks
         self._handles: list = []
         self._running = False
         self._collecting = False
@@ -260,6 +312,23 @@ class Collector:
         if loss_terms is not None:
             self.set_loss_terms(loss_terms)
 
+    @classmethod
+    def monitor(cls, model: nn.Module, preset: str = "default", **kwargs) -> "Collector":
+        """A collector for watching a long training run: the sampling of ``preset`` (one of
+        :data:`MONITOR_PRESETS`: ``"light"``, ``"default"``, ``"full"``; ``every``, ``max_rows``
+        and ``blocks``, round robin over the collected steps, so that the report carries
+        standard errors), every other argument as for :class:`Collector`; any keyword given
+        overrides the preset's. Start it and call ``step()`` once per training step as usual.
+
+        The presets trade the time added to each training step against the α standard error
+        of the report; ``bench/bench_monitor.py`` measures both (NOTES.md, "Monitoring
+        presets", and docs/usage.md, "Monitoring a long run")."""
+        if preset not in MONITOR_PRESETS:
+            raise ValueError(f"preset must be one of {sorted(MONITOR_PRESETS)}, got {preset!r}")
+        cfg = dict(MONITOR_PRESETS[preset])
+        cfg.update(kwargs)
+        return cls(model, **cfg)
+
     # ---------------------------------------------------------------- memory
     def memory_plan(self, model: Optional[nn.Module] = None) -> List[Tuple[str, str, Optional[tuple], int]]:
         """``[(layer name, stream, state shape, bytes)]`` from module shapes alone (nothing needs
@@ -268,21 +337,25 @@ class Collector:
         if model is not None and model is not self.model:
             other = Collector(model, self._modules_arg, self.streams, self.normalize,
                               include_bias=self.include_bias, heads=self.heads,
-                              state_dtype=self.state_dtype, raw_moments=self.raw_moments)
+                              state_dtype=self.state_dtype, raw_moments=self.raw_moments,
+                              blocks=self.blocks)
             return other.memory_plan()
-        return memory_plan(self._layers.all, self.state_dtype)
+        return memory_plan(self._layers.all, self.state_dtype, self.blocks or 1)
 
     @classmethod
     def estimate_bytes(cls, model: nn.Module, modules=None, streams: Sequence[str] = STREAMS,
                        include_bias: bool = False, heads: Optional[Dict[str, int]] = None,
-                       state_dtype: torch.dtype = torch.float32, raw_moments: bool = False) -> int:
-        """Total bytes of the Moments states a Collector with these arguments would hold."""
+                       state_dtype: torch.dtype = torch.float32, raw_moments: bool = False,
+                       blocks: Optional[int] = None) -> int:
+        """Total bytes of the Moments states a Collector with these arguments would hold
+        (``blocks=K``: K sub-states per stream)."""
         col = cls(model, modules, streams, include_bias=include_bias, heads=heads,
-                  state_dtype=state_dtype, raw_moments=raw_moments)
+                  state_dtype=state_dtype, raw_moments=raw_moments, blocks=blocks)
         return sum(b for *_, b in col.memory_plan())
 
     def nbytes(self) -> int:
-        """Bytes held now by the Moments states (shared ones counted once)."""
+        """Bytes held now by the Moments states (shared ones counted once; with ``blocks=K``
+        the K sub-states of each, not the merged views built on read)."""
         return sum(m.nbytes() for m in self._unique_moments())
 
     # ------------------------------------------------------------- life cycle
@@ -428,14 +501,23 @@ class Collector:
 
     def _moments(self, st: LayerStats, stream: str, dim: int, device) -> Moments:
         """The Moments of ``st``'s stream (a raw stream too: never normalized), made on first
-        use."""
+        use (a :class:`~.blocks.BlockedMoments` of K blocks with ``blocks=K``)."""
         attr = STATE_ATTR.get(stream) or RAW_ATTR[stream]
         m = getattr(st, attr)
         if m is None:
-            m = Moments(dim, normalize=self.normalize and stream in STATE_ATTR, device=device,
-                        backend=self.backend, dtype=self.state_dtype)
+            normalize = self.normalize and stream in STATE_ATTR
+            if self._clock is not None:
+                m = BlockedMoments.new(dim, self._clock, normalize=normalize, device=device,
+                                       backend=self.backend, dtype=self.state_dtype)
+            else:
+                m = Moments(dim, normalize=normalize, device=device, backend=self.backend,
+                            dtype=self.state_dtype)
             setattr(st, attr, m)
         return m
+
+    def _block_now(self) -> Optional[int]:
+        """The sub-state block of a call made now (``block_by="step"``), else None."""
+        return None if self._clock is None else self._clock.now
 
     def _unique_moments(self, create: bool = False) -> List[Moments]:
         out, seen = [], set()
@@ -479,8 +561,15 @@ class Collector:
                 m = getattr(st, attr)
                 if m is not None:
                     names.setdefault(id(m), f"{st.name}.{attr}")
-        all_reduce_moments(states, group=group, names=[names[id(m)] for m in states],
-                           timeout=timeout)
+        flat, flat_names = [], []
+        for m in states:
+            if isinstance(m, BlockedMoments):     # block i with block i of every rank
+                flat.extend(m.blocks)
+                flat_names.extend(f"{names[id(m)]}.block{i}" for i in range(m.k))
+            else:
+                flat.append(m)
+                flat_names.append(names[id(m)])
+        all_reduce_moments(flat, group=group, names=flat_names, timeout=timeout)
 
     def reset(self) -> None:
         """Forget all rows (states, shared-input aliases, counters) but keep hooks and config.
@@ -543,6 +632,7 @@ class Collector:
             "rows_without_grad": lost, "notes": notes,
             "alpha_every": None if self._series is None else self._series.every,
             "raw_moments": self.raw_moments,
+            "blocks": None if self._clock is None else self._clock.config(),
         }
 
     # ------------------------------------------------------------ checkpoints
@@ -554,7 +644,8 @@ class Collector:
         config = {"streams": list(self.streams), "normalize": self.normalize,
                   "every": self.every, "max_rows": self.max_rows,
                   "include_bias": self.include_bias, "loss_reduction": self.loss_reduction,
-                  "g_a_source": self.g_a_source, "raw_moments": self.raw_moments}
+                  "g_a_source": self.g_a_source, "raw_moments": self.raw_moments,
+                  "blocks": None if self._clock is None else self._clock.config()}
         sd = checkpoint.state_dict(self._layers.all, self.steps, self._gen.get_state(), config)
         if self._series is not None:
             sd["alpha_series"] = self._series.to_dict()
@@ -575,7 +666,7 @@ class Collector:
         self._shared.resolve_all()   # a restore between the calls of layers sharing an input
         plan = checkpoint.plan_restore(self._layers.all, sd, strict, normalize=self.normalize,
                                        include_bias=self.include_bias, backend=self.backend,
-                                       raw_moments=self.raw_moments)
+                                       raw_moments=self.raw_moments, clock=self._clock)
         series = self._series
         if series is not None:
             series = AlphaSeries(series.every)
@@ -611,3 +702,14 @@ class Collector:
             kinds[st.kind] = kinds.get(st.kind, 0) + 1
         return (f"Collector({len(self._layers.all)} layers {kinds}, streams={self.streams}, "
                 f"steps={self.steps}, every={self.every}, running={self._running})")
+
+
+def _step_index(col: Collector):
+    """``steps // every`` of ``col`` (None once it is gone), for its :class:`BlockClock`: the
+    states would otherwise keep the collector alive."""
+    ref = weakref.ref(col)
+
+    def index():
+        c = ref()
+        return None if c is None else c.steps // c.every
+    return index

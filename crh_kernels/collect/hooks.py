@@ -14,7 +14,10 @@ The functions receive the :class:`~crh_kernels.collect.Collector` explicitly and
 part of it: the flags ``_collecting`` (forward hooks) and ``_running`` (tensor hooks), the
 generation ``_epoch`` (tensor hooks of an earlier generation, from before a ``reset`` or a
 ``load_state_dict``, are inert), the row policy ``_row_mask``, ``_subsample`` and
-``_grad_scale``, ``_moments`` (the Moments of a stream, made on first use), the stager
+``_grad_scale``, ``_moments`` (the Moments of a stream, made on first use), ``_block_now``
+(the sub-state block of a call, ``Collector(blocks=K)``: captured at the forward pass and
+carried to the gradient hooks, the shared input's contribution and a reentrant checkpoint's
+record, so that H and G of a call land in the same block), the stager
 ``_stager``, ``_shared`` (a :class:`SharedInputs`), ``_mask`` (its identity only) and
 ``g_a_source``.
 
@@ -37,6 +40,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..moments import Moments
+from .blocks import copy_moments
 from .layer import STATE_ATTR, LayerStats
 
 __all__ = ["first_tensor", "hook_once", "SharedInputs", "Contribution", "Ticket", "call_mode",
@@ -187,9 +191,10 @@ class Contribution:
     """
 
     __slots__ = ("serial", "key", "ref", "mask_src", "streams", "idx", "mask", "terms",
-                 "claimants", "done", "rows", "epoch", "tickets", "adapter", "module")
+                 "claimants", "done", "rows", "epoch", "tickets", "adapter", "module", "block")
 
-    def __init__(self, key, x, mask_src, streams, idx, mask, terms, epoch, adapter, module):
+    def __init__(self, key, x, mask_src, streams, idx, mask, terms, epoch, adapter, module,
+                 block=None):
         self.serial = next(_serials)
         self.key = key
         self.ref = weakref.ref(x)
@@ -205,6 +210,7 @@ class Contribution:
         self.tickets: List[Ticket] = []              # calls whose gradient is this one's
         self.adapter = adapter
         self.module = module
+        self.block = block                           # the sub-state block of its step
 
 
 class _IdMap:
@@ -313,9 +319,9 @@ class SharedInputs:
             return key, None
         return key, c
 
-    def open(self, col, key, x, streams, idx, mask, terms, st) -> Contribution:
+    def open(self, col, key, x, streams, idx, mask, terms, st, block=None) -> Contribution:
         c = Contribution(key, x, col._mask, streams, idx, mask, terms, col._epoch, st.adapter,
-                         st.module)
+                         st.module, block)
         if len(self._seen) > 512:
             self._seen = {k: v for k, v in self._seen.items() if v.ref() is not None}
         self._seen[key] = c
@@ -383,7 +389,7 @@ class SharedInputs:
     def _commit(self, c: Contribution, s: str, m: Moments, rows) -> None:
         content = c.serial if self._empty(m) else _MIXED
         if s == "h_a":
-            self.stager.feed(m, rows(), c.mask)
+            self.stager.feed(m, rows(), c.mask, c.block)
         self._content[m] = content
         c.done[s].append(m)
 
@@ -409,7 +415,7 @@ class SharedInputs:
     def _split(self, m: Moments, leave: List[LayerStats], stay: List[LayerStats], attr: str):
         """Holders ``leave`` continue on a copy of ``m``; ``stay`` keep ``m``."""
         self.stager.flush_one(m)
-        m2 = Moments.from_state_dict(m.state_dict(), device=m.device, backend=m.backend)
+        m2 = copy_moments(m)
         if m in self._content:
             self._content[m2] = self._content.get(m)
         s = next(k for k, a in STATE_ATTR.items() if a == attr)
@@ -513,15 +519,16 @@ def on_layer(col, st: LayerStats, module, x: torch.Tensor, y: torch.Tensor,
     if cs:
         key, c = col._shared.lookup(col, st, x, cs)
     if replay:
-        idx, mask, full_mask = rec
+        idx, mask, full_mask, blk = rec
     else:
+        blk = col._block_now()      # the sub-state block of this call (blocks="step")
         full_mask = rows_mask if lead_known else col._row_mask(lead, y.device, st)
         if c is not None:
             idx, mask = c.idx, c.mask              # the rows its first claimant kept
         else:
             idx, mask = choose_rows(col, r, y.device, full_mask)
         if mode == RECORD:
-            put_record(ctx, col, st, (idx, mask, full_mask))
+            put_record(ctx, col, st, (idx, mask, full_mask, blk))
     if idx is not None:
         yr = yr[idx]
     terms = (r, full_mask)
@@ -531,7 +538,7 @@ def on_layer(col, st: LayerStats, module, x: torch.Tensor, y: torch.Tensor,
     if cs:
         new = c is None
         if new:
-            c = col._shared.open(col, key, x, cs, idx, mask, terms, st)
+            c = col._shared.open(col, key, x, cs, idx, mask, terms, st, blk)
 
         def rows_fn():
             xr = ad.input_rows(module, x.detach())
@@ -546,9 +553,9 @@ def on_layer(col, st: LayerStats, module, x: torch.Tensor, y: torch.Tensor,
         if new and "g_a" in cs:
             hook_once(x, _input_grad_hook(col, c))
     if "h_b" in streams and not replay:
-        col._stager.feed(col._moments(st, "h_b", st.dims["h_b"], y.device), yr, mask)
+        col._stager.feed(col._moments(st, "h_b", st.dims["h_b"], y.device), yr, mask, blk)
     if raw and not replay:
-        _feed_raw_h_a(col, st, module, x, idx, mask, made[0] if made else None)
+        _feed_raw_h_a(col, st, module, x, idx, mask, made[0] if made else None, blk)
     if not grad_ok:
         return
     st.grad_calls += 1
@@ -562,14 +569,15 @@ def on_layer(col, st: LayerStats, module, x: torch.Tensor, y: torch.Tensor,
     ticket = Ticket(col, [st], r if idx is None else idx.shape[0], mask)
     if gb_m is not None or ga_m is not None or raw_m is not None:
         hook_once(y, _output_grad_hook(col, st, module, gb_m, ga_m, idx, mask, terms, ticket,
-                                       raw_m))
+                                       raw_m, blk))
     elif c is not None and "g_a" in c.streams:
         c.tickets.append(ticket)       # its gradient is the input hook's
     else:
         ticket.fired = True
 
 
-def _feed_raw_h_a(col, st: LayerStats, module, x: torch.Tensor, idx, mask, rows=None) -> None:
+def _feed_raw_h_a(col, st: LayerStats, module, x: torch.Tensor, idx, mask, rows=None,
+                  blk=None) -> None:
     """The call's raw rows ``(h_a, 1)`` into ``H_a_raw`` (the 1 where the module has a bias);
     the first such rows of the states also keep ``W̃`` (``st.raw_weight0``). ``rows``: this
     call's h_a rows if the h_a stream made them (no second ``unfold`` of a conv's input)."""
@@ -582,7 +590,7 @@ def _feed_raw_h_a(col, st: LayerStats, module, x: torch.Tensor, idx, mask, rows=
             xr = xr[idx]
     if xr.shape[-1] != d:            # the bias column
         xr = torch.cat([xr, xr.new_ones(xr.shape[0], 1)], dim=1)
-    col._stager.feed(col._moments(st, "h_a_raw", d, x.device), xr, mask)
+    col._stager.feed(col._moments(st, "h_a_raw", d, x.device), xr, mask, blk)
     if st.raw_weight0 is None:
         st.raw_weight0 = st.raw_weight().clone()
 
@@ -603,7 +611,7 @@ def _input_grad_hook(col, c: Contribution):
             if scale is not None:
                 gr = gr * scale
             for m in col._shared.targets(c, "g_a"):
-                col._stager.feed(m, gr, c.mask)
+                col._stager.feed(m, gr, c.mask, c.block)
             for t in c.tickets:
                 t.fired = True
         return None
@@ -611,9 +619,10 @@ def _input_grad_hook(col, c: Contribution):
 
 
 def _output_grad_hook(col, st: LayerStats, module, gb_m, ga_m, idx, mask, terms, ticket,
-                      raw_m=None):
+                      raw_m=None, blk=None):
     """Tensor hook on the layer's output: its gradient rows are g_b, and ``g_b @ W`` is g_a
-    where ``ga_m`` is given; ``raw_m``: also the per-sample g_b rows into ``G_b_raw``."""
+    where ``ga_m`` is given; ``raw_m``: also the per-sample g_b rows into ``G_b_raw``.
+    ``blk``: the sub-state block of the forward call (its gradient rows go there too)."""
     ad = st.adapter
     epoch = col._epoch
 
@@ -627,13 +636,13 @@ def _output_grad_hook(col, st: LayerStats, module, gb_m, ga_m, idx, mask, terms,
             scale = col._grad_scale(terms)
             if raw_m is not None:
                 raw_scale = scale if not col.normalize else col._grad_scale(terms, raw=True)
-                col._stager.feed(raw_m, gr if raw_scale is None else gr * raw_scale, mask)
+                col._stager.feed(raw_m, gr if raw_scale is None else gr * raw_scale, mask, blk)
             if scale is not None:
                 gr = gr * scale
             if gb_m is not None:
-                col._stager.feed(gb_m, gr, mask)
+                col._stager.feed(gb_m, gr, mask, blk)
             if ga_m is not None:
-                col._stager.feed(ga_m, ad.g_a_from_g_b(module, gr, st.bias_col), mask)
+                col._stager.feed(ga_m, ad.g_a_from_g_b(module, gr, st.bias_col), mask, blk)
         ticket.fired = True
         return None
     return hook

@@ -22,14 +22,16 @@ import torch.nn as nn
 
 from ..moments import Moments
 from .adapters import Adapter
+from .blocks import BlockedMoments
 
-__all__ = ["STREAMS", "STATE_ATTR", "RAW_STREAMS", "RAW_ATTR", "LayerStats", "HeadGroup",
-           "module_device"]
+__all__ = ["STREAMS", "STATE_ATTR", "RAW_STREAMS", "RAW_ATTR", "LayerStats", "LeaveOneOut",
+           "HeadGroup", "module_device"]
 
 STREAMS = ("h_a", "h_b", "g_a", "g_b")
 STATE_ATTR = {"h_a": "H_a", "h_b": "H_b", "g_a": "G_a", "g_b": "G_b"}
 RAW_STREAMS = ("h_a_raw", "g_b_raw")
 RAW_ATTR = {"h_a_raw": "H_a_raw", "g_b_raw": "G_b_raw"}
+_ALL_ATTRS = tuple(STATE_ATTR.values()) + tuple(RAW_ATTR.values())
 
 
 def module_device(module: nn.Module) -> Optional[torch.device]:
@@ -60,6 +62,9 @@ class LayerStats:
         H_a_raw, G_b_raw: the raw streams' Moments (unnormalized rows; None until a row came).
         raw_weight0: ``W̃`` when the first raw row of these states came (None before), to tell
             whether W changed while the raw moments accumulated.
+        n_blocks: K when the collector keeps sub-states (``Collector(blocks=K)``: every Moments
+            above is then a :class:`~.blocks.BlockedMoments`, the exact merge of its K blocks),
+            else None. See :meth:`leave_one_out`.
         forward_calls, grad_calls, forward_only_calls, unmasked_calls: bookkeeping counters.
         calls_without_grad, rows_without_grad: calls made with gradients enabled whose
             gradient rows never reached the collector (the step was aborted between forward
@@ -91,6 +96,8 @@ class LayerStats:
         self.H_a_raw: Optional[Moments] = None
         self.G_b_raw: Optional[Moments] = None
         self.raw_weight0: Optional[torch.Tensor] = None
+        self.n_blocks: Optional[int] = None
+        self._loo = None          # (key of the states it was built from, [LeaveOneOut])
         self.forward_calls = 0
         self.grad_calls = 0
         self.forward_only_calls = 0
@@ -148,6 +155,46 @@ class LayerStats:
             return None
         return (w.cpu() if w.device.type == "mps" else w).double()   # MPS has no float64
 
+    # ---------------------------------------------------------- sub-states
+    def leave_one_out(self) -> Optional[List["LeaveOneOut"]]:
+        """None without sub-states; else K :class:`LeaveOneOut` views, view i a LayerStats
+        whose every Moments (the four streams and the raw ones) is the exact merge of all
+        blocks but block i, and whose weight is the current W (weights are not blocked).
+
+        Built lazily: a view's states are merged when first read, each stream's K merges at
+        once (O(K²·D²)), and kept until that stream changes; calling again before any change
+        returns the same views. Read it on ``col.layers[name]`` (staged rows flushed), as for
+        the states themselves. :meth:`release_leave_one_out` frees the merges."""
+        if self.n_blocks is None:
+            return None
+        key = tuple((id(m), m._version) if isinstance(m, BlockedMoments) else id(m)
+                    for m in (getattr(self, a) for a in _ALL_ATTRS))
+        loo = self._loo
+        if loo is not None and loo[0] == key:
+            return loo[1]
+        views = [LeaveOneOut(self, i) for i in range(self.n_blocks)]
+        self._loo = (key, views)
+        return views
+
+    def release_leave_one_out(self) -> None:
+        """Free the leave-one-out merges (and the merged views) of this layer's states; they
+        are built again when read."""
+        self._loo = None
+        for a in _ALL_ATTRS:
+            m = getattr(self, a)
+            if isinstance(m, BlockedMoments):
+                m.release()
+
+    def block_counts(self) -> Dict[str, List[int]]:
+        """``{stream: rows counted per block}`` of the streams that hold blocks (empty without
+        sub-states)."""
+        out = {}
+        for s, a in list(STATE_ATTR.items()) + list(RAW_ATTR.items()):
+            m = getattr(self, a)
+            if isinstance(m, BlockedMoments):
+                out[s] = m.block_counts()
+        return out
+
     # ---------------------------------------------------------- bookkeeping
     @property
     def rows_without_grad(self) -> int:
@@ -174,6 +221,7 @@ class LayerStats:
         """Forget every state, shared-input alias and counter (the configuration stays)."""
         self.H_a = self.H_b = self.G_a = self.G_b = None
         self.H_a_raw = self.G_b_raw = self.raw_weight0 = None
+        self._loo = None
         self.shared = {}
         self.forward_calls = self.grad_calls = self.forward_only_calls = self.unmasked_calls = 0
         self.calls_without_grad = 0
@@ -182,6 +230,47 @@ class LayerStats:
     def __repr__(self) -> str:
         ns = {s: (m.n if m is not None else None) for s, m in self.moments().items()}
         return f"LayerStats({self.name!r}, kind={self.kind!r}, n={ns})"
+
+
+def _loo_state(attr: str):
+    def get(self):
+        m = self._states[attr]
+        return m.leave_one_out()[self.block] if isinstance(m, BlockedMoments) else m
+    return property(get, doc=f"{attr} without block i (a plain Moments, or None)")
+
+
+class LeaveOneOut(LayerStats):
+    """What a :class:`LayerStats` exposes, with every state the merge of all blocks but one
+    (:meth:`LayerStats.leave_one_out`). ``block``: the block left out; ``source``: the
+    LayerStats. Everything else (name, kind, dims, streams, shared, parent, head, the module,
+    ``weight()``, ``raw_weight()``, ``Z_a()``, ``Z_b()``, counters) is the source's; its
+    states are read only."""
+
+    H_a = _loo_state("H_a")
+    H_b = _loo_state("H_b")
+    G_a = _loo_state("G_a")
+    G_b = _loo_state("G_b")
+    H_a_raw = _loo_state("H_a_raw")
+    G_b_raw = _loo_state("G_b_raw")
+
+    def __init__(self, source: LayerStats, block: int):   # noqa: no super().__init__: a view
+        d = {k: v for k, v in source.__dict__.items() if k not in _ALL_ATTRS and k != "_loo"}
+        d["dims"], d["shared"], d["raw_dims"] = dict(source.dims), dict(source.shared), dict(source.raw_dims)
+        d["_without_grad"] = [source.rows_without_grad]
+        self.__dict__.update(d)
+        self._states = {a: getattr(source, a) for a in _ALL_ATTRS}
+        self._loo = None
+        self.source = source
+        self.block = int(block)
+
+    def leave_one_out(self):
+        raise TypeError("a leave-one-out view has no blocks of its own")
+
+    def clear(self) -> None:
+        raise TypeError("a leave-one-out view is read only")
+
+    def __repr__(self) -> str:
+        return f"LeaveOneOut({self.name!r}, block={self.block}, kind={self.kind!r})"
 
 
 class HeadGroup:

@@ -164,11 +164,12 @@ def build_layers(model: nn.Module, modules, streams: Sequence[str], heads: Dict[
     return out
 
 
-def memory_plan(layers: Dict[str, LayerStats], state_dtype: torch.dtype
+def memory_plan(layers: Dict[str, LayerStats], state_dtype: torch.dtype, blocks: int = 1
                 ) -> List[Tuple[str, str, Optional[tuple], int]]:
     """``[(layer name, stream, state shape, bytes)]`` of a ``(D,)`` mean plus a ``(D, D)``
-    scatter per stream (the raw streams too, after a layer's own); a stream whose D is not
-    known yet has shape None and 0 bytes."""
+    scatter per stream (the raw streams too, after a layer's own), times ``blocks`` (the
+    sub-states of ``Collector(blocks=K)``); a stream whose D is not known yet has shape None
+    and 0 bytes."""
     item = torch.empty((), dtype=state_dtype).element_size()
     plan = []
     for name, st in layers.items():
@@ -176,5 +177,5 @@ def memory_plan(layers: Dict[str, LayerStats], state_dtype: torch.dtype
             if d is None:
                 plan.append((name, s, None, 0))
             else:
-                plan.append((name, s, (d, d), item * (d + d * d)))
+                plan.append((name, s, (d, d), blocks * item * (d + d * d)))
     return plan

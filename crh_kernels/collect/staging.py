@@ -15,6 +15,10 @@ Where the Moments' backend declares the ``row_staging`` capability (the C++ CPU 
 copy does pass 1 of the update on the way, while the rows are in cache (row status, masked /
 skipped / valid, and scale; the sum for the mean): the flush then starts at the product
 (``Moments.update_staged``) instead of reading the whole buffer back from memory once more.
+
+Sub-states (``Collector(blocks=K)``): rows fed for a :class:`~.blocks.BlockedMoments` are routed
+to its blocks first and each block has its own buffer, so rows gathered in one step never reach
+the block of a later one.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from typing import Callable, Dict, Optional, Union
 import torch
 
 from ..moments import Moments
+from .blocks import BlockedMoments, parts
 
 
 class _Buffer:
@@ -113,7 +118,19 @@ class RowStager:
         """Rows gathered but not yet in any state."""
         return sum(b.filled for b in self._bufs.values())
 
-    def feed(self, m: Moments, x: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
+    def feed(self, m: Moments, x: torch.Tensor, mask: Optional[torch.Tensor],
+             block: Optional[int] = None) -> None:
+        """Gather the rows ``x`` (mask ``mask``) of one call for ``m``. A
+        :class:`~.blocks.BlockedMoments` hands them to its blocks (:meth:`~.blocks.BlockedMoments.route`;
+        ``block``: the block of a ``"step"`` call, fixed when its forward pass ran), each block
+        staged on its own: rows never wait in another block's buffer."""
+        if isinstance(m, BlockedMoments):
+            for b, xs, ms in m.route(x, mask, block):
+                self._feed(b, xs, ms)
+            return
+        self._feed(m, x, mask)
+
+    def _feed(self, m: Moments, x: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
         buf = self._bufs.get(id(m))
         if buf is not None and (buf.x.dtype != x.dtype or buf.x.device != x.device
                                 or x.dim() != 2 or buf.x.shape[1] != x.shape[1]):
@@ -151,15 +168,19 @@ class RowStager:
             buf.drain()
 
     def holds(self, m: Moments) -> bool:
-        """Whether rows for ``m`` are gathered and not yet in its state."""
-        buf = self._bufs.get(id(m))
-        return buf is not None and buf.moments is m and buf.filled > 0
+        """Whether rows for ``m`` (one of its blocks) are gathered and not yet in its state."""
+        for p in parts(m):
+            buf = self._bufs.get(id(p))
+            if buf is not None and buf.moments is p and buf.filled > 0:
+                return True
+        return False
 
     def flush_one(self, m: Moments) -> None:
-        """Put the rows gathered for ``m`` into its state."""
-        buf = self._bufs.get(id(m))
-        if buf is not None and buf.moments is m:
-            self._flush(buf)
+        """Put the rows gathered for ``m`` (each of its blocks) into its state."""
+        for p in parts(m):
+            buf = self._bufs.get(id(p))
+            if buf is not None and buf.moments is p:
+                self._flush(buf)
 
     def flush(self) -> None:
         """Put every gathered row into its state."""
@@ -171,7 +192,7 @@ class RowStager:
     def adopt(self, other: "RowStager", keep) -> None:
         """Take over ``other``'s gathered rows of the Moments in ``keep`` (``other`` is not
         changed: the collector drops it, or keeps it if a restore is interrupted)."""
-        ids = {id(m) for m in keep}
+        ids = {id(p) for m in keep for p in parts(m)}
         self._bufs = {k: b for k, b in other._bufs.items() if k in ids and b.moments is not None}
 
     def clear(self) -> None:
