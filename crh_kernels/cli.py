@@ -10,6 +10,8 @@ no carriage return or escape code ever reaches a file.
     crh run transformer --device cuda   # full-scale settings on a GPU
     crh run minilm --set n_texts=512
     crh run fc1 --tiny --out /tmp/x     # seconds: a smoke test (the tests' configuration)
+    crh run fc1 --profile paper --out D # the paper's scale (10^5 steps per run); checkpointed:
+    crh run fc1 --profile paper --out D --resume   # continues it after an interruption
     crh report runs/fc1-20250101-120000 # rebuild table, claims and figures from report.json
     crh list                            # experiments, profiles and settings
     crh check                           # each backend: accuracy against float64, time
@@ -95,23 +97,31 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("experiment", choices=EXPERIMENTS, metavar="EXPERIMENT",
                    help=f"one of: {', '.join(EXPERIMENTS)}")
     r.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                   help="cpu (default; CPU-sized settings) or cuda (full-scale settings of the paper)")
+                   help="cpu (default; CPU-sized settings) or cuda (full-scale settings of the paper: "
+                        "profile cuda, for fc1/fc2 the same as profile paper)")
     r.add_argument("--steps", type=_positive_int, metavar="N",
                    help="training steps (minilm: measured batches); default: the profile's")
     r.add_argument("--out", metavar="DIR", help="run directory (default: runs/EXPERIMENT-TIMESTAMP); "
                                                 "checked before training, refused when it already holds files")
     r.add_argument("--overwrite", action="store_true",
                    help="let --out name a directory that already holds a run: its run files are "
-                        "replaced once the new run has finished training (other files are kept)")
+                        "replaced once the new run has finished training (other files are kept); "
+                        "without --resume, checkpoints of an unfinished run there are discarded")
+    r.add_argument("--resume", action="store_true",
+                   help="continue the unfinished run in --out from its checkpoints (fc1, fc2: the "
+                        "same experiment, profile, settings and seeds; finished sub-runs are read "
+                        "back, the current one continues from its last checkpoint); with no "
+                        "checkpoints there, a fresh run"),
     r.add_argument("--seed", type=_int, default=0, metavar="S", help="seed of everything (default 0)")
     r.add_argument("--seeds", type=_positive_int, metavar="N",
                    help="run N seeds (S, S+1, …) into one run directory and give every claim a 95 %% "
-                        "confidence interval over them (fc1, fc2; default: the profile's)")
+                        "confidence interval over them (every experiment; default: the profile's)")
     r.add_argument("--tiny", action="store_true",
                    help="a smoke test: the tests' tiny configuration (seconds); its numbers mean "
                         "nothing, and table.txt, claims.md and the output say so")
-    r.add_argument("--profile", choices=("tiny", "cpu", "cuda"),
-                   help="settings profile (default: cpu, or cuda with --device cuda)")
+    r.add_argument("--profile", choices=("tiny", "cpu", "paper", "cuda"),
+                   help="settings profile (default: cpu, or cuda with --device cuda); paper (fc1, "
+                        "fc2): the paper's setup, 10^5 steps per run, runnable on a CPU")
     r.add_argument("--set", dest="settings", action="append", type=_setting, default=[],
                    metavar="KEY=VALUE", help="override one setting (repeatable; `crh list` shows them), "
                                              "e.g. --set weight_decays=1e-4,1e-3 --set lr=0.05")
@@ -303,8 +313,10 @@ def _cmd_run(args, parser) -> int:
         if why:
             run_parser.error(f"{where}: {why}")
     out = Path(args.out) if args.out else Path("runs") / f"{args.experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if args.resume and not getattr(get(args.experiment), "RESUMABLE", False):
+        run_parser.error(f"--resume: {args.experiment} does not checkpoint its training (fc1 and fc2 do)")
     try:
-        created = prepare_run_dir(out, overwrite=args.overwrite)
+        created = prepare_run_dir(out, overwrite=args.overwrite, resume=args.resume)
     except RunDirError as exc:
         run_parser.error(f"--out: {exc}")
     max_memory = args.max_memory if args.max_memory is not None else default_max_memory(device)
@@ -319,7 +331,11 @@ def _cmd_run(args, parser) -> int:
     try:
         result, claims, figures, saved = run_experiment(args.experiment, out, ctx, profile=profile,
                                                         overrides=overrides, plots=not args.no_plots,
-                                                        overwrite=args.overwrite)
+                                                        overwrite=args.overwrite, resume=args.resume)
+    except RunDirError as exc:  # --resume onto checkpoints of another run: refused before training
+        if created:
+            remove_if_empty(out)
+        run_parser.error(f"--out: {exc}")
     except (MissingData, ExperimentError) as exc:
         if created:
             remove_if_empty(out)

@@ -368,15 +368,14 @@ def test_overwriting_a_run_over_seeds_leaves_no_stale_seed(tmp_path):
         assert f'"{q}"' in md
 
 
-def test_seeds_only_where_claims_aggregate_them(tmp_path):
+def test_seeds_only_where_claims_aggregate_them(tmp_path, monkeypatch):
+    # every experiment aggregates claims over seeds now; one that did not would be refused
     from crh_kernels.cli import main
-    from crh_kernels.experiments import ExperimentError
-    with pytest.raises(ExperimentError, match="unknown setting 'seeds'"):
+    from crh_kernels.experiments import ExperimentError, resnet
+    monkeypatch.delattr(resnet, "claims_over_seeds")
+    with pytest.raises(ExperimentError, match="does not aggregate claims over seeds"):
         run_experiment("resnet", tmp_path / "r", Context(), profile="tiny", plots=False, overrides={"seeds": 2})
-    with pytest.raises(SystemExit) as info:
-        main(["run", "resnet", "--tiny", "--seeds", "2", "--out", str(tmp_path / "r2")])
-    assert info.value.code == 2
-    assert not (tmp_path / "r2").exists()
+    assert not (tmp_path / "r").exists()
     with pytest.raises(SystemExit) as info:
         main(["run", "fc1", "--tiny", "--seeds", "0"])
     assert info.value.code == 2

@@ -133,7 +133,7 @@ def test_memory_plan_refuses_with_names_and_options(tmp_path):
 
 def test_profiles_and_settings():
     # the registry is the one list (CLI choices, `crh list`, test_cli derive from it): pin it here
-    assert EXPERIMENTS == ("fc1", "fc2", "resnet", "transformer", "minilm")
+    assert EXPERIMENTS == ("fc1", "fc2", "resnet", "transformer", "minilm", "simclr")
     for name in EXPERIMENTS:
         mod = get(name)
         assert {"tiny", "cpu", "cuda"} <= set(mod.PROFILES)

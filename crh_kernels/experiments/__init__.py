@@ -2,11 +2,11 @@
 
 Each experiment module has ``NAME``, ``DESCRIPTION``, ``PROFILES`` (``tiny`` for tests, ``cpu``
 the default on a CPU, ``cuda`` full-scale settings), ``run(cfg, ctx) -> RunResult``,
-``claims(report, extras, cfg)`` and ``figures(report, extras, cfg, out_dir)``; one whose
-claims carry intervals over seeds (fc1, fc2) also has a ``seeds`` setting and
-``claims_over_seeds(runs, cfg)`` with ``runs = [(seed, report, extras)]``: ``--seeds N`` trains
+``claims(report, extras, cfg)`` and ``figures(report, extras, cfg, out_dir)``; each also has
+a ``seeds`` setting and ``claims_over_seeds(runs, cfg)`` with ``runs = [(seed, report, extras)]``: ``--seeds N`` trains
 the N seeds into one run directory (the first seed's run, the others under ``seeds/``) and
-writes claims over all of them. This module is
+writes claims over all of them. fc1 and fc2 also have a ``paper`` profile (the paper's setup,
+runnable on a CPU) and ``RESUMABLE = True`` (checkpoints; ``--resume``). This module is
 the registry: the experiment list (:data:`EXPERIMENTS`, defined here only), running one end to
 end (:func:`run_experiment`) and rebuilding a saved run (:func:`rebuild`). How a run is carried
 out and saved is :mod:`.runs`; claims tables and the rules they share are :mod:`.claims`;
@@ -28,14 +28,15 @@ import torch
 
 from . import claims as C
 from .data import MissingData
-from .runs import (Context, ExperimentError, MemoryPlanError, RunDirError, RunResult, SavedRunError,
-                   SMOKE_PROFILES, clear_run_files, holds_run, load_run, merge_config, prepare_run_dir,
+from .runs import (CHECKPOINT_FOLDER, CheckpointStore, Context, ExperimentError, MemoryPlanError, RunDirError,
+                   RunResult, SavedRunError, SMOKE_PROFILES, checkpoints_hold_progress, clear_run_files,
+                   holds_run, load_run, merge_config, open_checkpoints, prepare_run_dir, remove_checkpoints,
                    remove_if_empty, save_run, seed_dir, seed_everything, seeds_preamble, smoke_note,
                    write_config, write_outputs)
 
 #: The experiments, in the order ``crh list`` shows them: the one list (the CLI's choices, its
 #: help and ``crh list`` are built from it; each name is a module of this package).
-EXPERIMENTS = ("fc1", "fc2", "resnet", "transformer", "minilm")
+EXPERIMENTS = ("fc1", "fc2", "resnet", "transformer", "minilm", "simclr")
 
 __all__ = ["EXPERIMENTS", "get", "profile_config", "run_experiment", "rebuild", "seeds_of", "claims_of", "Context",
            "ExperimentError", "MemoryPlanError", "MissingData", "RunDirError", "RunResult",
@@ -65,7 +66,8 @@ def figures_unavailable() -> Optional[str]:
 def seeds_of(name: str, cfg: Dict[str, Any], first: int) -> List[int]:
     """The seeds of a run: ``first``, ``first + 1``, … (``cfg["seeds"]`` of them, 1 when the
     experiment has no such setting). More than one needs an experiment that aggregates claims
-    over seeds (``claims_over_seeds``: fc1, fc2); else :class:`ExperimentError`."""
+    over seeds (``claims_over_seeds``: every experiment in the registry has it); else
+    :class:`ExperimentError`."""
     n = cfg.get("seeds", 1)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ExperimentError(f"setting 'seeds' must be a positive integer, got {n!r}")
@@ -113,7 +115,7 @@ def make_figures(mod, report, extras, cfg, run_dir: Path, heatmaps: bool = True,
 
 def run_experiment(name: str, out_dir, ctx: Context, *, profile: str = "cpu",
                    overrides: Optional[Dict[str, Any]] = None, plots: bool = True,
-                   overwrite: bool = False
+                   overwrite: bool = False, resume: bool = False
                    ) -> Tuple[RunResult, List[C.Claim], List[str], Dict[str, Any]]:
     """Run ``name`` with ``profile`` settings (updated by ``overrides``) and write the run
     directory. Returns ``(result, claims, figure paths, saved config)``; the saved config's
@@ -125,10 +127,25 @@ def run_experiment(name: str, out_dir, ctx: Context, *, profile: str = "cpu",
     ``plots``, matplotlib is looked for (missing: ``ctx.warn`` says so and the run goes on
     without figures). After training, what was measured is saved first (report.json, extras,
     config), then claims and table, and figures last: a failing figure is a ``ctx.warn``, listed
-    under ``figure_errors`` in config.json."""
+    under ``figure_errors`` in config.json.
+
+    Checkpoints (an experiment with ``RESUMABLE = True``: fc1, fc2): while it trains, the run
+    keeps its finished sub-runs and, every ``checkpoint_every`` steps, the training state of
+    the current one under ``out_dir/checkpoints/seed-S/`` (:class:`~.runs.CheckpointStore`,
+    each file written atomically); they are removed once the run is saved, and kept when it is
+    interrupted (an exception other than :class:`ExperimentError`, a kill). ``resume``: continue
+    from the checkpoints in ``out_dir`` (those of the same experiment, profile, settings and
+    seeds, else :class:`RunDirError` before training): finished sub-runs are read back, the
+    unfinished one continues from its last checkpoint, and the numbers are those of an
+    uninterrupted run. Without ``resume`` a directory holding checkpoints is refused unless
+    ``overwrite`` (which discards them)."""
     mod = get(name)
     cfg = profile_config(name, profile, overrides)
     seeds = seeds_of(name, cfg, ctx.seed)
+    resumable = bool(getattr(mod, "RESUMABLE", False))
+    if resume and not resumable:
+        multi = [e for e in EXPERIMENTS if getattr(get(e), "RESUMABLE", False)]
+        raise ExperimentError(f"--resume: {name} does not checkpoint its training ({', '.join(multi)} do)")
     out_dir = Path(out_dir)
     skipped = None
     if plots:
@@ -136,7 +153,18 @@ def run_experiment(name: str, out_dir, ctx: Context, *, profile: str = "cpu",
         if skipped:
             ctx.warn(f"{skipped}: this run writes no figure (`crh report {out_dir}` draws them "
                      "once it is installed; --no-plots silences this)")
-    created = prepare_run_dir(out_dir, overwrite)
+    created = prepare_run_dir(out_dir, overwrite, resume=resume)
+    ckpt_dir = None
+    if resumable:
+        try:
+            ckpt_dir = open_checkpoints(out_dir, {"experiment": name, "profile": profile, "config": cfg,
+                                                  "seeds": seeds}, resume=resume)
+        except BaseException:
+            if created:
+                remove_if_empty(out_dir)
+            raise
+    stores = {s: (CheckpointStore(ckpt_dir / f"seed-{s}", cfg.get("checkpoint_every", 0))
+                  if ckpt_dir is not None else None) for s in seeds}
     threads = cfg.get("threads")
     old_threads = torch.get_num_threads()
     if threads:
@@ -152,9 +180,13 @@ def run_experiment(name: str, out_dir, ctx: Context, *, profile: str = "cpu",
             t_seed = time.perf_counter()
             seed_everything(seed)
             # one Context per seed; progress, log, warnings and the timings are the run's
-            results.append(mod.run(cfg, dataclasses.replace(ctx, seed=seed)))
+            results.append(mod.run(cfg, dataclasses.replace(ctx, seed=seed, checkpoints=stores[seed])))
             walls.append(time.perf_counter() - t_seed)
-    except BaseException:
+    except BaseException as exc:
+        # an interrupted run keeps its checkpoints (--resume continues it); one that cannot
+        # proceed (diverged, data missing, …) or made no progress leaves none
+        if isinstance(exc, ExperimentError) or not checkpoints_hold_progress(out_dir):
+            remove_checkpoints(out_dir)
         if created:
             remove_if_empty(out_dir)
         raise
@@ -180,7 +212,8 @@ def run_experiment(name: str, out_dir, ctx: Context, *, profile: str = "cpu",
     with ctx.timed("claims"):
         claims = claims_of(mod, [(s, r.report, r.extras) for s, r in zip(seeds, results)], result.config)
     write_outputs(out_dir, result.report, claims, name, profile, seeds=seeds,
-                  preamble=seeds_preamble(seeds) if hasattr(mod, "claims_over_seeds") else None)
+                  preamble=(seeds_preamble(seeds, result.report.meta.get("jackknife"))
+                            if hasattr(mod, "claims_over_seeds") else None))
     figures: List[str] = []
     if plots and not skipped:
         with ctx.timed("figures"):
@@ -191,8 +224,13 @@ def run_experiment(name: str, out_dir, ctx: Context, *, profile: str = "cpu",
             saved["figure_errors"] = failures
     elif skipped:
         saved["figures_skipped"] = skipped
+    resumed = sorted({k for st in stores.values() if st is not None for k in st.loaded})
+    if resumed:
+        saved["resumed"] = resumed  # the sub-runs read back from checkpoints
     saved["timings_s"] = {k: round(v, 2) for k, v in ctx.timings.items()}
     write_config(out_dir, saved)
+    if ckpt_dir is not None:
+        remove_checkpoints(ckpt_dir.parent)
     return result, claims, figures, dict(saved, run_dir=str(out_dir))
 
 
@@ -282,7 +320,8 @@ def rebuild(run_dir, plots: bool = True, warn: Optional[Callable[[str], None]] =
                             f"({type(exc).__name__}: {first})") from None
     profile = saved.get("profile", "cpu")
     write_outputs(run_dir, report, claims, mod.NAME, profile, seeds=seeds,
-                  preamble=seeds_preamble(seeds) if hasattr(mod, "claims_over_seeds") else None)
+                  preamble=(seeds_preamble(seeds, report.meta.get("jackknife"))
+                            if hasattr(mod, "claims_over_seeds") else None))
     figures: List[str] = []
     saved = dict(saved)
     if plots:

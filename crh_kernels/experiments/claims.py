@@ -4,8 +4,13 @@ A claim is evaluated by a stated threshold on numbers measured in this run; one 
 cannot be evaluated (too few layers, NaN values) says so (``holds = None``) instead of
 passing. Each experiment writes its own rows; here live the record and its renderings, the
 statistics the rules use, what the rows read off a :class:`~crh_kernels.report.Report`
-(α, per-layer summaries, exponents) and the rules several experiments share (monotone trend,
-exponent range, random-projection baseline).
+(α, per-layer summaries, exponents) and the rules several experiments share: intervals over
+seeds (:func:`mean_interval`, :func:`slope_interval`) and the verdicts that use them
+(:func:`interval_verdict`, :func:`trend_claim`, :func:`significance_claim` against each side's own
+baseline, :func:`level_claim`, :func:`difference_claim`, :func:`pairing_exponent_claim`,
+:func:`r_g_claim`). With one seed, a claim on an α uses the report's jackknife interval where the
+report carries standard errors (``entry["se"]``, a collector with ``blocks``: :func:`alpha_se`,
+:func:`alpha_bias`, :func:`jackknife_z`, :func:`seed_interval`), and is undetermined otherwise.
 """
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ import functools
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from ..analysis import RELATIONS  # noqa: F401  (the six relations, in the report's order)
 
@@ -688,43 +693,335 @@ def exponent_range_claim(rep, layers: Optional[Sequence[str]] = None, *, eps: fl
     return Claim(claim, source, measured, rule, frac >= min_fraction, frac)
 
 
-@functools.lru_cache(maxsize=64)
-def paper_baseline(dim: int) -> float:
-    """The paper's significance baseline at dimension ``dim``: α between the covariances of two
-    independent random projections of rank dim/5 (its example: rank 40 of 200 ≈ 0.14)."""
-    from ..analysis import random_baseline
-    return random_baseline(int(dim), max(1, int(round(dim / 5))), trials=10 if dim <= 512 else 3)
+# ----------------------------------------------------------------------------- one seed: jackknife
+#: The normal quantile a report's jackknife interval uses when its meta does not say
+#: (``meta["jackknife"]["z"]``, docs/usage.md "Standard errors").
+JACKKNIFE_Z = 1.96
 
 
-def baseline_claim(rep, layers: Sequence[str], relations: Sequence[str] = ("forward_RGA", "backward_RGA"),
-                   *, source: str, claim: Optional[str] = None, skip: Sequence[str] = ()) -> Claim:
-    """Each ``relation`` α of each layer above :func:`paper_baseline` of its dimension. ``skip``
-    lists ``"layer:relation"`` pairs left out (e.g. the backward side of a first layer, whose
-    H_a is the data's covariance, which training cannot change)."""
-    rows, ok = [], []
+def _positive_finite(v) -> Optional[float]:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    v = float(v)
+    return v if math.isfinite(v) and v >= 0 else None
+
+
+def jackknife_z(rep) -> float:
+    """The z of a report's jackknife intervals: ``meta["jackknife"]["z"]`` where the report says
+    so, else :data:`JACKKNIFE_Z`."""
+    meta = getattr(rep, "meta", None) if not isinstance(rep, dict) else rep.get("meta")
+    jk = (meta or {}).get("jackknife") if isinstance(meta, dict) else None
+    z = _positive_finite((jk or {}).get("z")) if isinstance(jk, dict) else None
+    return z if z else JACKKNIFE_Z
+
+
+def entry_se(entry: Optional[Dict[str, Any]], key: str, relation: Optional[str] = None) -> Optional[float]:
+    """The jackknife standard error a report entry carries for ``key`` (``"alpha_cov"`` or
+    ``"alpha_second"`` with a ``relation``; ``"p"``, ``"q"``, ``"forward_slope"``, …), or None:
+    a report without ``entry["se"]`` (a collector without ``blocks``, or a report written before
+    they existed), a quantity without one, or a value that is not a finite number ≥ 0."""
+    se = (entry or {}).get("se") if isinstance(entry, dict) else None
+    if not isinstance(se, dict):
+        return None
+    v = se.get(key)
+    if relation is not None:
+        v = v.get(relation) if isinstance(v, dict) else None
+    return _positive_finite(v)
+
+
+def alpha_se(entry: Optional[Dict[str, Any]], relation: str, kind: str = "cov") -> Optional[float]:
+    """:func:`entry_se` of one α (``kind`` ``"cov"`` or ``"second"``)."""
+    return entry_se(entry, "alpha_cov" if kind == "cov" else "alpha_second", relation)
+
+
+def entry_bias(entry: Optional[Dict[str, Any]], key: str, relation: Optional[str] = None) -> float:
+    """The jackknife bias estimate ``entry["se"]["bias"][key][relation]`` (issue 16: the report's
+    interval is centred on ``value − bias``); 0 where the report gives none (a report whose
+    intervals are centred on the value itself) or where it is not a finite number."""
+    se = (entry or {}).get("se") if isinstance(entry, dict) else None
+    b = se.get("bias") if isinstance(se, dict) else None
+    v = b.get(key) if isinstance(b, dict) else None
+    if relation is not None:
+        v = v.get(relation) if isinstance(v, dict) else None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
+        return 0.0
+    return float(v)
+
+
+def alpha_bias(entry: Optional[Dict[str, Any]], relation: str, kind: str = "cov") -> float:
+    """:func:`entry_bias` of one α."""
+    return entry_bias(entry, "alpha_cov" if kind == "cov" else "alpha_second", relation)
+
+
+def se_bound(weights: Sequence[float], ses: Sequence[Optional[float]]) -> Optional[float]:
+    """An upper bound on the standard error of ``Σ wᵢ xᵢ`` from the standard errors of the
+    ``xᵢ``, whatever their correlations: ``Σ |wᵢ| seᵢ`` (the triangle inequality for standard
+    deviations). None when one of them has none."""
+    total = 0.0
+    for w, s in zip(weights, ses):
+        if s is None:
+            return None
+        total += abs(float(w)) * float(s)
+    return total
+
+
+def seed_interval(values: Sequence, ses: Optional[Sequence[Optional[float]]] = None, *,
+                  biases: Optional[Sequence[float]] = None, z: float = JACKKNIFE_Z,
+                  bounds: Optional[Sequence[float]] = None) -> Interval:
+    """The interval of a number measured once per seed: over ≥ 2 seeds, the mean with its
+    Student-t interval (:func:`mean_interval`; the per-seed standard errors are not used: the
+    spread over seeds already holds the sampling error); with one seed whose report carries a
+    jackknife standard error (``ses[0]``), the report's interval: the bias-corrected value
+    ``value − biases[0]`` ± ``z``·se (issue 16; ``z`` the report's, :func:`jackknife_z`); else no
+    interval (the claim is then undetermined)."""
+    v = finite(values)
+    if len(v) != 1 or not ses:
+        return mean_interval(values, bounds=bounds)
+    i = next(k for k, x in enumerate(values) if x is not None and math.isfinite(float(x)))
+    se = _positive_finite(ses[i]) if i < len(ses) else None
+    if se is None:
+        return mean_interval(values, bounds=bounds)
+    b = float(biases[i]) if biases is not None and i < len(biases) and biases[i] is not None else 0.0
+    if not math.isfinite(b):
+        b = 0.0
+    est = v[0] - b
+    lo, hi = est - z * se, est + z * se
+    if bounds is not None:
+        lo, hi = max(lo, bounds[0]), min(hi, bounds[1])
+    what = "bias-corrected value" if b else "value"
+    return Interval(est, lo, hi, 1, 0, f"one seed: jackknife {what} ± {z:.3g}·se (se {fmt(se, 3)})", v)
+
+
+def within_verdict(iv: Interval, lo: float, hi: float) -> str:
+    """``holds`` when the whole interval lies inside ``[lo, hi]``, ``FAILS`` when it lies wholly
+    outside it, ``undetermined`` when it straddles a bound or there is no interval, ``n/a``
+    without an estimate."""
+    if not math.isfinite(iv.estimate):
+        return NA
+    if not iv.defined:
+        return UNDETERMINED
+    if lo <= iv.lo and iv.hi <= hi:
+        return HOLDS
+    if iv.hi < lo or iv.lo > hi:
+        return FAILS
+    return UNDETERMINED
+
+
+def seeds_text(n: int) -> str:
+    return "one seed" if n == 1 else f"{n} seeds"
+
+
+def _ci_label(n_runs: int, ivs: Sequence[Interval]) -> str:
+    """How a claim's intervals were made: over seeds, or (one seed) the report's jackknife."""
+    if n_runs == 1 and any(iv.defined and iv.method.startswith("one seed: jackknife") for iv in ivs):
+        return "one seed, jackknife-bias-corrected value [95 % jackknife interval]"
+    return f"mean [95 % CI] over {seeds_text(n_runs)}"
+
+
+def _no_interval_note(iv: Interval, n_runs: int) -> str:
+    if math.isfinite(iv.estimate) and not iv.defined and n_runs < 2:
+        return (" (no interval from one seed; --seeds 3 gives one, or a collector with blocks "
+                "(--set blocks=10) gives jackknife standard errors)")
+    return ""
+
+
+def _entry(rep, layer: str) -> Optional[Dict[str, Any]]:
+    layers = rep.layers if hasattr(rep, "layers") else rep
+    return layers.get(layer)
+
+
+def significance_claim(runs: Sequence[Tuple[Any, Any, Dict[str, Any]]], items: Sequence[Tuple[str, str, str]],
+                       *, claim: str, source: str, quote: str = "", mode: str = "all") -> Claim:
+    """"α is significant": for each ``(label, layer, relation)`` the margin of the layer's α over
+    its side's own random baseline (:func:`side_baseline`), per seed, as an interval
+    (:func:`seed_interval`: over seeds, or, with one seed and a jackknife se, the
+    bias-corrected α ± z·se); an item holds when its interval lies above 0. ``mode="all"``:
+    every item must hold (:func:`all_of`); ``"most"``: more than half (:func:`most_of`)."""
+    if mode not in ("all", "most"):
+        raise ValueError(f"mode must be 'all' or 'most', got {mode!r}")
+    rows, verdicts, details, notes, ivs = [], [], {}, set(), []
+    for label, layer, rel in items:
+        margins, ses, biases, alphas, bases = [], [], [], [], []
+        z = JACKKNIFE_Z
+        for _, rep, _ in runs:
+            e = _entry(rep, layer)
+            if not e:
+                continue
+            b = side_baseline(e, "a" if rel.startswith("backward") else "b", rel)
+            a = alpha(rep, layer, rel)
+            alphas.append(a)
+            bases.append(b["baseline"])
+            margins.append(a - b["baseline"])
+            ses.append(alpha_se(e, rel))
+            biases.append(alpha_bias(e, rel))
+            z = jackknife_z(rep)
+        iv = seed_interval(margins, ses, biases=biases, z=z)
+        ivs.append(iv)
+        v = interval_verdict(iv, 0.0)
+        verdicts.append(v)
+        if v == UNDETERMINED:
+            notes.add(_no_interval_note(iv, len(runs)))
+        rows.append(f"{label} {fmt(mean(alphas))}−{fmt(mean(bases))}: {iv.text(2, signed=True)}")
+        details[label] = {"layer": layer, "relation": rel, "alpha": alphas, "baseline": bases,
+                          "margin": iv.to_dict()}
+    verdict = (all_of if mode == "all" else most_of)(verdicts)
+    n_hold = verdicts.count(HOLDS)
+    n = len([v for v in verdicts if v != NA])
+    measured = (f"{n_hold}/{n} above their own baseline ({seeds_text(len(runs))}); α − baseline, "
+                f"{_ci_label(len(runs), ivs)}: " + "; ".join(rows)) if rows else "no layer measured"
+    measured += "".join(sorted(notes))
+    rule = ((("every" if mode == "all" else "most (> half)") + " α above its own baseline (α of two "
+             "random covariances of the side's dimension at its effective ranks): interval of "
+             "α − baseline > 0"))
+    return make_claim(claim, source, measured, rule, verdict, quote=quote,
+                      value=(n_hold / n if n else None), details=details)
+
+
+def rga_of(rep, layer: str, sides: Sequence[str] = ("forward", "backward")
+           ) -> Tuple[float, Optional[float], float]:
+    """The RGA of a layer (mean of the finite forward and backward RGA, or one side), an upper
+    bound on its jackknife standard error (:func:`se_bound`; None without se) and its jackknife
+    bias (the mean of the two biases; 0 without)."""
+    e = _entry(rep, layer) or {}
+    vals, ses, bias = [], [], []
+    for side in sides:
+        a = alpha(rep, layer, f"{side}_RGA")
+        if math.isfinite(a):
+            vals.append(a)
+            ses.append(alpha_se(e, f"{side}_RGA"))
+            bias.append(alpha_bias(e, f"{side}_RGA"))
+    if not vals:
+        return float("nan"), None, 0.0
+    w = [1.0 / len(vals)] * len(vals)
+    return sum(vals) / len(vals), se_bound(w, ses), sum(bias) / len(bias)
+
+
+def level_claim(runs: Sequence[Tuple[Any, Any, Dict[str, Any]]], layers: Sequence[str], threshold: float, *,
+                claim: str, source: str, quote: str = "") -> Claim:
+    """"Very good alignment, RGA > threshold" in every layer of ``layers``: per layer the RGA
+    (:func:`rga_of`), as an interval over seeds (one seed: ± z·se bound); holds when every
+    layer's interval lies above ``threshold``."""
+    rows, verdicts, details, notes, ivs = [], [], {}, set(), []
     for name in layers:
-        e = rep.layers.get(name) or {}
-        dims = e.get("dims") or {}
-        for rel in relations:
-            if f"{name}:{rel}" in skip:
+        vals, ses, biases = [], [], []
+        z = JACKKNIFE_Z
+        for _, rep, _ in runs:
+            v, s, b = rga_of(rep, name)
+            vals.append(v)
+            ses.append(s)
+            biases.append(b)
+            z = jackknife_z(rep)
+        iv = seed_interval(vals, ses, biases=biases, z=z, bounds=(-1.0, 1.0))
+        ivs.append(iv)
+        verdicts.append(interval_verdict(iv, threshold))
+        if verdicts[-1] == UNDETERMINED:
+            notes.add(_no_interval_note(iv, len(runs)))
+        rows.append(f"{name} {iv.text()}")
+        details[name] = iv.to_dict()
+    verdict = all_of(verdicts)
+    measured = f"RGA (mean of forward and backward), {_ci_label(len(runs), ivs)}: " + \
+        "; ".join(rows) + "".join(sorted(notes))
+    return make_claim(claim, source, measured, f"every layer's RGA: 95 % interval > {threshold}", verdict,
+                      quote=quote, details=details)
+
+
+def difference_claim(runs: Sequence[Tuple[Any, Any, Dict[str, Any]]], better: Sequence[str], worse: Sequence[str],
+                     *, claim: str, source: str, quote: str = "", better_name: str = "", worse_name: str = ""
+                     ) -> Claim:
+    """"The RGA of ``better`` layers exceeds that of ``worse`` ones": per seed, the mean RGA of
+    ``better`` minus that of ``worse`` (:func:`rga_of`; one seed: ± z times the bound of
+    :func:`se_bound` on its jackknife se); holds when the interval lies above 0."""
+    diffs, ses, biases, means_b, means_w = [], [], [], [], []
+    z = JACKKNIFE_Z
+    for _, rep, _ in runs:
+        rb = [rga_of(rep, n) for n in better if _entry(rep, n)]
+        rw = [rga_of(rep, n) for n in worse if _entry(rep, n)]
+        rb = [r for r in rb if math.isfinite(r[0])]
+        rw = [r for r in rw if math.isfinite(r[0])]
+        if not rb or not rw:
+            continue
+        mb, mw = mean(r[0] for r in rb), mean(r[0] for r in rw)
+        means_b.append(mb)
+        means_w.append(mw)
+        diffs.append(mb - mw)
+        ses.append(se_bound([1.0 / len(rb)] * len(rb) + [1.0 / len(rw)] * len(rw),
+                            [r[1] for r in rb] + [r[1] for r in rw]))
+        biases.append(mean(r[2] for r in rb) - mean(r[2] for r in rw))
+        z = jackknife_z(rep)
+    iv = seed_interval(diffs, ses, biases=biases, z=z, bounds=(-2.0, 2.0))
+    verdict = interval_verdict(iv, 0.0)
+    bn, wn = better_name or ", ".join(better), worse_name or ", ".join(worse)
+    measured = (f"mean RGA of {bn} {fmt(mean(means_b))}, of {wn} {fmt(mean(means_w))}; difference, "
+                f"{_ci_label(len(runs), [iv])}: {iv.text(2, signed=True)}")
+    if verdict == UNDETERMINED:
+        measured += _no_interval_note(iv, len(runs))
+    elif verdict == NA:
+        measured += " (no finite RGA on one of the two sides)"
+    return make_claim(claim, source, measured, "95 % interval of the difference > 0", verdict, quote=quote,
+                      value=iv.estimate, details={"difference": iv.to_dict()})
+
+
+def pairing_exponent_claim(runs: Sequence[Tuple[Any, Any, Dict[str, Any]]], items: Sequence[Tuple[str, str, str]],
+                           *, source: str, quote: str = "", eps: float = 0.1, min_fraction: float = 0.8
+                           ) -> Claim:
+    """"Almost all positive exponents are within [1/3, 3]" with the paper's measure (the
+    sorted-spectrum slopes of :func:`pairing_exponents`: H–G, H–Z, G–Z) over ``items`` =
+    ``[(label, layer, side "a"|"b")]``: per seed, the fraction of the exponents above ``eps``
+    that lie in [1/3, 3]; holds when its t interval over seeds lies above ``min_fraction``
+    (one seed: undetermined — a fraction has no jackknife se)."""
+    fracs, counts, outside, allv = [], [], [], []
+    for seed, rep, _ in runs:
+        floor = float(rep.meta.get("floor", 1e-6)) if hasattr(rep, "meta") else 1e-6
+        vals = []
+        for label, layer, side in items:
+            e = _entry(rep, layer)
+            if not e:
                 continue
-            a = alpha(rep, name, rel)
-            d = dims.get("h_a" if rel.startswith("backward") else "h_b")
-            if not d or d < 2 or not math.isfinite(a):
-                continue
-            base = paper_baseline(int(d))
-            rows.append((f"{name} {rel.split('_')[0][0]}{rel.split('_')[1]} {a:.2f}/{base:.2f}", a > base))
-            ok.append(a > base)
-    names = " and ".join(r.replace("_", " ") for r in relations)
-    claim = claim or f"the {names} are significant (above the random baseline)"
-    rule = "every α > α of two random rank-D/5 covariances of its dimension D (paper: 0.14 at 40/200)"
-    if not ok:
-        return Claim(claim, source, "no layer with a finite α", rule, None)
-    if len(rows) <= 12:
-        measured = "α/baseline: " + "; ".join(r for r, _ in rows)
-    else:
-        below = [r for r, good in rows if not good]
-        measured = (f"{sum(ok)}/{len(ok)} α above the baseline"
-                    + (f"; below: {'; '.join(below[:8])}" + (f" and {len(below) - 8} more" if len(below) > 8 else "")
-                       if below else ""))
-    return Claim(claim, source, measured, rule, all(ok), sum(ok) / len(ok))
+            for pair, k in pairing_exponents(e, side, floor).items():
+                vals.append((f"{label} {pair}", k))
+        pos = [(w, k) for w, k in vals if k > eps]
+        inside = [(w, k) for w, k in pos if 1 / 3 <= k <= 3]
+        allv += [k for _, k in pos]
+        counts.append((len(inside), len(pos), len(vals)))
+        if pos:
+            fracs.append(len(inside) / len(pos))
+        outside += [("" if seed is None else f"seed {seed} ") + f"{w}={k:.2f}"
+                    for w, k in pos if not 1 / 3 <= k <= 3]
+    iv = mean_interval(fracs, bounds=(0.0, 1.0))
+    verdict = interval_verdict(iv, min_fraction)
+    claim = "positive spectral exponents lie within [1/3, 3] (sorted-eigenvalue slopes)"
+    rule = (f"of the exponents > {eps} (H–G, H–Z, G–Z of every measured side), the fraction in [1/3, 3]: "
+            f"95 % interval > {min_fraction:.0%}")
+    if not fracs:
+        return make_claim(claim, source, "no positive exponent fitted", rule, NA, quote=quote)
+    measured = (f"fraction in range {iv.text(2)} ({seeds_text(len(runs))}; per seed "
+                + ", ".join(f"{a}/{b}" for a, b, _ in counts)
+                + f" of the positive; {counts[0][2]} fitted per seed); exponents: median "
+                  f"{fmt(median(allv))}, range {fmt(min(allv))}…{fmt(max(allv))}")
+    if outside:
+        measured += "; outside: " + ", ".join(outside[:4]) + (f" and {len(outside) - 4} more" if len(outside) > 4 else "")
+    if verdict == UNDETERMINED:
+        measured += _why_undetermined(iv)
+    return make_claim(claim, source, measured, rule, verdict, quote=quote, value=iv.estimate,
+                      details={"fraction": iv.to_dict(), "counts": counts})
+
+
+def r_g_claim(runs: Sequence[Tuple[Any, Any, Dict[str, Any]]], layers_of, *, source: str = "Fig. 10, C.2",
+              quote: str = "", threshold: float = 0.05, claim: str = "r_g ≈ 0: E[ggᵀ] = cov(g) (Fig. 10)"
+              ) -> Claim:
+    """"r_g ≈ 0": per seed the median r_g over ``layers_of(rep)``, its t interval over seeds
+    below ``threshold`` (one seed: undetermined)."""
+    meds, rhs, n = [], [], 0
+    for _, rep, _ in runs:
+        names = list(layers_of(rep))
+        n = len(names)
+        meds.append(median(rep.layers[x].get("r_g") for x in names))
+        rhs.append(median(rep.layers[x].get("r_h") for x in names))
+    iv = mean_interval(meds, bounds=(0.0, 1.0))
+    verdict = interval_verdict(iv, threshold, above=False)
+    measured = (f"median r_g over {n} layers: {iv.text(3)} ({seeds_text(len(runs))}); median r_h "
+                f"{fmt(mean(rhs), 3)}")
+    if verdict == UNDETERMINED:
+        measured += _why_undetermined(iv)
+    return make_claim(claim, source, measured, f"median r_g: 95 % interval < {threshold}", verdict, quote=quote,
+                      value=iv.estimate, details={"r_g": iv.to_dict()})

@@ -6,6 +6,7 @@ fresh points drawn from a fixed generator (the same points for every run of a sw
 """
 from __future__ import annotations
 
+import json
 import math
 from typing import Any, Dict, List, Sequence, Tuple
 
@@ -16,7 +17,7 @@ from . import claims as C
 from .claims import layer_summary, nan, rga
 from .data import Teacher, make_teacher
 from .models import FCNet
-from .runs import Context, ExperimentError, make_collector, measure, seed_everything
+from .runs import Context, ExperimentError, make_collector, measure, rng_states, seed_everything, set_rng_states
 
 
 def build(cfg: Dict[str, Any], ctx: Context) -> Tuple[Teacher, FCNet]:
@@ -34,9 +35,12 @@ def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def measure_fc(model: FCNet, teacher: Teacher, cfg: Dict[str, Any], ctx: Context, desc: str):
-    """Report of every Linear layer (or ``cfg['modules']``) on ``n_measure`` fresh points."""
+    """Report of every Linear layer (or ``cfg['modules']``) on ``n_measure`` fresh points; with
+    ``cfg['raw_moments']`` the collector also keeps the raw moments, on which the report fits the
+    exponents and phases (``Collector(raw_moments=True)``)."""
     col = make_collector(model, ctx, modules=cfg["modules"], streams=cfg["streams"],
-                         state_dtype=cfg["state_dtype"], what=f"{desc} collector")
+                         state_dtype=cfg["state_dtype"], what=f"{desc} collector",
+                         raw_moments=bool(cfg.get("raw_moments", False)))
     gen = torch.Generator().manual_seed(ctx.seed + 12_345)  # same points for every run
     n, bs = cfg["n_measure"], cfg["measure_batch"]
     sizes = [min(bs, n - i) for i in range(0, n, bs)]
@@ -56,17 +60,48 @@ def measure_fc(model: FCNet, teacher: Teacher, cfg: Dict[str, Any], ctx: Context
     return rep
 
 
+#: The optimizers a net can be trained with (setting ``optimizer``).
+OPTIMIZERS = ("sgd", "adam")
+
+
+def make_optimizer(cfg: Dict[str, Any], model: FCNet, weight_decay: float) -> torch.optim.Optimizer:
+    """SGD (learning rate ``lr``, ``momentum``) or Adam (learning rate ``lr``, default betas),
+    both with the L2 weight decay ``weight_decay`` added to the gradient (the γ of the paper's
+    loss L + γ‖θ‖²/2; for Adam this is ``torch.optim.Adam``'s coupled decay, not AdamW)."""
+    name = str(cfg.get("optimizer", "sgd")).lower()
+    if name == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
+                               weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=weight_decay)
+    raise ExperimentError(f"setting optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
+
+
 def train(cfg: Dict[str, Any], ctx: Context, *, weight_decay: float, batch_size: int,
-          checkpoints: Sequence[int] = (), label: str = "") -> Tuple[FCNet, Any, Dict[str, Any]]:
+          checkpoints: Sequence[int] = (), label: str = "", key: str = ""
+          ) -> Tuple[Any, Any, Dict[str, Any]]:
     """Train one net (seeded by ``ctx.seed``) and measure it at the end (and at ``checkpoints``).
 
     Returns ``(model, final report, record)`` with ``record = {"weight_decay", "batch_size",
     "loss" (final running mean), "loss_curve" [(step, loss)], "history" [{"step", "layers"}],
     "layers" (final layer summaries)}``.
+
+    ``key`` names this sub-run in the run's checkpoints (``ctx.checkpoints``, a
+    :class:`~.runs.CheckpointStore`; nothing is kept without one or without a key): a sub-run
+    finished before is read back (its model is then None), an unfinished one continues from its
+    last checkpoint (model, optimizer, the batch generator's and the global random states,
+    step, the record so far) and gives the numbers of an uninterrupted run; while training, the
+    state is saved every ``checkpoint_every`` steps.
     """
+    store = ctx.checkpoints if key else None
+    if store is not None:
+        done = store.finished(key)
+        if done is not None:
+            record, rep = done
+            ctx.log(f"{label or key}: finished before, read back from the checkpoints")
+            return None, rep, record
     teacher, model = build(cfg, ctx)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
-                          weight_decay=weight_decay)
+    opt = make_optimizer(cfg, model, weight_decay)
     gen = torch.Generator().manual_seed(ctx.seed + 1)
     steps = cfg["steps"]
     checkpoints = sorted({int(c) for c in checkpoints if 0 <= int(c) <= steps})
@@ -74,17 +109,35 @@ def train(cfg: Dict[str, Any], ctx: Context, *, weight_decay: float, batch_size:
                               "loss_curve": [], "history": []}
     every = max(steps // 100, 1)
     running = None
+    first = 1
+    state = store.load(key) if store is not None else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        set_rng_states(state["rng"])
+        record = json.loads(state["record"])
+        running = state["running"]
+        first = int(state["step"]) + 1
+        ctx.log(f"{label or key}: resumed at step {first - 1} of {steps}")
     desc = f"{label} train" if label else "train"
 
     def checkpoint(step: int):
         rep = measure_fc(model, teacher, cfg, ctx, desc=f"{label} measure@{step}")
         record["history"].append({"step": step, "loss": running, "layers": layer_summary(rep)})
 
+    def save_state(step: int):
+        store.save(key, {"step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                         "generator": gen.get_state(), "rng": rng_states(), "running": running,
+                         "record": json.dumps(C._jsonable(record), allow_nan=False)})
+
     with ctx.progress(total=steps, desc=desc, leave=False) as bar:
-        if 0 in checkpoints:
+        if first > 1:
+            bar.update(first - 1)
+        if 0 in checkpoints and first == 1:
             checkpoint(0)
         with ctx.timed("train"):
-            for step in range(1, steps + 1):
+            for step in range(first, steps + 1):
                 x, y = teacher.sample(batch_size, gen)
                 loss = loss_fn(model(x.to(ctx.device)), y.to(ctx.device))
                 opt.zero_grad(set_to_none=True)
@@ -101,12 +154,16 @@ def train(cfg: Dict[str, Any], ctx: Context, *, weight_decay: float, batch_size:
                     bar.set_postfix(loss=f"{running:.4f}", refresh=False)
                 if step in checkpoints and step != steps:
                     checkpoint(step)
+                if store is not None and store.due(step) and step != steps:
+                    save_state(step)
                 bar.update(1)
     rep = measure_fc(model, teacher, cfg, ctx, desc=f"{label} measure")
     record["loss"] = running
     record["layers"] = layer_summary(rep)
     if steps in checkpoints:
         record["history"].append({"step": steps, "loss": running, "layers": record["layers"]})
+    if store is not None:
+        store.finish(key, record, rep)
     return model, rep, record
 
 
@@ -372,4 +429,54 @@ def plot_rank_vs_alpha(records: List[Dict[str, Any]], layers: Sequence[str], pat
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     ax.set_title(title)
+    return save_figure(fig, path)
+
+
+def plot_scalings(layers: Dict[str, Any], hidden: Sequence[Dict[str, Any]], path, *, title: str,
+                  floor: float = 1e-6) -> str:
+    """Paper Fig. 20: for each hidden layer (both sides), the sorted eigenvalues of H against
+    those of G, of H against Z and of G against Z on log–log axes (one panel per pair), each
+    normalized by its largest, with dashed power laws of exponents 1/3, 1/2, 1, 2, 3 through
+    (1, 1); the legend gives each curve's slope (:func:`~.claims.pairing_exponents`)."""
+    import numpy as np
+    fig = figure(13, 4)
+    axes = fig.subplots(1, len(C.EXPONENT_PAIRS))
+    grid = np.logspace(-12, 0, 200)
+    for ax, (xn, yn) in zip(axes, C.EXPONENT_PAIRS):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        for hid in hidden:
+            for side, letter in (("forward", "b"), ("backward", "a")):
+                name = hid[side]
+                e = layers.get(name) if name else None
+                if not e:
+                    continue
+                spec = C.side_spectra(e, letter)
+                lx, ly = spec.get(xn), spec.get(yn)
+                if lx is None or ly is None:
+                    continue
+                lx = np.array([np.nan if v is None else v for v in lx], dtype=float)
+                ly = np.array([np.nan if v is None else v for v in ly], dtype=float)
+                n = min(len(lx), len(ly))
+                lx, ly = lx[:n], ly[:n]
+                if not n or not np.nanmax(lx) > 0 or not np.nanmax(ly) > 0:
+                    continue
+                lx, ly = lx / np.nanmax(lx), ly / np.nanmax(ly)
+                ok = (lx > floor) & (ly > floor)
+                k = C.pairing_exponents(e, letter, floor).get(f"{xn}–{yn}")
+                ax.plot(ly[ok], lx[ok], ".-", ms=3, lw=0.8,
+                        label=f"h{hid['k']} {'fwd' if side == 'forward' else 'bwd'}"
+                              + (f" k={k:.2f}" if k is not None else ""))
+        if ax.lines:  # the power laws within the data's range (they would dwarf it otherwise)
+            xlim, ylim = ax.get_xlim(), ax.get_ylim()
+            for k in (1 / 3, 1 / 2, 1, 2, 3):
+                ax.plot(grid, grid ** k, "--", color="grey", lw=0.7)
+            ax.set_xlim(*xlim)
+            ax.set_ylim(*ylim)
+        ax.set_xlabel(f"λ_{yn} / max (sorted)")
+        ax.set_ylabel(f"λ_{xn} / max (sorted)")
+        ax.set_title(f"{xn} against {yn}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.suptitle(title + "; dashed: exponents 1/3, 1/2, 1, 2, 3")
     return save_figure(fig, path)

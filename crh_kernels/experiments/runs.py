@@ -12,16 +12,18 @@ A run directory holds::
     claims.md      the claims table and its legend (also claims.json)
     figures/       Report.plot() PNGs and the experiment's own PNGs
     reports/       further Reports of a sweep (one JSON per setting), when the experiment has them
-    seeds/seed-S/  a run over several seeds (``--seeds N``, fc1 and fc2): the directory itself
+    seeds/seed-S/  a run over several seeds (``--seeds N``): the directory itself
                    holds the first seed's run (table and figures are that seed's) and claims over
                    every seed; each further seed S its report.json, reports/, extras.json,
                    config.json and table.txt here
+    checkpoints/   while a resumable run (fc1, fc2) trains: its checkpoints
+                   (:class:`CheckpointStore`), removed once the run is saved
 
 ``crh report RUN_DIR`` rebuilds table, claims and every figure from these files alone (a run
 saved without matrices.npz: every figure but the heatmaps, and it says so).
 
 A run directory is checked before training (:func:`prepare_run_dir`: it must be creatable and
-writable, and empty unless ``overwrite``). What was measured is written first (report.json,
+writable, and empty unless ``overwrite``, or holding only checkpoints with ``resume``). What was measured is written first (report.json,
 reports/, extras.json, config.json), then claims and table, figures last: a failing figure is a
 warning (``Context.warn``), never a lost run. Reading a run back (:func:`load_run`) checks every
 file (strict JSON, depth-limited, report schema, config against the experiment's settings)
@@ -41,7 +43,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 
@@ -126,6 +128,9 @@ class Context:
     max_memory: Optional[int] = None
     backend: Optional[str] = None
     timings: Dict[str, float] = field(default_factory=dict)
+    #: where a resumable experiment keeps its training checkpoints (:class:`CheckpointStore`;
+    #: None: no checkpoints, e.g. an experiment run from library code without a run directory)
+    checkpoints: Optional["CheckpointStore"] = None
 
     @contextlib.contextmanager
     def timed(self, what: str):
@@ -319,11 +324,20 @@ def seed_dir(run_dir, seed: int) -> Path:
     return Path(run_dir) / SEEDS_FOLDER / f"seed-{int(seed)}"
 
 
-def seeds_preamble(seeds: Sequence[int]) -> str:
+def seeds_preamble(seeds: Sequence[int], jackknife: Optional[Dict[str, Any]] = None) -> str:
     """What claims.md says above the table of an experiment whose claims carry intervals: the
-    seeds, where each seed's run is, and how numbers and verdicts were computed."""
+    seeds, where each seed's run is, and how numbers and verdicts were computed. ``jackknife``:
+    the first seed's ``report.meta["jackknife"]`` (a collector with blocks), which gives a
+    one-seed run's claims on an α the report's own interval."""
     seeds = [int(s) for s in seeds]
-    if len(seeds) == 1:
+    jk = jackknife if isinstance(jackknife, dict) else None
+    if len(seeds) == 1 and jk:
+        where = (f"One seed ({seeds[0]}): a claim on an α uses the report's own interval, the "
+                 f"jackknife bias-corrected value ± z·se over K = {jk.get('k')} blocks (by "
+                 f"{jk.get('by')}; docs/usage.md, \"Standard errors\"); a number without a standard "
+                 "error (a median over heads, a fraction of exponents, r_g) has no interval, so its "
+                 "claim is **undetermined**; `--seeds 3` gives intervals over seeds.")
+    elif len(seeds) == 1:
         where = (f"One seed ({seeds[0]}): a number over seeds has no interval, so its claim is "
                  "**undetermined**; `--seeds 3` gives intervals.")
     else:
@@ -350,25 +364,36 @@ def _os_reason(exc: OSError) -> str:
     return exc.strerror or str(exc) or type(exc).__name__
 
 
-def prepare_run_dir(run_dir, overwrite: bool = False) -> bool:
+def prepare_run_dir(run_dir, overwrite: bool = False, resume: bool = False) -> bool:
     """Make sure a run can be saved in ``run_dir`` before anything is trained: it is created
     when absent (parents too) and must be a writable directory; one that already holds files is
     refused unless ``overwrite`` (then the previous run's files are replaced once the new run has
-    finished training: :func:`clear_run_files`). Returns whether the directory was created here
-    (so that a failed run can remove it again while it is empty). Raises :class:`RunDirError`."""
+    finished training: :func:`clear_run_files`), or ``resume`` and what it holds is the
+    checkpoints of an unfinished run (:data:`CHECKPOINT_FOLDER`). Returns whether the directory
+    was created here (so that a failed run can remove it again while it is empty). Raises
+    :class:`RunDirError`."""
     run_dir = Path(run_dir)
     created = False
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirError(f"{run_dir} exists and is not a directory; choose another --out")
     if run_dir.is_dir():
         try:
-            busy = next(iter(run_dir.iterdir()), None) is not None
+            entries = [p.name for p in run_dir.iterdir()]
         except OSError as exc:
             raise RunDirError(f"{run_dir}: cannot list it ({_os_reason(exc)})") from None
-        if busy and not overwrite:
+        busy = bool(entries)
+        only_checkpoints = CHECKPOINT_FOLDER in entries and all(
+            e == CHECKPOINT_FOLDER or e.startswith(".") for e in entries)
+        if busy and not overwrite and not (resume and only_checkpoints):
             if holds_run(run_dir):
+                if resume:
+                    raise RunDirError(f"{run_dir} already holds a finished run: nothing to resume "
+                                      "(`crh report` rebuilds it; --overwrite replaces it)")
                 raise RunDirError(f"{run_dir} already holds a run: pass --overwrite to replace it, "
                                   "or choose another --out")
+            if CHECKPOINT_FOLDER in entries:
+                raise RunDirError(f"{run_dir} holds the checkpoints of an unfinished run: pass "
+                                  "--resume to continue it, or --overwrite to start afresh")
             raise RunDirError(f"{run_dir} already holds files (not a run): pass --overwrite to "
                               "write the run among them, or choose another --out")
     else:
@@ -608,6 +633,179 @@ def load_run(run_dir: Path):
         for p in sorted((run_dir / "reports").glob("*.json")):
             reports[p.stem] = report(p, f"reports/{p.name}")
     return cfg, rep, extras, reports
+
+
+# ----------------------------------------------------------------------------- checkpoints
+#: The folder of a run directory that holds the checkpoints of a run not yet saved (removed once
+#: the run is saved; ``crh run --resume`` continues from it).
+CHECKPOINT_FOLDER = "checkpoints"
+_CHECKPOINT_META = "meta.json"
+_KEY_RE = re.compile(r"[A-Za-z0-9_.+-]{1,100}")
+
+
+def _torch_save(path: Path, obj) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def rng_states() -> Dict[str, Any]:
+    """The global random states a run may draw from (Python, torch CPU, NumPy), in a form
+    ``torch.load(weights_only=True)`` reads back."""
+    out: Dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    try:
+        import numpy as np
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        out["numpy"] = (name, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(cached))
+    except ImportError:  # pragma: no cover
+        pass
+    return out
+
+
+def set_rng_states(states: Dict[str, Any]) -> None:
+    """Restore what :func:`rng_states` returned."""
+    random.setstate(states["python"])
+    torch.set_rng_state(states["torch"])
+    if "numpy" in states:
+        import numpy as np
+        name, keys, pos, has_gauss, cached = states["numpy"]
+        np.random.set_state((name, keys.numpy().astype("uint32"), pos, has_gauss, cached))
+
+
+class CheckpointStore:
+    """The checkpoints of one seed of a resumable run, in ``folder``
+    (``RUN_DIR/checkpoints/seed-S``), per sub-run ``key`` (one setting of a sweep: ``base``,
+    ``wd_1e-05``, …):
+
+    * a finished sub-run: its record (``KEY.done.json``, written last: the mark that it is
+      finished) and its report (``KEY.report.json``, plus ``KEY.matrices.npz`` for the heatmaps);
+    * an unfinished one: its training state (``KEY.pt``: model, optimizer, random states, step,
+      the record so far), written every ``every`` steps (0: never; finished sub-runs are still
+      kept).
+
+    Every file is written to a temporary name and renamed: a run killed at any moment leaves
+    the previous checkpoint or the new one, never half of one. The training state is read with
+    ``torch.load(weights_only=True)`` (tensors and plain containers, no pickled objects)."""
+
+    def __init__(self, folder, every: int = 0):
+        self.folder = Path(folder)
+        self.every = int(every or 0)
+        self.loaded: List[str] = []  # what was read back (config.json says a run was resumed)
+
+    def _path(self, key: str, suffix: str) -> Path:
+        if not _KEY_RE.fullmatch(key):
+            raise ValueError(f"checkpoint key must match {_KEY_RE.pattern}, got {key!r}")
+        return self.folder / f"{key}{suffix}"
+
+    def due(self, step: int) -> bool:
+        return self.every > 0 and step % self.every == 0
+
+    def finished(self, key: str):
+        """``(record, report)`` of the finished sub-run ``key``, or None."""
+        from ..report import Report
+        done = self._path(key, ".done.json")
+        if not done.is_file():
+            return None
+        record = _read(done, f"{CHECKPOINT_FOLDER}/{done.name}")
+        try:
+            rep = Report.from_json(self._path(key, ".report.json"))
+        except (ValueError, OSError) as exc:
+            raise SavedRunError(f"{CHECKPOINT_FOLDER}/{key}.report.json: {exc}") from None
+        mats = self._path(key, ".matrices.npz")
+        if mats.is_file():
+            rep.matrices = load_matrices(mats, rep.layers)
+        self.loaded.append(key)
+        return record, rep
+
+    def finish(self, key: str, record: Dict[str, Any], report) -> None:
+        """Keep the finished sub-run ``key`` (report first, the record last) and drop its
+        training state."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self._path(key, ".report.json")
+        tmp = path.with_name(f".{path.name}.tmp")
+        report.to_json(tmp)
+        os.replace(tmp, path)
+        save_matrices(self._path(key, ".matrices.npz"), report)
+        _write_json(self._path(key, ".done.json"), record)
+        state = self._path(key, ".pt")
+        if state.exists():
+            state.unlink()
+
+    def load(self, key: str) -> Optional[Dict[str, Any]]:
+        """The training state saved by :meth:`save` for ``key``, or None."""
+        path = self._path(key, ".pt")
+        if not path.is_file():
+            return None
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # a damaged file: say which, do not train from a wrong state
+            raise SavedRunError(f"{CHECKPOINT_FOLDER}/{path.name}: cannot be read ({type(exc).__name__}: "
+                                f"{(str(exc).splitlines() or [''])[0][:80]}); remove it to restart this "
+                                "sub-run from its beginning") from None
+        self.loaded.append(key)
+        return state
+
+    def save(self, key: str, state: Dict[str, Any]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        _torch_save(self._path(key, ".pt"), state)
+
+
+def _jsonable_config(obj):
+    return json.loads(json.dumps(C._jsonable(obj)))
+
+
+def open_checkpoints(run_dir, meta: Dict[str, Any], *, resume: bool) -> Path:
+    """Prepare ``RUN_DIR/checkpoints`` for a resumable run described by ``meta`` (experiment,
+    profile, full config, seeds): with ``resume``, checkpoints already there must be those of
+    the same run (else :class:`RunDirError` naming the first difference) and are kept; without
+    it, any there are removed (only reached with ``--overwrite``: :func:`prepare_run_dir`
+    refuses a directory holding checkpoints otherwise). Returns the folder."""
+    import shutil
+    folder = Path(run_dir) / CHECKPOINT_FOLDER
+    meta = _jsonable_config(meta)
+    path = folder / _CHECKPOINT_META
+    if folder.is_dir() and resume and path.is_file():
+        old = _read(path, f"{CHECKPOINT_FOLDER}/{_CHECKPOINT_META}")
+        if old != meta:
+            diff = _first_difference(old if isinstance(old, dict) else {}, meta)
+            raise RunDirError(f"--resume: {folder} holds checkpoints of another run ({diff}); run "
+                              "with the same experiment, profile, settings and seeds, or pass "
+                              "--overwrite without --resume to start afresh")
+        return folder
+    if folder.exists() and not folder.is_symlink():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_json(path, meta)
+    return folder
+
+
+def _first_difference(old: Dict[str, Any], new: Dict[str, Any]) -> str:
+    for key in ("experiment", "profile", "seeds"):
+        if old.get(key) != new.get(key):
+            return f"{key} {json.dumps(old.get(key))} there, {json.dumps(new.get(key))} now"
+    oc, nc = old.get("config") or {}, new.get("config") or {}
+    for key in sorted(set(oc) | set(nc)):
+        if oc.get(key) != nc.get(key):
+            return f"setting {key} = {json.dumps(oc.get(key))} there, {json.dumps(nc.get(key))} now"
+    return "its meta.json differs"
+
+
+def checkpoints_hold_progress(run_dir) -> bool:
+    """Whether ``RUN_DIR/checkpoints`` holds anything a resumed run would use."""
+    folder = Path(run_dir) / CHECKPOINT_FOLDER
+    if not folder.is_dir():
+        return False
+    return any(p.is_file() and not p.name.startswith(".") for p in folder.rglob("*")
+               if p.name != _CHECKPOINT_META)
+
+
+def remove_checkpoints(run_dir) -> None:
+    """Remove ``RUN_DIR/checkpoints`` (the run is saved, or it cannot proceed)."""
+    import shutil
+    folder = Path(run_dir) / CHECKPOINT_FOLDER
+    if folder.is_dir() and not folder.is_symlink():
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def record_loss(loss, step: int, curve: list, bar, what: str = "training") -> float:
