@@ -321,8 +321,8 @@ class Moments:
 
         The end of :meth:`update` for rows ``x`` (R, D) that the backend of
         :meth:`backend_for` staged with ``stage_rows`` (capability ``row_staging``): their
-        ``status`` uint8 (R,), ``scale`` fp32 (R,) and ``sum_`` = Σ scale_i·x_i float64 (D,)
-        (all read, never changed). Same state, errors, warnings and all-or-nothing as
+        ``status`` uint8 (R,), ``scale`` fp32 (R,) (negative for a tiny row, docs/spec.md §1)
+        and ``sum_`` = Σ scale_i·x_i float64 (D,) (all read, never changed). Same state, errors, warnings and all-or-nothing as
         ``update(x, status != ROW_MASKED)``. Returns ``self``."""
         self._check_device(x)
         backend = self.backend_for(x)

@@ -16,7 +16,8 @@
 //       a skipped row leaves the state untouched; a refused argument too.
 //   crh::stage_rows_(x, mask, normalize, buf, scale, status, sum) -> (); CPU only: x's rows copied
 //       into buf (x's shape and dtype) with pass 1 done on the way: status u8 (N,) (row_status.h:
-//       0 masked, 1 skipped, 2 valid), scale f32 (N,), sum f64 (D,) += Σ s_i x_i
+//       0 masked, 1 skipped, 2 valid), scale f32 (N,) (< 0: a tiny row's −2^-64/||x||,
+//       moments_cpu.cpp row_rule_rescue), sum f64 (D,) += Σ s_i x_i
 //       (crh::batch_update_staged_ finishes the batch later)
 //   crh::batch_update_staged_(x, scale, status, sum, strict, state_counts, state_mean,
 //                             state_scatter) -> (mean, counts); batch_update_ of staged rows

@@ -31,6 +31,15 @@ constexpr int64_t kPanel = 32;  // packed panel width (fp32 columns): one 128-by
 // Either way a panel row is 128 bytes and "prow" (m or ⌈m/2⌉) rows make a panel.
 // y_r = s_r · x[rows[r]] − mu, in fp32 (docs/spec.md §2: center first, then round to the unit's type);
 // columns ≥ D are 0 (mu is 0 there too).
+//
+// A tiny row (norm below 2^-100: 1/||x|| may exceed fp32) has its scale stored negative,
+// s_r = −2^-64/||x|| (moments_cpu.cpp, row_rule_rescue): y_r = (x·2^64)·|s_r| − mu, both factors
+// exact, the value x/||x|| rounded once. The packers below do not know it (their hot loops stay
+// as they are); pack_units re-packs such rows afterwards (repack_tiny), only when the caller
+// says the chunk's rows hold one.
+constexpr float kTinyPre = 0x1p64f;
+CRH_INLINE float tiny_scaled(float v, float s) { return (v * kTinyPre) * -s; }
+
 template <DType T>
 void pack_generic(const View& x, const int64_t* rows, const float* rscale, int64_t r0, int64_t r1,
                   int64_t m, const float* mu, int64_t dp, float* P) {
@@ -266,21 +275,61 @@ inline KernelChoice pick_kernel(Isa isa, bool bf16_input) {
 
 CRH_INLINE int64_t panel_rows(const KernelChoice& k, int64_t m) { return k.pairs ? (m + 1) / 2 : m; }
 
-// Pack pack-units [u0, u1) of a chunk of m rows (rows, or row pairs for the bf16 layout).
+// fp32 -> bf16 bits, round to nearest even (finite y): the scalar bf16_bits.
+CRH_INLINE uint32_t bf16_bits_scalar(float y) {
+  uint32_t u;
+  std::memcpy(&u, &y, 4);
+  return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+}
+
+// The rare path of pack_units: the tiny rows (rscale < 0) among pack-units [u0, u1), packed again
+// over what the ordinary packer wrote for them (finite: a subnormal x times |s| ≤ 2^85), in
+// either layout. Out of line.
+template <DType T>
+__attribute__((noinline, cold)) void repack_tiny(const KernelChoice& k, const View& x,
+                                                 const int64_t* rows, const float* rscale,
+                                                 int64_t u0, int64_t u1, int64_t m,
+                                                 const float* mu, int64_t dp, float* P) {
+  using E = typename Elem<T>::type;
+  const E* base = static_cast<const E*>(x.data);
+  const int64_t d = x.cols, sc = x.stride_col, prow = panel_rows(k, m);
+  const int64_t r0 = k.pairs ? 2 * u0 : u0, r1 = std::min(m, k.pairs ? 2 * u1 : u1);
+  for (int64_t r = r0; r < r1; ++r) {
+    const float s = rscale[r];
+    if (!(s < 0.0f)) continue;
+    const E* row = base + rows[r] * x.stride_row;
+    for (int64_t j = 0; j < d; ++j) {
+      const float y = tiny_scaled(Elem<T>::load(row + j * sc), s) - mu[j];
+      const int64_t p = j / kPanel, c = j % kPanel;
+      if (k.pairs) {
+        uint32_t* w = reinterpret_cast<uint32_t*>(P) + (p * prow + r / 2) * kPanel + c;
+        const uint32_t b = bf16_bits_scalar(y);
+        *w = r % 2 ? (*w & 0xffffu) | (b << 16) : (*w & 0xffff0000u) | b;
+      } else {
+        P[(p * m + r) * kPanel + c] = y;
+      }
+    }
+  }
+}
+
+// Pack pack-units [u0, u1) of a chunk of m rows (rows, or row pairs for the bf16 layout);
+// tiny: some row of the call may have a negative (tiny-row) scale.
 template <DType T>
 void pack_units(const KernelChoice& k, const View& x, const int64_t* rows, const float* rscale,
-                int64_t u0, int64_t u1, int64_t m, const float* mu, int64_t dp, float* P) {
+                int64_t u0, int64_t u1, int64_t m, const float* mu, int64_t dp, float* P,
+                bool tiny = false) {
 #if CRH_HAVE_AVX512_PATH
   if (k.pairs) {
     pack_pairs_avx512<T>(x, rows, rscale, u0, u1, m, mu, dp, P);
-    return;
-  }
-  if (k.isa >= Isa::Avx512 && x.stride_col == 1) {
+  } else if (k.isa >= Isa::Avx512 && x.stride_col == 1) {
     pack_avx512<T>(x, rows, rscale, u0, u1, m, mu, dp, P);
-    return;
+  } else {
+    pack_generic<T>(x, rows, rscale, u0, u1, m, mu, dp, P);
   }
-#endif
+#else
   pack_generic<T>(x, rows, rscale, u0, u1, m, mu, dp, P);
+#endif
+  if (tiny) repack_tiny<T>(k, x, rows, rscale, u0, u1, m, mu, dp, P);
 }
 
 CRH_INLINE const float* slice(const float* P, int64_t prow, int64_t col) {

@@ -10,7 +10,8 @@
 //
 // Math (N rows, D features, n valid rows):
 //   pass 1   s_i = 1/||x_i||  (fp32 squared norm, float64 where that one under/overflows;
-//            skipped rows enter no sum)  and
+//            skipped rows enter no sum; a row of norm below 2^-100 stores −2^-64/||x_i|| and is
+//            scaled as (x_i·2^64)·|s_i|, see row_rule_rescue)  and
 //            mu = (1/n) Σ_i s_i x_i, summed in float64;
 //   pass 2   for each chunk of KC valid rows: Y = s·x − mu (fp32, written once into a small
 //            packed buffer P that stays in L2) and C += YᵀY over the tiles of C that touch the
@@ -62,19 +63,33 @@ constexpr float kSqTiny = 0x1p-100f;
 
 // The row rule's second look (docs/spec.md §1) at a live row whose fp32 squared norm is zero, tiny or not
 // finite, from its squared norm q summed again in float64 (where no square of an fp32 value
-// under- or overflows): valid when every entry is finite and, normalizing, 1/||x|| is finite
-// (and nonzero) in fp32. Out of line: it runs for such rows only.
+// under- or overflows): valid when every entry is finite and, normalizing, not all zero. A row
+// of norm below 2^-100 (q < 2^-200), whose 1/||x|| may exceed fp32, is a *tiny* row: its scale is
+// stored negative, -2^-64/||x||, and y = (x·2^64)·|s| wherever it is applied (tiny_scaled:
+// add_tiny_row, repack_tiny): both factors exact, y is x/||x|| rounded once. The encoding of
+// crh_kernels/backends/torch.py and the Triton kernels. Out of line: it runs for such rows only.
 __attribute__((noinline, cold)) bool row_rule_rescue(double q, bool normalize, float& scale,
                                                      uint8_t& status) {
   const bool finite = q < HUGE_VAL;  // false for NaN too
-  const float s = normalize && finite && q > 0.0 ? float(1.0 / std::sqrt(q)) : 1.0f;
-  if (!finite || (normalize && !(q > 0.0 && s < HUGE_VALF))) {
+  if (!finite || (normalize && !(q > 0.0))) {
     status = kRowSkipped;
     return false;
   }
-  scale = s;
+  if (!normalize)
+    scale = 1.0f;
+  else if (q < 0x1p-200)
+    scale = -float((1.0 / std::sqrt(q)) * 0x1p-64);  // at most 2^85: the norm is >= 2^-149
+  else
+    scale = float(1.0 / std::sqrt(q));  // at most 2^100
   status = kRowValid;
   return true;
+}
+
+// acc += (x·2^64)·|s| (float64) for a tiny row (s < 0): pass 1's mean sum, out of line.
+template <DType T>
+__attribute__((noinline, cold)) void add_tiny_row(const typename Elem<T>::type* row, int64_t d,
+                                                  int64_t sc, float s, double* acc) {
+  for (int64_t j = 0; j < d; ++j) acc[j] += double(tiny_scaled(Elem<T>::load(row + j * sc), s));
 }
 
 // The row rule (docs/spec.md §1, crh_kernels/backends/base.py) of a live row from its fp32 squared norm
@@ -150,7 +165,9 @@ void row_pass_range(const View& x, const bool* mask, bool normalize, int64_t r0,
                   status[i]))
       continue;
     const float s = scale[i];
-    if (acc != nullptr) {
+    if (acc != nullptr && s < 0.0f) {
+      add_tiny_row<T>(row, d, sc, s, acc);
+    } else if (acc != nullptr) {
       if (sc == 1) {
 #pragma omp simd
         for (int64_t j = 0; j < d; ++j) acc[j] += double(Elem<T>::load(row + j) * s);
@@ -173,6 +190,10 @@ void mean_range(const View& x, const int64_t* rows, const float* rscale, int64_t
   for (int64_t r = r0; r < r1; ++r) {
     const E* row = base + rows[r] * x.stride_row;
     const float s = rscale[r];
+    if (s < 0.0f) {
+      add_tiny_row<T>(row, d, sc, s, acc);
+      continue;
+    }
 #pragma omp simd
     for (int64_t j = 0; j < d; ++j) acc[j] += double(Elem<T>::load(row + j * sc) * s);
   }
@@ -240,6 +261,10 @@ CRH_TARGET_AVX512 void row_pass_avx512(const View& x, const bool* mask, bool nor
                   status[i]) ||
         acc == nullptr)
       continue;
+    if (scale[i] < 0.0f) {
+      add_tiny_row<T>(row, d, 1, scale[i], acc);
+      continue;
+    }
     const __m512 s = _mm512_set1_ps(scale[i]);
     for (j = 0; j < full; j += 16) {
       const __m512 y = _mm512_mul_ps(load16<T>(row + j, 0xffff), s);
@@ -265,8 +290,9 @@ CRH_TARGET_AVX512 void row_pass_avx512(const View& x, const bool* mask, bool nor
 
 struct RowSet {
   std::vector<int64_t> rows;  // valid row indices, ascending
-  std::vector<float> rscale;  // their scales
+  std::vector<float> rscale;  // their scales (< 0: a tiny row, see row_rule_rescue)
   int64_t n_skipped = 0;
+  bool tiny = false;          // some scale is < 0: packing takes the rare path (repack_tiny)
 };
 
 // Pass 1 over x: status[i] and scale[i] of every row and, with mean_sum, mean_sum += Σ s_i x_i
@@ -520,7 +546,7 @@ void own_rows(const KernelChoice& k, const View& x, const RowSet& rs, const floa
 #ifdef CRH_TEST_HOOKS
     if (c0 == last) test_delay_before_last_chunk(t);
 #endif
-    pack_units<T>(k, x, rows + c0, sc + c0, 0, prow, m, mu, dp, P);
+    pack_units<T>(k, x, rows + c0, sc + c0, 0, prow, m, mu, dp, P, rs.tiny);
     if (!help.on() || c0 != last) {
       syrk_chunk(k, P, prow, dp, p.cs[t], 0, dp);
       continue;
@@ -545,7 +571,7 @@ void help_others(const KernelChoice& k, const View& x, const RowSet& rs, const f
     const Split su = split(p.n, p.nrep, u);
     const int64_t lu = last_chunk(su, p.kc);
     const int64_t m = su.end - lu, prow = panel_rows(k, m);
-    pack_units<T>(k, x, rows + lu, sc + lu, 0, prow, m, mu, dp, P);
+    pack_units<T>(k, x, rows + lu, sc + lu, 0, prow, m, mu, dp, P, rs.tiny);
     for (int64_t b; (b = help.claim_other(u)) >= 0;) {
       zero_upper(k, help.side(u), b * k.mr, (b + 1) * k.mr, dp);
       syrk_chunk(k, P, prow, dp, help.side(u), b * k.mr, (b + 1) * k.mr);
@@ -570,7 +596,7 @@ void shared_rows(const KernelChoice& k, const View& x, const RowSet& rs, const f
     const int64_t m = std::min(kc, n - c0), prow = panel_rows(k, m);
 #pragma omp for schedule(static)
     for (int64_t u = 0; u < prow; ++u)
-      pack_units<T>(k, x, rows + c0, sc + c0, u, u + 1, m, mu, dp, P);
+      pack_units<T>(k, x, rows + c0, sc + c0, u, u + 1, m, mu, dp, P, rs.tiny);
     // the micro-rows near the top own more tiles: dynamic schedule
 #pragma omp for schedule(dynamic, 1)
     for (int64_t a0 = 0; a0 < dp; a0 += k.mr) syrk_chunk(k, P, prow, dp, C, a0, a0 + k.mr);
@@ -657,6 +683,7 @@ RowSet compact(const uint8_t* status, const float* scale, int64_t n) {
     if (status[i] == kRowValid) {
       rs.rows.push_back(i);
       rs.rscale.push_back(scale[i]);
+      rs.tiny |= scale[i] < 0.0f;
     } else if (status[i] == kRowSkipped) {
       ++rs.n_skipped;
     }
@@ -784,6 +811,8 @@ void cross_scatter(const KernelChoice& k, const View& g, const View& h, const Ro
     phs[t] = scratch.take(size_t(kc) * dhp);
   }
   const int64_t* rows = rs.rows.data();
+  const bool tiny_g = std::any_of(sg.begin(), sg.end(), [](float v) { return v < 0.0f; });
+  const bool tiny_h = std::any_of(sh.begin(), sh.end(), [](float v) { return v < 0.0f; });
 #pragma omp parallel num_threads(threads)
   {
 #pragma omp for schedule(static)
@@ -795,8 +824,8 @@ void cross_scatter(const KernelChoice& k, const View& g, const View& h, const Ro
       float* Ph = phs[t];
       for (int64_t c0 = s.begin; c0 < s.end; c0 += kc) {
         const int64_t m = std::min(kc, s.end - c0), prow = panel_rows(k, m);
-        pack_units<TG>(k, g, rows + c0, sg.data() + c0, 0, prow, m, mug, dgp, Pg);
-        pack_units<TH>(k, h, rows + c0, sh.data() + c0, 0, prow, m, muh, dhp, Ph);
+        pack_units<TG>(k, g, rows + c0, sg.data() + c0, 0, prow, m, mug, dgp, Pg, tiny_g);
+        pack_units<TH>(k, h, rows + c0, sh.data() + c0, 0, prow, m, muh, dhp, Ph, tiny_h);
         gemm_chunk(k, Pg, Ph, prow, dhp, cs[t], 0, dgp);
       }
 #pragma omp barrier
@@ -807,8 +836,8 @@ void cross_scatter(const KernelChoice& k, const View& g, const View& h, const Ro
         const int64_t m = std::min(kc, n - c0), prow = panel_rows(k, m);
 #pragma omp for schedule(static)
         for (int64_t u = 0; u < prow; ++u) {
-          pack_units<TG>(k, g, rows + c0, sg.data() + c0, u, u + 1, m, mug, dgp, Pg);
-          pack_units<TH>(k, h, rows + c0, sh.data() + c0, u, u + 1, m, muh, dhp, Ph);
+          pack_units<TG>(k, g, rows + c0, sg.data() + c0, u, u + 1, m, mug, dgp, Pg, tiny_g);
+          pack_units<TH>(k, h, rows + c0, sh.data() + c0, u, u + 1, m, muh, dhp, Ph, tiny_h);
         }
 #pragma omp for schedule(static)
         for (int64_t a0 = 0; a0 < dgp; a0 += k.mr) gemm_chunk(k, Pg, Ph, prow, dhp, cs[0], a0, a0 + k.mr);

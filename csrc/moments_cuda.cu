@@ -7,7 +7,11 @@
 //
 // Pipeline of one batch (x: n rows, d features, all on one stream), kernel by kernel:
 //   row_stats_kernel          one warp per row: fp32 squared norm -> row status (row_status.h:
-//                             masked / skipped / valid) and scale s_i
+//                             masked / skipped / valid) and scale s_i; a tiny row (norm below
+//                             2^-100, where 1/||x|| may exceed fp32) stores s_i = −2^-64/||x|| and
+//                             sets the batch's flag `tiny`: y = (x·2^64)·|s_i| (scale_x), both
+//                             factors exact; the kernels below read the flag once and take a
+//                             second, rare copy of their loops only when it is set
 //   status_count_kernel       final status (cross: valid in both) and [n, n_skipped] (block
 //                             reductions)
 //   scaled_col_sum_kernel     Σ_i s_i x_i in float64, per column and row split
@@ -64,11 +68,18 @@ __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
 }
 
+// The scaled entry s·v of a row; a tiny row's scale is negative: (v·2^64)·|s| (the rare loops).
+constexpr float kTinyPre = 0x1p64f;
+__device__ __forceinline__ float scale_tiny(float v, float s) {
+  return s < 0.0f ? (v * kTinyPre) * -s : v * s;
+}
+
 // ------------------------------------------------------------------------------- pass 1
 template <typename T>
 __global__ void row_stats_kernel(const T* __restrict__ x, int64_t n, int64_t d, int64_t sr,
                                  const unsigned char* __restrict__ mask, int normalize,
-                                 float* __restrict__ scale, unsigned char* __restrict__ status) {
+                                 float* __restrict__ scale, unsigned char* __restrict__ status,
+                                 int* __restrict__ tiny) {
   const int lane = threadIdx.x & 31;
   const int64_t warp = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   const int64_t nwarps = (int64_t(gridDim.x) * blockDim.x) >> 5;
@@ -93,7 +104,7 @@ __global__ void row_stats_kernel(const T* __restrict__ x, int64_t n, int64_t d, 
     // kSqTiny (2^-100: 2^26 above FLT_MIN, below which subnormal squares lose bits; the bound of
     // the CPU and Triton passes). Otherwise (zero, tiny or not finite) the row is measured again
     // in float64, where no square of an fp32 value under- or overflows: valid when every entry is
-    // finite and, normalizing, 1/||x|| is finite and nonzero in fp32.
+    // finite and, normalizing, not all zero; below 2^-200 (norm < 2^-100) the row is tiny.
     constexpr float kSqTiny = 0x1p-100f;
     bool ok = sq < HUGE_VALF && (!normalize || sq >= kSqTiny);
     float s = ok && normalize ? 1.0f / sqrtf(sq) : 1.0f;
@@ -107,8 +118,11 @@ __global__ void row_stats_kernel(const T* __restrict__ x, int64_t n, int64_t d, 
       for (int off = 16; off > 0; off >>= 1) q += __shfl_xor_sync(0xffffffffu, q, off);
       ok = q < HUGE_VAL;  // false for NaN too
       if (normalize) {
-        s = ok && q > 0.0 ? float(1.0 / sqrt(q)) : 0.0f;
-        ok = ok && q > 0.0 && s < HUGE_VALF;
+        ok = ok && q > 0.0;
+        const bool is_tiny = ok && q < 0x1p-200;
+        // 1/||x|| at most 2^100; a tiny row's −2^-64/||x|| at most 2^85 (the norm is >= 2^-149)
+        s = ok ? float(is_tiny ? -(1.0 / sqrt(q)) * 0x1p-64 : 1.0 / sqrt(q)) : 0.0f;
+        if (is_tiny && lane == 0) atomicOr(tiny, 1);
       }
     }
     if (lane == 0) {
@@ -158,13 +172,17 @@ template <typename T>
 __global__ void scaled_col_sum_kernel(const T* __restrict__ x, int64_t n, int64_t d, int64_t sr,
                                       const float* __restrict__ scale,
                                       const unsigned char* __restrict__ status,
+                                      const int* __restrict__ tiny,
                                       int64_t rows_per_split, double* __restrict__ partial) {
   __shared__ double sh[8][33];
   const int64_t c = int64_t(blockIdx.x) * 32 + threadIdx.x;
   const int64_t r0 = int64_t(blockIdx.y) * rows_per_split;
   const int64_t r1 = min(n, r0 + rows_per_split);
   double acc = 0.0;
-  if (c < d) {
+  if (c < d && *tiny != 0) {  // rare: the batch holds a tiny row
+    for (int64_t r = r0 + threadIdx.y; r < r1; r += 8)
+      if (status[r] == kRowValid) acc += double(scale_tiny(to_f32(x[r * sr + c]), scale[r]));
+  } else if (c < d) {
     for (int64_t r = r0 + threadIdx.y; r < r1; r += 8)
       if (status[r] == kRowValid) acc += double(to_f32(x[r * sr + c]) * scale[r]);
   }
@@ -200,13 +218,25 @@ struct Side {
 };
 
 // y[i] = s_r·x[r, col] − μ[col] for rows r = k0 + tid/128 + 2i, or 0 outside [.., r_end), past
-// the last column, or for rows that are not valid (never 0·inf).
+// the last column, or for rows that are not valid (never 0·inf). tiny (block-uniform: the
+// batch's flag, read once per block): the rare copy, with tiny rows' pre-factor (scale_tiny).
 template <typename T>
 __device__ __forceinline__ void load_tile(float (&y)[LOADS], const Side& s,
                                           const unsigned char* __restrict__ status, int64_t col,
-                                          float mu, int64_t k0, int64_t r_end) {
+                                          float mu, int64_t k0, int64_t r_end, bool tiny) {
   const T* x = static_cast<const T*>(s.x);
   const int kk0 = threadIdx.x / BM;
+  if (tiny) {
+#pragma unroll
+    for (int i = 0; i < LOADS; ++i) {
+      const int64_t r = k0 + kk0 + 2 * i;
+      float v = 0.0f;
+      if (r < r_end && col < s.d && status[r] == kRowValid)
+        v = scale_tiny(to_f32(x[r * s.sr + col]), s.scale[r]) - mu;
+      y[i] = v;
+    }
+    return;
+  }
 #pragma unroll
   for (int i = 0; i < LOADS; ++i) {
     const int64_t r = k0 + kk0 + 2 * i;
@@ -248,8 +278,8 @@ __device__ __forceinline__ void tile_of_block(int tiles_b, int& bi, int& bj) {
 template <typename T, bool SYM>
 __global__ void __launch_bounds__(THREADS)
     partial_scatter_fma_kernel(Side A, Side B, const unsigned char* __restrict__ status,
-                               int64_t n, int64_t rows_per_split, int tiles_b,
-                               float* __restrict__ ws) {
+                               const int* __restrict__ tiny_flag, int64_t n,
+                               int64_t rows_per_split, int tiles_b, float* __restrict__ ws) {
   __shared__ __align__(16) float As[BK][BM + 4];
   __shared__ __align__(16) float Bs[BK][BN + 4];
   int bi, bj;
@@ -262,6 +292,7 @@ __global__ void __launch_bounds__(THREADS)
   const float mu_a = a0 + cc < A.d ? A.mu[a0 + cc] : 0.0f;
   const float mu_b = b0 + cc < B.d ? B.mu[b0 + cc] : 0.0f;
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+  const bool tiny = *tiny_flag != 0;
 
   float acc[8][8];
 #pragma unroll
@@ -270,15 +301,15 @@ __global__ void __launch_bounds__(THREADS)
     for (int j = 0; j < 8; ++j) acc[i][j] = 0.0f;
 
   float ya[LOADS], yb[LOADS];
-  load_tile<T>(ya, A, status, a0 + cc, mu_a, r_begin, r_end);
-  if (!diag) load_tile<T>(yb, B, status, b0 + cc, mu_b, r_begin, r_end);
+  load_tile<T>(ya, A, status, a0 + cc, mu_a, r_begin, r_end, tiny);
+  if (!diag) load_tile<T>(yb, B, status, b0 + cc, mu_b, r_begin, r_end, tiny);
   for (int64_t k0 = r_begin; k0 < r_end; k0 += BK) {
     store_tile<float, BM + 4>(As, ya);
     if (!diag) store_tile<float, BN + 4>(Bs, yb);
     __syncthreads();
     if (k0 + BK < r_end) {  // next tile's global loads overlap this tile's arithmetic
-      load_tile<T>(ya, A, status, a0 + cc, mu_a, k0 + BK, r_end);
-      if (!diag) load_tile<T>(yb, B, status, b0 + cc, mu_b, k0 + BK, r_end);
+      load_tile<T>(ya, A, status, a0 + cc, mu_a, k0 + BK, r_end, tiny);
+      if (!diag) load_tile<T>(yb, B, status, b0 + cc, mu_b, k0 + BK, r_end, tiny);
     }
     float (*Bp)[BN + 4] = diag ? As : Bs;
 #pragma unroll 4
@@ -328,8 +359,8 @@ struct MmaOk<__half> : std::false_type {};
 template <typename T, bool SYM>
 __global__ void __launch_bounds__(THREADS)
     partial_scatter_mma_kernel(Side A, Side B, const unsigned char* __restrict__ status,
-                               int64_t n, int64_t rows_per_split, int tiles_b,
-                               float* __restrict__ ws) {
+                               const int* __restrict__ tiny_flag, int64_t n,
+                               int64_t rows_per_split, int tiles_b, float* __restrict__ ws) {
   if constexpr (!MmaOk<T>::value) {
     __trap();  // the launcher sends these (dtype, arch) pairs to partial_scatter_fma_kernel
   } else {
@@ -349,6 +380,7 @@ __global__ void __launch_bounds__(THREADS)
   const float mu_b = b0 + cc < B.d ? B.mu[b0 + cc] : 0.0f;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int wm = warp / 4, wn = warp % 4;  // warp's rows [wm*64, +64), columns [wn*32, +32)
+  const bool tiny = *tiny_flag != 0;
 
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[4][2];
 #pragma unroll
@@ -357,15 +389,15 @@ __global__ void __launch_bounds__(THREADS)
     for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
 
   float ya[LOADS], yb[LOADS];
-  load_tile<T>(ya, A, status, a0 + cc, mu_a, r_begin, r_end);
-  if (!diag) load_tile<T>(yb, B, status, b0 + cc, mu_b, r_begin, r_end);
+  load_tile<T>(ya, A, status, a0 + cc, mu_a, r_begin, r_end, tiny);
+  if (!diag) load_tile<T>(yb, B, status, b0 + cc, mu_b, r_begin, r_end, tiny);
   for (int64_t k0 = r_begin; k0 < r_end; k0 += BK) {
     store_tile<T, LDS>(As, ya);
     if (!diag) store_tile<T, LDS>(Bs, yb);
     __syncthreads();
     if (k0 + BK < r_end) {
-      load_tile<T>(ya, A, status, a0 + cc, mu_a, k0 + BK, r_end);
-      if (!diag) load_tile<T>(yb, B, status, b0 + cc, mu_b, k0 + BK, r_end);
+      load_tile<T>(ya, A, status, a0 + cc, mu_a, k0 + BK, r_end, tiny);
+      if (!diag) load_tile<T>(yb, B, status, b0 + cc, mu_b, k0 + BK, r_end, tiny);
     }
     T (*Bp)[LDS] = diag ? As : Bs;
 #pragma unroll
@@ -495,6 +527,7 @@ struct Scratch {
   float* mu_a;
   float* mu_b;
   float* ws;
+  int* tiny;  // the batch's tiny-row flag (zeroed before pass 1)
   size_t bytes;
 };
 Scratch carve(char* base, int64_t n, int64_t da, int64_t db, bool two, const Plan& p) {
@@ -521,44 +554,47 @@ Scratch carve(char* base, int64_t n, int64_t da, int64_t db, bool two, const Pla
     s.mu_b = s.mu_a;
   }
   s.ws = reinterpret_cast<float*>(take(sizeof(float) * p.splits * da * db));
+  s.tiny = reinterpret_cast<int*>(take(sizeof(int)));
   s.bytes = off;
   return s;
 }
 
 template <typename T>
 void launch_row_stats(const crh_cuda_view& x, const unsigned char* mask, int normalize,
-                      float* scale, unsigned char* status, cudaStream_t stream) {
+                      float* scale, unsigned char* status, int* tiny, cudaStream_t stream) {
   const int64_t blocks = std::min<int64_t>(cdiv(x.rows, THREADS / 32), 8192);
   row_stats_kernel<T><<<unsigned(blocks), THREADS, 0, stream>>>(
-      static_cast<const T*>(x.data), x.rows, x.cols, x.stride_row, mask, normalize, scale, status);
+      static_cast<const T*>(x.data), x.rows, x.cols, x.stride_row, mask, normalize, scale, status,
+      tiny);
 }
 
 template <typename T>
 void launch_mean(const crh_cuda_view& x, const float* scale, const unsigned char* status,
-                 const Plan& p, double* partial, const unsigned long long* counts, double* mean,
-                 float* mu, cudaStream_t stream) {
+                 const int* tiny, const Plan& p, double* partial,
+                 const unsigned long long* counts, double* mean, float* mu, cudaStream_t stream) {
   const dim3 grid(unsigned(cdiv(x.cols, 32)), unsigned(p.msplits));
   scaled_col_sum_kernel<T><<<grid, dim3(32, 8), 0, stream>>>(
-      static_cast<const T*>(x.data), x.rows, x.cols, x.stride_row, scale, status, p.mrows,
+      static_cast<const T*>(x.data), x.rows, x.cols, x.stride_row, scale, status, tiny, p.mrows,
       partial);
   mean_kernel<<<unsigned(cdiv(x.cols, 256)), 256, 0, stream>>>(
       partial, int(p.msplits), x.cols, counts, mean, mu);
 }
 
 template <typename T, bool SYM>
-void launch_partial_scatter(const Side& A, const Side& B, const unsigned char* status, int64_t n,
-                            const Plan& p, float* ws, bool tensor_cores, cudaStream_t stream) {
+void launch_partial_scatter(const Side& A, const Side& B, const unsigned char* status,
+                            const int* tiny, int64_t n, const Plan& p, float* ws,
+                            bool tensor_cores, cudaStream_t stream) {
   const dim3 grid(unsigned(p.pairs), unsigned(p.splits));
   if constexpr (!std::is_same<T, float>::value) {
     if (tensor_cores) {
       partial_scatter_mma_kernel<T, SYM><<<grid, THREADS, 0, stream>>>(
-          A, B, status, n, p.rows_per_split, int(p.tiles_b), ws);
+          A, B, status, tiny, n, p.rows_per_split, int(p.tiles_b), ws);
       return;
     }
   }
   (void)tensor_cores;
   partial_scatter_fma_kernel<T, SYM><<<grid, THREADS, 0, stream>>>(
-      A, B, status, n, p.rows_per_split, int(p.tiles_b), ws);
+      A, B, status, tiny, n, p.rows_per_split, int(p.tiles_b), ws);
 }
 
 bool tensor_cores_for(int dtype, const Device& dev) {
@@ -607,14 +643,15 @@ extern "C" cudaError_t crh_cuda_batch_stats(crh_cuda_view x, const unsigned char
   if (workspace == nullptr || workspace_bytes < s.bytes) return cudaErrorInvalidValue;
   auto* cnt = reinterpret_cast<unsigned long long*>(counts);
   const bool tc = tensor_cores_for(x.dtype, dev);
+  if ((err = cudaMemsetAsync(s.tiny, 0, sizeof(int), stream)) != cudaSuccess) return err;
   dispatch(x.dtype, [&](auto tag) {
     using T = decltype(tag);
-    launch_row_stats<T>(x, mask, normalize, s.scale_a, s.status_a, stream);
+    launch_row_stats<T>(x, mask, normalize, s.scale_a, s.status_a, s.tiny, stream);
     status_count_kernel<<<unsigned(std::min<int64_t>(cdiv(n, THREADS), 1024)), THREADS, 0,
                            stream>>>(s.status_a, nullptr, n, s.status_a, cnt);
-    launch_mean<T>(x, s.scale_a, s.status_a, p, s.partial_a, cnt, mean, s.mu_a, stream);
+    launch_mean<T>(x, s.scale_a, s.status_a, s.tiny, p, s.partial_a, cnt, mean, s.mu_a, stream);
     const Side side{x.data, x.stride_row, d, s.scale_a, s.mu_a};
-    launch_partial_scatter<T, true>(side, side, s.status_a, n, p, s.ws, tc, stream);
+    launch_partial_scatter<T, true>(side, side, s.status_a, s.tiny, n, p, s.ws, tc, stream);
   });
   const dim3 tiles(unsigned(cdiv(d, 32)), unsigned(cdiv(d, 32)));
   sum_mirror_kernel<<<tiles, dim3(32, 8), 0, stream>>>(s.ws, int(p.splits), d, scatter);
@@ -647,17 +684,19 @@ extern "C" cudaError_t crh_cuda_cross_stats(crh_cuda_view g, crh_cuda_view h,
   if (workspace == nullptr || workspace_bytes < s.bytes) return cudaErrorInvalidValue;
   auto* cnt = reinterpret_cast<unsigned long long*>(counts);
   const bool tc = tensor_cores_for(g.dtype, dev);
+  if ((err = cudaMemsetAsync(s.tiny, 0, sizeof(int), stream)) != cudaSuccess) return err;
   dispatch(g.dtype, [&](auto tag) {
     using T = decltype(tag);
-    launch_row_stats<T>(g, mask, normalize, s.scale_a, s.status_a, stream);
-    launch_row_stats<T>(h, mask, normalize, s.scale_b, s.status_b, stream);
+    // one flag for both sides: a tiny g or h row takes the rare loops
+    launch_row_stats<T>(g, mask, normalize, s.scale_a, s.status_a, s.tiny, stream);
+    launch_row_stats<T>(h, mask, normalize, s.scale_b, s.status_b, s.tiny, stream);
     status_count_kernel<<<unsigned(std::min<int64_t>(cdiv(n, THREADS), 1024)), THREADS, 0,
                            stream>>>(s.status_a, s.status_b, n, s.status_a, cnt);
-    launch_mean<T>(g, s.scale_a, s.status_a, p, s.partial_a, cnt, mean_g, s.mu_a, stream);
-    launch_mean<T>(h, s.scale_b, s.status_a, p, s.partial_b, cnt, mean_h, s.mu_b, stream);
+    launch_mean<T>(g, s.scale_a, s.status_a, s.tiny, p, s.partial_a, cnt, mean_g, s.mu_a, stream);
+    launch_mean<T>(h, s.scale_b, s.status_a, s.tiny, p, s.partial_b, cnt, mean_h, s.mu_b, stream);
     const Side a{g.data, g.stride_row, dg, s.scale_a, s.mu_a};
     const Side b{h.data, h.stride_row, dh, s.scale_b, s.mu_b};
-    launch_partial_scatter<T, false>(a, b, s.status_a, n, p, s.ws, tc, stream);
+    launch_partial_scatter<T, false>(a, b, s.status_a, s.tiny, n, p, s.ws, tc, stream);
   });
   sum_splits_kernel<<<unsigned(std::min<int64_t>(cdiv(dg * dh, 256), 4096)), 256, 0, stream>>>(
       s.ws, int(p.splits), dg * dh, scatter);

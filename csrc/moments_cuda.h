@@ -25,8 +25,8 @@ typedef struct {
 size_t crh_cuda_batch_workspace(int64_t n, int64_t d);
 
 // Batch statistics (docs/spec.md §2) of the rows of x (n, d), fp32/bf16/fp16, on `stream`:
-//   valid row i: finite fp32 squared norm (and > 0 when normalize), mask[i] != 0 (mask may be
-//   NULL); s_i = 1/||x_i|| or 1;
+//   valid row i: finite entries (and not all zero when normalize: every finite nonzero row
+//   counts, whatever its scale), mask[i] != 0 (mask may be NULL); s_i = 1/||x_i|| or 1;
 //   mean (d,) float64 = (1/n) Σ s_i x_i;  counts (2,) int64 = [n valid, n skipped];
 //   scatter (d, d) float32, exactly symmetric = Σ (s_i x_i − μ)(s_i x_i − μ)ᵀ, centered in fp32
 //   before the product, upper-triangle tiles only (tensor cores for bf16/fp16: the centered

@@ -50,13 +50,21 @@ def _row_norms(a: np.ndarray) -> np.ndarray:
 
 def row_ok(x: torch.Tensor, a: np.ndarray, normalize: bool) -> np.ndarray:
     """docs/spec.md §1's row rule for the rows ``a`` (float64) of ``x``: every entry finite and, when
-    normalizing, 1/||x|| finite in the accumulation dtype (fp32; fp64 for fp64 input), which
-    also excludes the zero row."""
+    normalizing, not all zero: every finite nonzero row counts, whatever its scale."""
     finite = np.isfinite(a).all(axis=1)
     if not normalize:
         return finite
-    acc = np.float64 if x.dtype == torch.float64 else np.float32
-    return finite & (_row_norms(np.where(finite[:, None], a, 0.0)) >= 1.0 / np.finfo(acc).max)
+    return finite & (np.abs(np.where(finite[:, None], a, 0.0)).max(axis=1, initial=0.0) > 0)
+
+
+def expected_scale(norms, valid, normalize):
+    """The scale pass 1 must store (float64): 0 unless valid; 1 without normalizing; 1/||x||,
+    or for a tiny row (norm below 2^-100) its encoding −2^-64/||x|| (backends/torch.py
+    TINY_SCALE: the row is multiplied by 2^64 first), the same on every backend."""
+    if not normalize:
+        return np.where(valid, 1.0, 0.0)
+    safe = np.where(valid, norms, 1.0)
+    return np.where(valid, np.where(safe < 2.0 ** -100, -(2.0 ** -64) / safe, 1 / safe), 0.0)
 
 
 def _normalized(rows: np.ndarray) -> np.ndarray:

@@ -13,6 +13,8 @@ from crh_kernels.backends import base
 from crh_kernels.backends.base import (CAPABILITIES, ROW_MASKED, ROW_SKIPPED, ROW_VALID,
                                        Backend)
 
+from ._ref import expected_scale
+
 
 def _registered_class(name):
     try:
@@ -134,16 +136,19 @@ def test_cpp_stage_rows_status():
 
 
 def _rows_at_the_ends_of_fp32():
-    """Rows whose fp32 squared norm is subnormal, zero or overflows, with the status each must
-    get (normalizing, and not): one rule on every backend (docs/spec.md §1)."""
+    """Rows whose fp32 squared norm is subnormal, zero or overflows, rows of norm below 2^-100
+    (tiny: one whose 1/||x|| fits fp32, two whose 1/||x|| does not, the smallest subnormal
+    alone among them), with the status each must get (normalizing, and not): one rule on every
+    backend (docs/spec.md §1). Every finite nonzero row is valid."""
     big = torch.finfo(torch.float32).max
     sub = torch.finfo(torch.float32).tiny / 2 ** 23  # the smallest subnormal, 1.4e-45
     x = torch.tensor([[1e-30, -2e-30, 3e-30], [6e-22, 6e-22, 0.0], [1e19, 3e19, -2e19],
                       [big, big, big], [sub, 0.0, 0.0], [0.0, 0.0, 0.0],
-                      [1.0, float("nan"), 0.0], [1e-30, 1e-30, 1e-30]])
-    mask = torch.tensor([True] * 7 + [False])
+                      [1.0, float("nan"), 0.0], [1e-30, 1e-30, 1e-30], [1e-35, -3e-36, 0.0],
+                      [1e-40, 2e-40, -1e-41], [3e-39, 0.0, sub]])
+    mask = torch.tensor([True] * 7 + [False] + [True] * 3)
     v, s, m = ROW_VALID, ROW_SKIPPED, ROW_MASKED
-    return x, mask, {True: [v, v, v, v, s, s, s, m], False: [v, v, v, v, v, v, s, m]}
+    return x, mask, {True: [v, v, v, v, v, s, s, m, v, v, v], False: [v, v, v, v, v, v, s, m, v, v, v]}
 
 
 def _statuses_and_scales(name, x, mask, normalize):
@@ -177,7 +182,7 @@ def test_row_rule_at_the_ends_of_the_fp32_range(name):
         status, scale = _statuses_and_scales(name, x, mask, normalize)
         assert status == want[normalize], (name, normalize)
         valid = np.array(want[normalize]) == ROW_VALID
-        expect = np.where(valid, 1 / np.where(valid, norms, 1.0) if normalize else 1.0, 0.0)
+        expect = expected_scale(norms, valid, normalize)
         np.testing.assert_allclose(scale.double().numpy(), expect, rtol=1e-6, err_msg=name)
 
 

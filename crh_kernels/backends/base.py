@@ -8,8 +8,8 @@ state.
 Row vocabulary, identical on every backend (Triton, C++, CUDA, torch):
   * a row is **masked** when ``mask[i]`` is False: it counts nowhere, not even in
     ``n_skipped``;
-  * otherwise it is **skipped** (counted in ``n_skipped`` only) when its squared norm, summed
-    in fp32 (fp64 for fp64 input), is not finite, or, with ``normalize=True``, is zero;
+  * otherwise it is **skipped** (counted in ``n_skipped`` only) when an entry is not finite
+    or, with ``normalize=True``, it is the zero row (every finite nonzero row counts);
   * every other row is **valid**: ``x̂ = x/||x||`` (or ``x`` when ``normalize=False``).
 
 Where a kernel stores the outcome per row it is a uint8 ``status`` with the encoding
@@ -45,7 +45,7 @@ import torch
 
 #: ``status`` of a row whose mask entry is False: it counts nowhere.
 ROW_MASKED = 0
-#: ``status`` of a live row with a non-finite (or, normalizing, zero) squared norm: counted in
+#: ``status`` of a live row with a non-finite entry (or, normalizing, the zero row): counted in
 #: ``n_skipped`` only.
 ROW_SKIPPED = 1
 #: ``status`` of a row that enters the mean and the scatter.
@@ -169,7 +169,8 @@ class Backend:
         """Capability ``row_staging``: copy the rows of ``x`` (R, D) into ``buf`` (R, D) and do
         pass 1 of the update on the way: per row ``status`` uint8 (R,)
         (:data:`ROW_MASKED` / :data:`ROW_SKIPPED` / :data:`ROW_VALID`), ``scale`` fp32 (R,)
-        (``1/||x_i||``, or 1 without normalizing, 0 unless valid), and
+        (``1/||x_i||``, or 1 without normalizing, 0 unless valid; a row of norm below 2^-100
+        stores −2^-64/||x_i|| and enters as (x_i·2^64)·|scale_i|, docs/spec.md §1), and
         ``sum_ += Σ_valid scale_i · x_i`` (float64 (D,)). :meth:`update_staged` finishes."""
         raise self._unsupported("stage_rows", "row_staging")
 

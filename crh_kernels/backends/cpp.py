@@ -22,7 +22,8 @@ Ops (registered by ``TORCH_LIBRARY(crh)`` in csrc/bindings.cpp)::
     torch.ops.crh.stage_rows_(x (R, D), mask | None, normalize, buf (R, D), scale f32 (R,),
                               status u8 (R,), sum f64 (D,)) -> None
         (CPU only: x copied into buf with pass 1 on the way; sum += Σ s_i x_i;
-         status 0 masked, 1 skipped, 2 valid: ROW_MASKED, ROW_SKIPPED, ROW_VALID of base.py)
+         status 0 masked, 1 skipped, 2 valid: ROW_MASKED, ROW_SKIPPED, ROW_VALID of base.py;
+         scale < 0 on a tiny row, norm < 2^-100: −2^-64/||x||, the row enters as (x·2^64)·|s|)
     torch.ops.crh.batch_update_staged_(x, scale, status, sum, strict, state_counts, state_mean,
                                        state_scatter)
         -> mean f64 (D,), counts     (CPU only: batch_update_ of rows staged by stage_rows_)
@@ -176,7 +177,8 @@ class CppBackend(OpsBackend):
                    buf: torch.Tensor, scale: torch.Tensor, status: torch.Tensor,
                    sum_: torch.Tensor) -> None:
         """Copy the rows of x into buf and do pass 1 of the update on the way (row status and
-        scale, ``sum_ += Σ s_i x_i``): :meth:`update_staged` finishes the staged rows later.
+        scale, ``sum_ += Σ s_i x_i``; a tiny row's scale is encoded negative, docs/spec.md §1):
+        :meth:`update_staged` finishes the staged rows later.
         CPU tensors only (the op checks every argument)."""
         torch.ops.crh.stage_rows_(x, mask, bool(normalize), buf, scale, status, sum_)
 

@@ -28,6 +28,14 @@ from .base import Backend, BatchStats, CrossStats, host_reads_free, mirror_upper
 #: of up to 2^20 entries then cost less than 2^-30 of the sum), likewise for fp64.
 SQ_TINY = {torch.float32: 2.0 ** -100, torch.float64: 2.0 ** -970}
 
+#: A *tiny* row (normalizing, ``1/||x||`` above TINY_SCALE: its norm is below 2^-100 in fp32,
+#: 2^-900 in fp64, and ``1/||x||`` may not fit the dtype) gets the scale ``-2^-PRE_EXP/||x||``:
+#: the sign says "multiply the row by 2^PRE_EXP first", so that ``y = (x·2^PRE_EXP)·|s|``, both
+#: factors exact (powers of two apart from ``1/||x||``), is the value ``x/||x||`` rounded once.
+#: The same encoding on every backend (kernels/row_stats.py, csrc/).
+TINY_SCALE = {torch.float32: 2.0 ** 100, torch.float64: 2.0 ** 900}
+PRE_EXP = {torch.float32: 64, torch.float64: 512}
+
 _BITS = {torch.float32: (torch.int32, 23, 127), torch.float64: (torch.int64, 52, 1023)}
 
 
@@ -41,10 +49,10 @@ def _rescaled_rows(xs: torch.Tensor, normalize: bool) -> Tuple[torch.Tensor, tor
     """``(valid, scale)`` of rows (already in the accumulation dtype) whose squared norm was
     zero, tiny or not finite: the slow path of :func:`row_scale`, for a few rows.
 
-    A row is valid when every entry is finite and, normalizing, ``1/||x||`` is finite and
-    nonzero in the accumulation dtype. The norm is measured on the row times ``2^-e``, with
-    ``2^e`` the power of two of its largest entry, so that no square under- or overflows;
-    ``2^-e`` is applied as two exact factors (each within the normal range)."""
+    A row is valid when every entry is finite and, normalizing, nonzero. The norm is measured
+    on the row times ``2^-e``, with ``2^e`` the power of two of its largest entry, so that no
+    square under- or overflows; ``2^-e`` is applied as two exact factors (each within the
+    normal range). A tiny row's scale is encoded negative (:data:`TINY_SCALE`)."""
     acc = xs.dtype
     finite = torch.isfinite(xs).all(dim=1)
     if not normalize:
@@ -57,8 +65,12 @@ def _rescaled_rows(xs: torch.Tensor, normalize: bool) -> Tuple[torch.Tensor, tor
     f2 = _pow2(-e - torch.div(-e, 2, rounding_mode="floor"), acc)
     y = torch.where(finite.unsqueeze(1), xs, 0.0)
     sq = (y * f1.unsqueeze(1) * f2.unsqueeze(1)).square().sum(dim=1)  # in [1, 4·D) for a nonzero row
-    scale = sq.rsqrt() * f1 * f2  # inf where 1/||x|| exceeds the dtype's range
-    valid = finite & (top > 0) & torch.isfinite(scale) & (scale > 0)
+    r = sq.rsqrt()
+    scale = r * f1 * f2  # inf where 1/||x|| exceeds the dtype's range
+    # the tiny rows' 2^-PRE_EXP/||x|| (each factor exact; no underflow for them: e < -100)
+    tiny = scale > TINY_SCALE[acc]
+    scale = torch.where(tiny, -(r * 2.0 ** -PRE_EXP[acc] * f1 * f2), scale)
+    valid = finite & (top > 0)
     return valid, torch.where(valid, scale, 0.0)
 
 
@@ -68,10 +80,11 @@ def row_scale(x: torch.Tensor, mask: Optional[torch.Tensor], normalize: bool
     (a 0-d int64 tensor on x's device).
 
     The row rule of docs/spec.md §1: a live row is valid when its entries are finite and, normalizing,
-    ``1/||x||`` is finite and nonzero in the accumulation dtype (fp32; fp64 for fp64 input).
-    The squared norm is summed once in that dtype; the few rows where that sum is zero, tiny or
+    not all zero: every finite nonzero row counts. The squared norm is summed once in the
+    accumulation dtype (fp32; fp64 for fp64 input); the few rows where that sum is zero, tiny or
     not finite (an under- or overflowing sum, or a non-finite entry) are measured again,
-    rescaled (:func:`_rescaled_rows`).
+    rescaled (:func:`_rescaled_rows`). A row of norm below 2^-100 (fp32; 2^-900 fp64) gets a
+    negative scale: ``y = (x·2^PRE_EXP)·|scale|`` (:data:`TINY_SCALE`, :func:`apply_scale`).
 
     Masked and skipped rows get scale 0; callers must still *select* them away, since
     ``inf·0`` is NaN.
@@ -104,12 +117,26 @@ def row_scale(x: torch.Tensor, mask: Optional[torch.Tensor], normalize: bool
     return scale, valid, n_skipped
 
 
+def apply_scale(y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``y`` (rows in the accumulation dtype, zero where they do not count) times the scales of
+    :func:`row_scale`, in place: ``y_i·s_i``, or ``(y_i·2^PRE_EXP)·|s_i|`` for a tiny row
+    (``s_i < 0``). The pre-factor costs one more pass only where a tiny row may be present:
+    on the CPU in eager mode when there is one, elsewhere always (no count on the host)."""
+    acc = scale.dtype
+    neg = scale < 0
+    if not host_reads_free(scale) or bool(neg.any()):
+        pre = torch.where(neg, torch.full_like(scale, 2.0 ** PRE_EXP[acc]), torch.ones_like(scale))
+        y.mul_(pre.unsqueeze(1))
+        scale = scale.abs()
+    return y.mul_(scale.unsqueeze(1))
+
+
 def _scaled(x, scale, valid):
     """Rows scaled in the accumulation dtype, exactly zero where they do not count.
     Selected before scaling: inf · 0 would be NaN."""
     acc = scale.dtype
     y = torch.where(valid.unsqueeze(1), x.to(acc), 0.0)
-    return y.mul_(scale.unsqueeze(1))
+    return apply_scale(y, scale)
 
 
 def _center_(y, valid, n):
