@@ -179,10 +179,11 @@ step_cuda_tests() {
 }
 
 step_cuda_table() {  # the extension's rows (the table step ran before it could be built)
+  # the repository first on the path: the in-tree extension, whatever crh_kernels is installed
   if [ "$DRY" = 1 ]; then
-    (cd "$REPO" && python3 bench/gpu_table.py --small --reps 1 --backends cpp --json "$OUT/gpu_table_cuda.json")
+    (cd "$REPO" && PYTHONPATH="$REPO:$REPO/bench" python3 bench/gpu_table.py --small --reps 1 --backends cpp --json "$OUT/gpu_table_cuda.json")
   else
-    (cd "$REPO" && python3 bench/gpu_table.py --shapes 16384x1024,65536x128,4096x4096 --reps 10 --backends cuda \
+    (cd "$REPO" && PYTHONPATH="$REPO:$REPO/bench" python3 bench/gpu_table.py --shapes 16384x1024,65536x128,4096x4096 --reps 10 --backends cuda \
       --json "$OUT/gpu_table_cuda.json")
   fi
 }

@@ -6,10 +6,16 @@ units, without a GPU. Issue 14 asks for ≥ 0.70 for the main bf16 config at D �
 
     python bench/sass_model.py                     # matrix kernels, aligned D, sm_90 (markdown)
     python bench/sass_model.py --layout D1000 --cc 80
-    python bench/sass_model.py --json --only syrk-bf16-det-128x64w8s3-aligned-sm90
+    python bench/sass_model.py --json --only syrk-bf16-det-128x32w8s2r128-aligned-sm90
 
-Per case: the main loop is the innermost backward branch of the SASS whose body holds the
-matrix instructions (HGMMA on sm_90, HMMA on sm_80). Per loop step of one CTA:
+Per case: a matrix loop is an innermost backward branch of the SASS whose body holds matrix
+instructions (HGMMA on sm_90, HMMA on sm_80). kernels/syrk.py (and cross.py) have more than one:
+the fast loop, which every split whose rows all count runs (no masked, skipped or tiny row),
+and the general loop (such rows, the ragged last chunk; two copies, with and without the
+pre-factor of tiny rows). Each is modeled; ``ceiling`` is the fast loop's (what an ordinary
+batch runs: the first matrix loop in address order, as the kernel emits it first; its body has
+no row select); ``loops`` lists every matrix loop in address order and the table prints the
+others beside it. Per loop step of one CTA:
 
 - tensor cycles T = the step's flops / the SM's dense rate per clock (sm_90: 4096 bf16/fp16,
   2048 TF32 flops per clock per SM, i.e. 989 / 494 TFLOP/s on 132 SMs at 1.83 GHz; sm_80:
@@ -18,10 +24,14 @@ matrix instructions (HGMMA on sm_90, HMMA on sm_80). Per loop step of one CTA:
 - issue cycles I = loop instructions × warps of the CTA / 4 (four schedulers per SM, one
   instruction per clock each; every warp runs every instruction of the loop).
 - CTAs per SM from registers (rounded up to 8 per thread; 65,536 per SM) and shared memory
-  (228 KB per SM on sm_90, 164 KB on sm_80), at most 64 warps.
+  (228 KB per SM on sm_90, 164 KB on sm_80, of which the driver reserves 1 KB per CTA), at
+  most 64 warps. Registers and shared memory are the kernel's (ptxas's maximum): every loop
+  runs with them.
 - ceiling: when the loop waits for its own MMAs (``WARPGROUP.DEPBAR.LE gsb0, 0x0``: wgmma
   ``wait 0``) and one CTA fills the SM, nothing overlaps the MMA: T / (T + I). Otherwise the
-  issue of one CTA or warpgroup overlaps the MMA of another: min(1, T / I).
+  issue of one CTA or warpgroup overlaps the MMA of another: min(1, T / I). (Two CTAs that
+  each wait for their own wgmma overlap one's issue with the other's MMA only as far as the
+  scheduler interleaves them: the bound assumes it does.)
 
 Assumptions this cannot check: no memory stalls (operands arrive in time: the pipeline's
 stages are full), no bank conflicts, every SASS instruction issues in one cycle, the MMA runs
@@ -39,8 +49,12 @@ import sys
 import tempfile
 from collections import Counter
 
+# run as a script from a checkout: the package lives one level up
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 RATE = {(90, "16"): 4096, (90, "tf32"): 2048, (80, "16"): 2048, (80, "tf32"): 1024}
 SMEM_PER_SM = {90: 228 * 1024, 80: 164 * 1024}
+SMEM_RESERVED_PER_CTA = 1024  # the driver's, on sm_80 and later
 # "/*55a0*/  @!P4 HGMMA.64x128x16.F32.BF16 R88, R152, gdesc[UR16].tnspB, R88 ;"
 _LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)([^;]*);")
 
@@ -74,10 +88,10 @@ def _mma_flops(op: str) -> int:
     return 0
 
 
-def main_loop(instrs):
-    """The innermost backward-branch loop whose body holds matrix instructions:
-    (start address, end address, [instructions]) or None."""
-    best = None
+def matrix_loops(instrs):
+    """Every innermost backward-branch loop whose body holds matrix instructions, in address
+    order: [(start address, end address, [instructions])]."""
+    found = []
     for addr, op, args in instrs:
         if not op.startswith("BRA"):
             continue
@@ -89,19 +103,21 @@ def main_loop(instrs):
             continue
         body = [i for i in instrs if target <= i[0] <= addr]
         if any(i[1].startswith(("HGMMA", "HMMA")) for i in body):
-            if best is None or len(body) < len(best[2]):
-                best = (target, addr, body)
-    return best
+            found.append((target, addr, body))
+    # innermost: no other matrix loop inside it
+    inner = [f for f in found if not any(g is not f and f[0] <= g[0] and g[1] <= f[1] for g in found)]
+    return sorted(inner, key=lambda f: f[0])
 
 
-def model(result: dict, sass: str, num_warps: int) -> dict:
-    """The ceiling of one compiled case (``result``: triton_aot's AotResult as a dict)."""
-    cc = result["cc"]
-    loop = main_loop(parse(sass))
-    out = dict(id=result["id"], registers=result["registers"], shared=result["shared"], warps=num_warps)
-    if loop is None:
-        return dict(out, loop_instructions=0, ceiling=float("nan"), note="no matrix loop found")
-    body = [i for i in loop[2] if i[1] != "NOP"]
+def main_loop(instrs):
+    """The first matrix loop in address order (the fast loop of kernels/syrk.py): (start
+    address, end address, [instructions]) or None."""
+    loops = matrix_loops(instrs)
+    return loops[0] if loops else None
+
+
+def _loop_model(body, cc: int, num_warps: int, ctas: int) -> dict:
+    body = [i for i in body if i[1] != "NOP"]
     mma = [i for i in body if i[1].startswith(("HGMMA", "HMMA"))]
     per_unit = num_warps // 4 if cc == 90 else num_warps  # warpgroups issue HGMMA, warps HMMA
     # in a warpgroup each of its 4 warps runs the HGMMA line: the SASS line is per warpgroup
@@ -109,15 +125,28 @@ def model(result: dict, sass: str, num_warps: int) -> dict:
     kind = "tf32" if any(".TF32" in i[1] for i in mma) else "16"
     tensor = flops / RATE[(cc, kind)]
     issue = len(body) * num_warps / 4
-    regs = math.ceil(result["registers"] / 8) * 8
-    ctas = min(65536 // (regs * 32 * num_warps), SMEM_PER_SM[cc] // max(result["shared"], 1), 64 // num_warps)
     waits0 = any(i[1].startswith("WARPGROUP.DEPBAR") and i[2].endswith("0x0") for i in body)
     serial = waits0 and ctas <= 1
     ceiling = tensor / (tensor + issue) if serial else min(1.0, tensor / issue)
     ops = Counter(i[1].split(".")[0] for i in body)
-    return dict(out, loop_instructions=len(body), mma=len(mma), mma_op=mma[0][1] if mma else "",
-                tensor_cycles=tensor, issue_cycles=issue, ctas_per_sm=ctas, waits_for_mma=waits0,
-                ceiling=ceiling, top_ops=", ".join(f"{k} {v}" for k, v in ops.most_common(8)))
+    return dict(loop_instructions=len(body), mma=len(mma), mma_op=mma[0][1] if mma else "",
+                tensor_cycles=tensor, issue_cycles=issue, waits_for_mma=waits0, ceiling=ceiling,
+                top_ops=", ".join(f"{k} {v}" for k, v in ops.most_common(8)))
+
+
+def model(result: dict, sass: str, num_warps: int) -> dict:
+    """The ceiling of one compiled case (``result``: triton_aot's AotResult as a dict)."""
+    cc = result["cc"]
+    loops = matrix_loops(parse(sass))
+    out = dict(id=result["id"], registers=result["registers"], shared=result["shared"], warps=num_warps)
+    if not loops:
+        return dict(out, loop_instructions=0, ceiling=float("nan"), note="no matrix loop found")
+    regs = math.ceil(result["registers"] / 8) * 8
+    ctas = min(65536 // (regs * 32 * num_warps),
+               SMEM_PER_SM[cc] // (max(result["shared"], 0) + SMEM_RESERVED_PER_CTA), 64 // num_warps)
+    each = [_loop_model(body, cc, num_warps, ctas) for _, _, body in loops]
+    return dict(out, **each[0], ctas_per_sm=ctas,
+                loops=[dict(instructions=r["loop_instructions"], mma=r["mma"], ceiling=r["ceiling"]) for r in each])
 
 
 def run(only=None, layout="aligned", cc=90, kernels=("syrk", "cross"), dtypes=("bf16", "fp16", "fp32")):
@@ -140,17 +169,22 @@ def run(only=None, layout="aligned", cc=90, kernels=("syrk", "cross"), dtypes=("
     return rows
 
 
+def _others(r) -> str:
+    """The matrix loops after the modeled one: "instructions → ceiling", comma-separated."""
+    return ", ".join(f"{x['instructions']} → {x['ceiling']:.2f}" for x in r.get("loops", ())[1:]) or "—"
+
+
 def markdown(rows) -> str:
     lines = ["| kernel | operands | variant | config | loop instr. | MMA / step | REG | CTAs/SM | wait 0 "
-             "| T cycles | I cycles | ceiling | most frequent in the loop |",
-             "| --- " * 13 + "|"]
+             "| T cycles | I cycles | ceiling | other matrix loops (instr. → ceiling) | most frequent in the loop |",
+             "| --- " * 14 + "|"]
     for r in rows:
         ops = r["dtype"] + (" (tf32)" if r["dtype"] == "fp32" else "")
         lines.append(f"| {r['kernel']} | {ops} | {r['variant'] or '—'} | {r['config']} | {r['loop_instructions']} "
                      f"| {r.get('mma', 0)} × {r.get('mma_op', '').split('.')[1] if r.get('mma_op') else '—'} "
                      f"| {r['registers']} | {r.get('ctas_per_sm', '—')} | {'yes' if r.get('waits_for_mma') else 'no'} "
                      f"| {r.get('tensor_cycles', 0):.0f} | {r.get('issue_cycles', 0):.0f} | {r['ceiling']:.2f} "
-                     f"| {r.get('top_ops', '')} |")
+                     f"| {_others(r)} | {r.get('top_ops', '')} |")
     return "\n".join(lines)
 
 

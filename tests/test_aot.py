@@ -2,20 +2,27 @@
 run time, without a GPU (crh_kernels/backends/triton_aot.py makes the cases).
 
 A case is kernel × operands × variant (the launcher's flags: mask, normalize, gate, sums,
-CRH_TRITON_ATOMICS) × autotune config × layout (aligned D = 1024; D = 1000; D = 1025 on 8191
-rows) × target. Asserted per case: no spills (STACK = 0 and LOCAL = 0: spills show as STACK),
-shared memory within the target's limit, the matrix loop on wgmma (sm_90) / mma.sync (sm_80)
-for 16-bit and TF32 operands, and the specialization Triton's rule gives the launcher's
-integers. Today's kernels spill in the cases of ``KNOWN_SPILLS`` (issue 14): those are strict
-xfails, so this file turns red the day one of them stops spilling (remove it from the list
-then) as well as the day any other case starts.
+CRH_TRITON_ATOMICS) × autotune config × layout (aligned D = 1024 on 8192 and 8191 rows; D =
+1000; D = 1025 on 8191 rows; int64 offsets at aligned D and at D = 1000) × target. The matrix
+kernels' configs are those ``mm_configs`` (backends/triton.py) gives the launch's class, the
+one pruning rule the launcher builds its autotuners from: so every config the launcher can
+pick is a case, and only those. Asserted per case: no spills (STACK = 0 and LOCAL = 0: spills
+show as STACK), shared memory within the target's limit, the matrix loop on wgmma (sm_90) /
+mma.sync (sm_80) for 16-bit and TF32 operands, and the specialization Triton's rule gives the
+launcher's integers.
+
+``CRH_AOT_TRITON=DIR`` runs the same checks with another Triton installed aside in DIR
+(``pip install --no-deps --target DIR triton-3.6.0-*.whl``: the GPU machine's version); by
+default the installed one.
 
 The static SASS model of bench/sass_model.py is checked on the main bf16 config (its flop count
-against the tile's), and issue 14's target for it (a ceiling ≥ 0.70 of the tensor peak on
-sm_90) is a strict xfail until the main loop is reworked.
+against the tile's), and so is issue 14's target for it: a ceiling ≥ 0.70 of the tensor peak
+on sm_90 for the fast loop (kernels/syrk.py: splits whose rows all count).
 
-Compiling every case takes ≈ 6 minutes on two cores the first time, ≈ 15 s from Triton's cache.
+Compiling every case takes ≈ 20 minutes on two (shared) cores the first time, ≈ 1 minute from
+Triton's cache.
 """
+import itertools
 import json
 import os
 import re
@@ -27,93 +34,82 @@ import pytest
 
 pytest.importorskip("triton", reason="triton not installed")
 
-import triton  # noqa: E402
-
+from crh_kernels.backends import triton as tb  # noqa: E402
 from crh_kernels.backends import triton_aot as aot  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-LISTING = aot.list_cases()
+#: a directory holding another Triton (pip install --target), or None: the installed one
+TRITON_PATH = os.environ.get("CRH_AOT_TRITON") or None
+LISTING = aot.list_cases(triton_path=TRITON_PATH)
 CASES = LISTING["cases"]
-TRITON = ".".join(triton.__version__.split(".")[:2])
-
-# issue 14: spills of today's kernels, per Triton version: "kernel-operands-variant-config" ->
-# the "layout-target"s where it spills, with the STACK bytes of each in the same order
-# (python -m crh_kernels.backends.triton_aot --rows)
-UNALIGNED = ["D1000-sm80", "D1000-sm90", "D1025-sm80", "D1025-sm90"]
-KNOWN_SPILLS = {
-    "3.9": {
-        "cross-bf16-128x32w4s3": UNALIGNED,  # STACK 256 128 328 176
-        "cross-fp16-128x32w4s3": UNALIGNED,  # STACK 256 128 328 176
-        "cross-fp32-ieee-128x16w8s4": ["D1025-sm80", "D1025-sm90"],  # STACK 216 32
-        "cross-fp32-ieee-128x32w8s3": ["D1025-sm80"],  # STACK 384
-        "cross-fp32-ieee-64x32w4s3": ["aligned-sm80", "D1025-sm80"],  # STACK 176 176
-        "cross-fp32-tf32-128x16w8s4": ["D1000-sm80", "D1025-sm80"],  # STACK 376 376
-        "cross-fp32-tf32-128x32w8s3": ["D1000-sm80", "D1025-sm80"],  # STACK 360 336
-        "syrk-bf16-atomic-128x32w4s3": UNALIGNED + ["aligned-sm80"],  # STACK 1040 872 1072 880 912
-        "syrk-bf16-atomic-128x32w8s4": UNALIGNED,  # STACK 72 72 72 72
-        "syrk-bf16-atomic-128x64w8s3": UNALIGNED,  # STACK 96 96 96 96
-        "syrk-bf16-det-128x32w4s3": UNALIGNED,  # STACK 328 128 360 160
-        "syrk-bf16-det-128x64w8s3": ["D1000-sm80", "D1025-sm80"],  # STACK 112 112
-        "syrk-fp16-atomic-128x32w4s3": UNALIGNED + ["aligned-sm80"],  # STACK 1040 872 1072 880 912
-        "syrk-fp16-atomic-128x32w8s4": UNALIGNED,  # STACK 72 72 72 72
-        "syrk-fp16-atomic-128x64w8s3": UNALIGNED,  # STACK 96 96 96 96
-        "syrk-fp16-det-128x32w4s3": UNALIGNED,  # STACK 328 128 360 160
-        "syrk-fp16-det-128x64w8s3": ["D1000-sm80", "D1025-sm80"],  # STACK 112 112
-        "syrk-fp32-ieee-atomic-128x16w8s4": UNALIGNED,  # STACK 168 168 88 96
-        "syrk-fp32-ieee-atomic-128x32w8s3": UNALIGNED,  # STACK 168 168 344 168
-        "syrk-fp32-ieee-atomic-64x32w4s3": ["D1025-sm80"],  # STACK 184
-        "syrk-fp32-ieee-det-128x32w8s3": ["D1025-sm80"],  # STACK 120
-        "syrk-fp32-ieee-det-64x32w4s3": ["aligned-sm80", "D1025-sm80"],  # STACK 240 168
-        "syrk-fp32-tf32-atomic-128x16w8s4": UNALIGNED,  # STACK 192 88 192 88
-        "syrk-fp32-tf32-atomic-128x32w8s3": UNALIGNED,  # STACK 144 72 144 72
-    },
-    # the GPU machine's Triton (checked here with its wheel: same API, other register allocation)
-    "3.6": {
-        "cross-bf16-128x32w4s3": UNALIGNED,
-        "cross-fp16-128x32w4s3": UNALIGNED,
-        "cross-fp32-ieee-128x32w8s3": ["D1025-sm80", "D1025-sm90"],
-        "cross-fp32-ieee-64x32w4s3": ["D1000-sm80", "D1000-sm90"],
-        "syrk-bf16-atomic-128x32w4s3": UNALIGNED,
-        "syrk-bf16-atomic-128x32w8s4": UNALIGNED,
-        "syrk-bf16-atomic-128x64w8s3": UNALIGNED,
-        "syrk-bf16-det-128x32w4s3": ["D1000-sm80"],
-        "syrk-fp16-atomic-128x32w4s3": UNALIGNED,
-        "syrk-fp16-atomic-128x32w8s4": UNALIGNED,
-        "syrk-fp16-atomic-128x64w8s3": UNALIGNED,
-        "syrk-fp16-det-128x32w4s3": ["D1000-sm80"],
-        "syrk-fp32-ieee-atomic-128x16w8s4": UNALIGNED,
-        "syrk-fp32-ieee-atomic-128x32w8s3": UNALIGNED,
-        "syrk-fp32-tf32-atomic-128x16w8s4": UNALIGNED,
-        "syrk-fp32-tf32-atomic-128x32w8s3": UNALIGNED,
-    },
-}
-SPILLING = {f"{k}-{where}" for k, v in KNOWN_SPILLS.get(TRITON, {}).items() for where in v}
-
-
-def _spill_param(case):
-    if case.id in SPILLING:
-        where = "at unaligned D" if case.layout != "aligned" else "at aligned D too"
-        mark = pytest.mark.xfail(strict=True, reason=f"issue 14: spills {where} — kernels to be fixed")
-        return pytest.param(case, marks=mark, id=case.id)
-    if KNOWN_SPILLS and TRITON not in KNOWN_SPILLS:
-        # spills recorded for other Triton versions only: a spill here is reported, not a surprise
-        mark = pytest.mark.xfail(strict=False, reason=f"no spill list for Triton {TRITON}")
-        return pytest.param(case, marks=mark, id=case.id)
-    return pytest.param(case, id=case.id)
+MM_KERNELS = ("syrk", "cross")
 
 
 @pytest.fixture(scope="module")
 def compiled():
-    results = {r.id: r for r in aot.compile_cases()}
+    results = {r.id: r for r in aot.compile_cases(triton_path=TRITON_PATH)}
     assert set(results) == {c.id for c in CASES}
     return results
 
 
-def test_the_spill_list_names_real_cases():
-    ids = {c.id for c in CASES}
-    for version, known in KNOWN_SPILLS.items():
-        stale = {f"{k}-{w}" for k, v in known.items() for w in v} - ids
-        assert not stale, f"KNOWN_SPILLS[{version!r}] names cases the launcher no longer has: {sorted(stale)}"
+def _mm_case(case) -> "tb.MMCase":
+    """The class the launcher should give a matrix kernel's case, from its layout."""
+    n, d = aot.LAYOUTS[case.layout]
+    return tb.MMCase(case.kernel, 32 if case.dtype == "fp32" else 16, case.precision or "ieee", case.cc,
+                     case.layout in aot.ALIGNED_LAYOUTS, case.variant.endswith("atomic"),
+                     tb._needs_int64((n, d), (d, 1)))
+
+
+def test_the_launcher_picks_from_mm_configs():
+    """The configs recorded from the launcher's own autotuners, per call and target, are exactly
+    what the pruning rule gives that call's class: the AOT check covers what can run, no more."""
+    groups = {}
+    for c in CASES:
+        if c.kernel in MM_KERNELS:
+            groups.setdefault((c.kernel, c.dtype, c.precision, c.variant, c.layout, c.cc), []).append(c)
+    classes = set()
+    for (kernel, *_), cases in groups.items():
+        want = [aot.mm_label(cfg) for cfg in tb.mm_configs(_mm_case(cases[0]))]
+        got = [c.config for c in cases]
+        classes.add(_mm_case(cases[0]))
+        if cases[0].variant in ("det", "atomic", ""):  # the direct calls: every config
+            assert got == want, (cases[0].id, got, want)
+        else:  # a fused path's launch: only what no direct call compiled already
+            assert set(got) <= set(want), (cases[0].id, got, want)
+    # every class a launch can have on sm_80 and sm_90 is among the compiled ones
+    every = {tb.MMCase(k, bits, prec, cc, aligned, atomic, int64)
+             for k, (bits, prec), cc, aligned, atomic, int64 in itertools.product(
+                 MM_KERNELS, ((16, "ieee"), (32, "ieee"), (32, "tf32")), aot.CCS, (True, False), (True, False),
+                 (True, False)) if k == "syrk" or not atomic}
+    assert every <= classes, sorted(every - classes)
+
+
+def test_every_class_has_configs_and_the_main_one_where_it_fits():
+    for bits, entries in tb._GPU_MM_CONFIGS.items():
+        _, last = entries[-1]
+        for k, prec, cc, aligned, atomic, int64 in itertools.product(
+                MM_KERNELS, ("ieee", "tf32"), (80, 86, 89, 90, 100), (True, False), (True, False), (True, False)):
+            case = tb.MMCase(k, bits, prec, cc, aligned, atomic, int64)
+            assert last(case), f"the last {bits}-bit config must run everywhere: {case}"
+            assert tb.mm_configs(case)
+    # the former main bf16 config stays an autotune candidate wherever it is spill-free: aligned
+    # D, either target, both paths, int64 offsets or not
+    for k, cc, atomic, int64 in itertools.product(MM_KERNELS, aot.CCS, (False, True), (False, True)):
+        case = tb.MMCase(k, 16, "ieee", cc, True, atomic and k == "syrk", int64)
+        assert "128x64 w8 s3" in [aot.mm_label(cfg) for cfg in tb.mm_configs(case)], case
+
+
+def test_alignment_class_of_a_view():
+    """The launcher's class follows Triton's specialization: width, row stride and address."""
+    import torch
+
+    base = torch.empty(64, 1040, dtype=torch.bfloat16)
+    assert tb._aligned_view(base[:, :1024])  # row stride 1040, width 1024, address aligned
+    assert not tb._aligned_view(base[:, :1000])  # width
+    assert not tb._aligned_view(torch.empty(64, 1000, dtype=torch.bfloat16)[:, :992])  # row stride
+    assert not tb._aligned_view(base[:, 1:1009])  # width 1008 and stride 1040, address + 2 bytes
+    assert tb._aligned_view(base[:, 8:1032])  # + 16 bytes
+    assert not tb._aligned_view(torch.empty(1024, 64, dtype=torch.bfloat16).t())  # column-major
 
 
 def test_every_kernel_is_compiled():
@@ -123,7 +119,8 @@ def test_every_kernel_is_compiled():
     for kernel in LISTING["kernels"]:
         mine = [c for c in CASES if c.kernel == kernel]
         specs = {lay: {c.spec for c in mine if c.layout == lay} for lay in aot.LAYOUTS}
-        assert specs["aligned"].isdisjoint(specs["D1000"] | specs["D1025"]), \
+        aligned = set().union(*(specs[lay] for lay in aot.ALIGNED_LAYOUTS))
+        assert aligned.isdisjoint(specs["D1000"] | specs["D1025"] | specs["I64D1000"]), \
             f"{kernel}: aligned and unaligned layouts should specialize differently"
         if any("N" in c.ints for c in mine):  # 8191 rows: N loses its divisibility too
             assert len({c.spec for c in mine}) >= 3, f"{kernel}: D1000 and D1025 should specialize differently"
@@ -161,7 +158,7 @@ def test_specialized_as_at_run_time(case):
         assert not any(k.startswith("stride_") or k == "N" for k in case.ints), case.ints
 
 
-@pytest.mark.parametrize("case", [_spill_param(c) for c in CASES])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_no_spills(compiled, case):
     r = compiled[case.id]
     assert r.registers > 0
@@ -208,8 +205,11 @@ MAIN = next(c for c in CASES if (c.kernel, c.dtype, c.variant, c.layout, c.cc) =
 
 @pytest.fixture(scope="module")
 def main_loop():
-    """bench/sass_model.py on the main bf16 config (the launcher's first) as it runs on sm_90."""
+    """bench/sass_model.py on the main bf16 config (the launcher's first) as it runs on sm_90,
+    with the Triton the cases come from (``CRH_AOT_TRITON``)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if TRITON_PATH:
+        env["PYTHONPATH"] = os.pathsep.join(x for x in (TRITON_PATH, env.get("PYTHONPATH", "")) if x)
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "sass_model.py"), "--json", "--only", MAIN.id],
                           capture_output=True, text=True, env=env, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -228,7 +228,10 @@ def test_sass_model_reads_the_main_loop(main_loop):
     assert 0 < main_loop["ceiling"] <= 1
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14: ceiling 0.33 today (≈ 519 instructions around 4 HGMMA, "
-                                       "wait 0 after them, one CTA per SM) — main loop to be reworked")
 def test_main_loop_can_feed_the_tensor_cores(main_loop):
+    """Issue 14: the main bf16 config's fast loop (the first of its three matrix loops; the
+    general loop and its tiny-row copy follow) reaches ≥ 0.70 of the tensor peak on paper
+    (bench/sass_model.py's bound: before the rework, 0.33 — 519 instructions around 4 HGMMA,
+    `wait 0` after them, one CTA per SM)."""
+    assert len(main_loop["loops"]) == 3, main_loop
     assert main_loop["ceiling"] >= 0.70, main_loop

@@ -11,7 +11,7 @@ import torch
 
 import crh_kernels
 
-from ._ref import COV_TOL, device_under_test, make_rows, ref_moments, rel_err, row_ok
+from ._ref import COV_TOL, device_under_test, expected_scale, make_rows, ref_moments, rel_err, row_ok
 
 tb = pytest.importorskip("crh_kernels.backends.triton", reason="triton not installed")
 
@@ -145,9 +145,10 @@ def test_ops_registered_with_torch_library():
 
 def test_row_stats_rescues_and_strided_masks():
     """Rows whose fp32 squared norm is subnormal, underflows or overflows get their status and
-    scale from the float64 second look (docs/spec.md §1): valid unless an entry is not finite or,
-    normalizing, 1/||x|| exceeds fp32 (the 1e-40 rows). A column of a 2-D mask and an expanded
-    mask are read where they lie, not as contiguous bytes."""
+    scale from the float64 second look (docs/spec.md §1): valid unless an entry is not finite
+    (every finite nonzero row counts; a row of norm below 2^-100, the 1e-40 and 1e-38 rows here,
+    gets the tiny-row scale −2^-64/||x||). A column of a 2-D mask and an expanded mask are read
+    where they lie, not as contiguous bytes."""
     dev = device_under_test()
     gen = torch.Generator().manual_seed(21)
     n, d = 90, 45  # three interpreter blocks, each mixing the scales
@@ -168,13 +169,38 @@ def test_row_stats_rescues_and_strided_masks():
             ok = row_ok(x, a, normalize)
             want = np.where(live & ok, 2, np.where(live, 1, 0))
             assert np.array_equal(status.cpu().numpy(), want), (normalize, mask is None)
-            want_scale = np.where(live & ok, 1 / np.where(ok, norms, 1) if normalize else 1.0, 0.0)
+            want_scale = expected_scale(norms, live & ok, normalize)
             np.testing.assert_allclose(scale.cpu().double().numpy(), want_scale, rtol=1e-6)
             if normalize:
-                rows = np.where((live & ok)[:, None], np.nan_to_num(a) * want_scale[:, None], 0)
+                rows = np.where((live & ok)[:, None], np.nan_to_num(a) / np.where(live & ok, norms, 1)[:, None], 0)
                 np.testing.assert_allclose(psum.double().sum(0).cpu().numpy(), rows.sum(0),
                                            rtol=1e-5, atol=1e-5)
-    assert not row_ok(x, a, True)[0] and row_ok(x, a, True)[1]  # 1e-40 skipped, 1e-38 counts
+    scale, status, _ = tb.row_stats(x, None, True)
+    assert (status.cpu()[:2] == 2).all() and (scale.cpu()[:2] < 0).all()  # 1e-40, 1e-38: tiny rows
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_tiny_rows_through_the_wide_pass_one(monkeypatch, dtype):
+    """Rows of norm below 2^-100 (the tiny-row scale, issue 12) mixed with ordinary ones, through
+    pass 1's wide-row path (column chunks, the column sums in memory) and the main pass's
+    second K loop: every finite nonzero row counts, the totals kernel raises the tiny flag, and
+    the update and the cross moment are within the dtype's bound of the float64 reference."""
+    from .test_rows import _check, _check_cross, _every_scale, _interpreted
+
+    monkeypatch.setattr(tb, "_ONE_READ_MAX_D", 64)
+    d = 150
+    x = _every_scale(d, dtype, seed=5, interpreted=_interpreted("triton")).to(device_under_test())
+    scale, status, psum, pcount = tb._pass1(x, None, True)
+    assert not tb._row_config(d, x.shape[0], 2)["cfg"]["ONE_READ"]
+    counts, _, _, tiny = tb._totals(psum, pcount, d)
+    n_ref, k_ref, _, _ = ref_moments(x)
+    assert counts.cpu().tolist() == [n_ref, k_ref] and tiny.item() == 1 and (scale < 0).any()
+    m = crh_kernels.Moments(d, backend="triton")
+    with pytest.warns(RuntimeWarning):  # the three rows that must be skipped
+        m.update(x)
+    _check(m, x, what=f"wide pass 1, {dtype}")
+    h = x[:, ::7].contiguous()
+    _check_cross(crh_kernels.cross_moments(x, h, backend="triton"), x, h, what=f"cross, {dtype}")
 
 
 # ------------------------------------------------- pass 1: one read of x, totals, wide rows
@@ -266,7 +292,8 @@ def test_wide_rows_and_totals(monkeypatch, d):
     scale, status, psum, pcount = tb._pass1(x, mask, True)
     assert pcount.shape[0] > tb._TOTALS["BLOCK_P"]
     acc = torch.full((1, d, d), 7.0, device=x.device)
-    counts, mean, shift = tb._totals(psum, pcount, d, zero=acc)
+    counts, mean, shift, tiny = tb._totals(psum, pcount, d, zero=acc)
+    assert tiny.cpu().tolist() == [0]  # no row of norm below 2^-100
     assert torch.equal(acc, torch.zeros_like(acc))
     a = x.double().cpu().numpy()
     ok = row_ok(x, a, True)
@@ -286,7 +313,7 @@ def test_wide_rows_and_totals(monkeypatch, d):
 def test_no_valid_row_gives_zero_mean():
     x = torch.zeros(40, 9, device=device_under_test())
     scale, status, psum, pcount = tb._pass1(x, None, True)
-    counts, mean, shift = tb._totals(psum, pcount, 9)
+    counts, mean, shift, _ = tb._totals(psum, pcount, 9)
     assert counts.cpu().tolist() == [0, 40] and not mean.any() and not shift.any()
 
 
@@ -435,3 +462,97 @@ def test_splits_fill_whole_waves(sms):
     # pass 1: at most four programs per SM, whole rows per program
     rc = tb._row_config(1024, 1 << 20, sms)
     assert rc["programs"] == 4 * sms and rc["rows"] % rc["cfg"]["BLOCK_N"] == 0
+
+
+def _count_loops(monkeypatch):
+    """Under the interpreter: how many times each K loop of kernels/syrk.py runs (programs ×
+    entries); on a GPU the loops are compiled in and cannot be counted (empty dict)."""
+    calls = {"fast": 0, "general": 0}
+    if not tb.INTERPRET:
+        return {}
+    from crh_kernels.kernels import syrk
+
+    for name, key in (("_fast_loop", "fast"), ("_scatter_loop", "general")):
+        inner = getattr(syrk, name)
+
+        def counted(*args, _inner=inner, _key=key, **kwargs):
+            calls[_key] += 1
+            return _inner(*args, **kwargs)
+
+        monkeypatch.setattr(syrk, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("atomic", [False, True])
+def test_syrk_fast_and_general_loops(monkeypatch, dtype, atomic):
+    """Splits whose rows all count run the fast K loop (no row mask, no select), the others and
+    the ragged last chunk the general one: one batch mixing both against float64, on hostile
+    rows (mean ≫ spread, zero rows with a scale, odd D)."""
+    monkeypatch.setattr(tb, "_sm_count", lambda device: 64)
+    calls = _count_loops(monkeypatch)
+    gen = torch.Generator().manual_seed(14)
+    n, d = 1100, 131
+    x = make_rows(gen, n, d, mean_ratio=300.0, dtype=dtype, zero_rows=4, device=device_under_test())
+    scale = (torch.rand(n, generator=gen) + 0.5).to(x.device)
+    # one split (rows 288..575 of 4 splits of 288) holds a masked row and a skipped one
+    x[400, 7] = float("nan")
+    scale[400] = 0.0
+    scale[500] = 0.0
+    shift = (x.float() * scale[:, None]).nan_to_num().sum(0) / int((scale != 0).sum())
+    shift = shift + 0.01 * torch.randn(d, generator=gen).to(x.device)
+    assert tb._num_splits(n, tb._tiles(d, tb._INTERP_MM["BLOCK_M"] if tb.INTERPRET else 64), d * d,
+                          tb._sm_count(x.device), atomic) == 4
+    out = tb.syrk_update(x, scale, shift, atomic=atomic)
+    assert torch.equal(out, out.T)
+    assert rel_err(out, _ref_syrk(x, scale, shift), 1e-12) <= COV_TOL[dtype]
+    if calls:
+        tiles = tb._tiles(d, tb._INTERP_MM["BLOCK_M"])
+        # three splits run the fast loop; every split runs the general one (maybe for no row)
+        assert calls == {"fast": 3 * tiles, "general": 4 * tiles}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cross_fast_and_general_loops(monkeypatch, dtype):
+    """The cross moment's K loops as in test_syrk_fast_and_general_loops: a row counts only when
+    both its scales are nonzero (one split holds a row with s_h = 0 < s_g, another one with
+    s_g = 0 < s_h)."""
+    monkeypatch.setattr(tb, "_sm_count", lambda device: 64)
+    calls = _count_loops(monkeypatch)
+    gen = torch.Generator().manual_seed(41)
+    n = 1100
+    g = make_rows(gen, n, 67, mean_ratio=300.0, dtype=dtype, zero_rows=2, device=device_under_test())
+    h = make_rows(gen, n, 130, mean_ratio=100.0, dtype=dtype, layout="strided", device=device_under_test())
+    sg = (torch.rand(n, generator=gen) + 0.5).to(g.device)
+    sh = (torch.rand(n, generator=gen) + 0.5).to(g.device)
+    h[450, 3] = float("inf")
+    sh[450] = 0.0
+    g[700, 5] = float("nan")
+    sg[700] = 0.0
+    live = (sg != 0) & (sh != 0)
+    kg = (g.float() * sg[:, None])[live].mean(0)
+    kh = (h.float() * sh[:, None])[live].mean(0)
+    blocks = tb._SPLIT_BLOCK_M
+    tiles = tb.triton.cdiv(67, blocks) * tb.triton.cdiv(130, blocks)
+    assert tb._num_splits(n, tiles, 67 * 130, tb._sm_count(g.device)) == 4
+    out = tb.cross_update(g, h, sg, sh, kg, kh)
+    keep = live.cpu().numpy()[:, None]
+    a = np.where(keep, np.nan_to_num(g.double().cpu().numpy()) * sg.double().cpu().numpy()[:, None]
+                 - kg.double().cpu().numpy(), 0)
+    b = np.where(keep, np.nan_to_num(h.double().cpu().numpy()) * sh.double().cpu().numpy()[:, None]
+                 - kh.double().cpu().numpy(), 0)
+    assert rel_err(out, a.T @ b, 1e-12) <= COV_TOL[dtype]
+    if calls:
+        assert calls == {"fast": 2 * tiles, "general": 4 * tiles}
+
+
+def test_syrk_splits_past_the_last_row_are_empty(monkeypatch):
+    """Rows per split are rounded up to whole chunks, so the last splits can start past N
+    (1100 rows in 8 splits of 160: the last one is empty): no row is counted twice."""
+    monkeypatch.setattr(tb, "_num_splits", lambda *args, **kwargs: 8)
+    gen = torch.Generator().manual_seed(8)
+    x = make_rows(gen, 1100, 70, mean_ratio=3.0, device=device_under_test())
+    scale = torch.ones(1100, device=x.device)
+    shift = x.mean(0)
+    out = tb.syrk_update(x, scale, shift)
+    assert rel_err(out, _ref_syrk(x, scale, shift)) <= 1e-5

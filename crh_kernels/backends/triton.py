@@ -12,15 +12,21 @@ the atomic accumulator), the main pass (``_scatter_upper_kernel``) and the epilo
 the device; the custom ops have fake kernels, so the path runs under ``FakeTensorMode`` and
 ``torch.compile``. Every other torch call here allocates (``torch.empty``) or views.
 
+Configs: the main pass and the cross kernel autotune over the configs :func:`mm_configs`
+admits for the launch's class (:class:`MMCase`: target, alignment of x, atomics, int64
+offsets), one autotuner per class; ``tests/test_aot.py`` compiles every config each class can
+pick, for sm_80 and sm_90, and asserts that none spills registers.
+
 Grids: pass 1 runs at most four programs per SM (a whole number of waves once N is large); the
 main pass's row splits are chosen by :func:`_wave_splits` so that its programs fill whole waves
-(one CTA per SM, as the main configs run). Offsets are int32 unless an element offset of an
-input can reach 2^31 (:func:`_needs_int64`), then int64 (no copy of the input).
+of one CTA per SM (the sm_90 main configs run two: half-waves there). Offsets are int32 unless
+an element offset of an input can reach 2^31 (:func:`_needs_int64`), then int64 (no copy of the
+input).
 """
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -64,21 +70,101 @@ _TOTALS = dict(BLOCK_P=32, BLOCK_D=64)
 # its float64 tiles (sum, old state, merged) in registers at unaligned D
 _EPILOGUE_BLOCK = 32
 _GPU_EPILOGUE = dict(num_warps=8)
-# 16-bit operands: up to 64 KB of shared memory per stage set. fp32 operands are twice as
-# wide, so shorter K chunks keep them under sm_80's 163 KB (checked by tests/test_aot.py).
+
+
+class MMCase(NamedTuple):
+    """What the matrix kernels' configs depend on (:func:`mm_configs`): one launch's class.
+
+    ``kernel`` "syrk" or "cross"; ``bits`` the operand width (16: bf16/fp16, 32: fp32);
+    ``precision`` "ieee" or "tf32" (fp32 operands); ``cc`` the compute capability (80 for
+    sm_80); ``aligned``: every operand is a row-major view whose width, row stride and base
+    address are multiples of 16 (elements, elements, bytes: what Triton's specialization
+    marks divisible, so the loads vectorize), else unaligned; ``atomic``: the main pass sums
+    its row splits with atomics (``CRH_TRITON_ATOMICS``; False for cross); ``int64``: int64
+    offsets (the ``INT64`` constexpr)."""
+
+    kernel: str
+    bits: int
+    precision: str
+    cc: int
+    aligned: bool
+    atomic: bool
+    int64: bool
+
+
+# Where a config runs without register spills (STACK = LOCAL = 0 in ptxas' report, for Triton
+# 3.9 and 3.6, sm_80 and sm_90: tests/test_aot.py compiles every config each class can pick).
+# At unaligned D the loads do not vectorize: one address and one mask per element raise the
+# registers of every tile shape, and the atomic variant's masked per-element adds more; ptxas
+# then also trades a few spilled registers for occupancy in the small configs (STACK 8 at 64
+# or 80 registers) unless ``maxnreg`` fixes its register budget.
+
+
+def _anywhere(c: MMCase) -> bool:
+    return True
+
+
+def _aligned(c: MMCase) -> bool:
+    return c.aligned
+
+
+def _aligned_or_syrk_det(c: MMCase) -> bool:
+    return c.aligned or (c.kernel == "syrk" and not c.atomic)
+
+
+def _syrk_sm90_aligned(c: MMCase) -> bool:
+    return c.kernel == "syrk" and c.cc >= 90 and c.aligned and not c.int64
+
+
+def _syrk_sm90_aligned_tf32(c: MMCase) -> bool:
+    return _syrk_sm90_aligned(c) and c.precision == "tf32"
+
+
+def _mm(block_m: int, block_k: int, warps: int, stages: int, where, maxnreg: Optional[int] = None):
+    cfg = triton.Config({"BLOCK_M": block_m, "BLOCK_K": block_k}, num_warps=warps, num_stages=stages,
+                        maxnreg=maxnreg)
+    return cfg, where
+
+
+# The main pass's autotune configs per operand width, each with where it may run
+# (:func:`mm_configs`); the first that runs is the class's main config (bench/gpu_pin.py pins
+# it), the last runs everywhere. 16-bit operands: up to 64 KB of shared memory per stage set;
+# fp32 operands are twice as wide, so shorter K chunks keep them under sm_80's 163 KB (checked
+# by tests/test_aot.py). Every 16-bit and TF32 config feeds the matrix units (wgmma on
+# sm_90, mma.sync on sm_80; asserted there too).
 _GPU_MM_CONFIGS = {
     16: [
-        triton.Config({"BLOCK_M": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_K": 32}, num_warps=8, num_stages=4),
-        triton.Config({"BLOCK_M": 128, "BLOCK_K": 32}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_M": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+        # the main config of the symmetric pass on sm_90: 128 registers × 256 threads and 83 KB
+        # of shared memory, 2 CTAs per SM (one CTA's wgmma wait overlaps the other's issue)
+        _mm(128, 32, 8, 2, _syrk_sm90_aligned, maxnreg=128),
+        _mm(128, 64, 8, 3, _aligned),  # the main config elsewhere
+        _mm(128, 32, 8, 4, _aligned_or_syrk_det),
+        _mm(64, 64, 4, 3, _aligned),
+        _mm(64, 32, 8, 3, _anywhere),  # ≤ 130 registers: the margin for unaligned D and atomics
     ],
     32: [
-        triton.Config({"BLOCK_M": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_K": 16}, num_warps=8, num_stages=4),
-        triton.Config({"BLOCK_M": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
+        # TF32 on sm_90, as the 16-bit main config: 128 registers, 2 CTAs per SM
+        _mm(128, 16, 8, 2, _syrk_sm90_aligned_tf32, maxnreg=128),
+        _mm(128, 32, 8, 3, _aligned),
+        _mm(128, 16, 8, 4, _aligned),
+        # IEEE fp32 runs on the FMA units and takes every register it is given (≈ 255 at
+        # 64 × 32): 64 × 16 stays near 200; maxnreg=255 keeps ptxas from trading spills for
+        # occupancy (STACK 8 at 64 registers without it)
+        _mm(64, 16, 8, 3, _anywhere, maxnreg=255),
     ],
 }
+
+
+def mm_configs(case: MMCase) -> List[triton.Config]:
+    """The autotune configs the main pass (``case.kernel`` "syrk") or the cross kernel may run
+    with for a launch of class ``case``: the entries of ``_GPU_MM_CONFIGS[case.bits]`` whose
+    rule admits it, in their order. The one pruning rule: the launcher builds each class's
+    autotuner from it and ``backends/triton_aot.py`` compiles what it returns. Targets other
+    than sm_80 and sm_90 (not compiled ahead of time) take sm_90's rules from cc 90 on, sm_80's
+    below."""
+    return [cfg for cfg, where in _GPU_MM_CONFIGS[case.bits] if where(case)]
+
+
 # the cross moment's row splits are chosen before autotuning picks BLOCK_M: for this one
 _SPLIT_BLOCK_M = 64 if INTERPRET else 128
 _MAX_SPLIT_BYTES = 256 << 20
@@ -88,16 +174,49 @@ _MIN_SPLIT_ROWS = 256
 _MAX_WAVES = 8
 
 
-def _compiled(kernel, key):
-    """The kernel per operand width: itself under the interpreter, autotuned on a GPU."""
+_MM_KERNELS = {
+    "syrk": (_scatter_upper_kernel, ["D", "INPUT_PRECISION", "USE_ATOMIC", "INT64"]),
+    "cross": (_cross_scatter_kernel, ["DG", "DH", "INPUT_PRECISION", "INT64"]),
+}
+_TUNERS: dict = {}
+
+
+def _tuner(case: MMCase):
+    """The kernel to launch for ``case``: itself under the interpreter (one config, autotuning
+    needs a GPU), else an autotuner over :func:`mm_configs` (one per class, built once; they
+    share the kernel's compile cache)."""
+    kernel, key = _MM_KERNELS[case.kernel]
     if INTERPRET:
-        return {16: kernel, 32: kernel}
-    return {bits: triton.autotune(configs=cfgs, key=key, reset_to_zero=["out_ptr"])(kernel)
-            for bits, cfgs in _GPU_MM_CONFIGS.items()}
+        return kernel
+    tuner = _TUNERS.get(case)
+    if tuner is None:
+        configs = mm_configs(case)
+        if not configs:
+            raise RuntimeError(f"no main-pass config admits {case} (backends/triton.py _GPU_MM_CONFIGS)")
+        tuner = _TUNERS[case] = triton.autotune(configs=configs, key=key, reset_to_zero=["out_ptr"])(kernel)
+    return tuner
 
 
-_syrk = _compiled(_scatter_upper_kernel, ["D", "INPUT_PRECISION", "USE_ATOMIC", "INT64"])
-_cross = _compiled(_cross_scatter_kernel, ["DG", "DH", "INPUT_PRECISION", "INT64"])
+def _capability(device: torch.device) -> int:
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+def _aligned_view(x: torch.Tensor) -> bool:
+    """Row-major with width, row stride and base address multiples of 16 (elements, elements,
+    bytes). A fake tensor (FakeTensorMode) has address 0: its view offset stands for it, as
+    the AOT check's stand-ins do."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    address = x.storage_offset() * x.element_size() if is_fake(x) else x.data_ptr()
+    return x.stride(1) == 1 and x.shape[1] % 16 == 0 and x.stride(0) % 16 == 0 and address % 16 == 0
+
+
+def _mm_case(kernel: str, views, fp32_precision: str, atomic: bool, int64: bool) -> MMCase:
+    x = views[0]
+    cc = _capability(x.device) if x.is_cuda else 0
+    return MMCase(kernel, _bits(x.dtype), fp32_precision if x.dtype == torch.float32 else "ieee", cc,
+                  all(_aligned_view(v) for v in views), bool(atomic) and kernel == "syrk", bool(int64))
 
 
 def _bits(dtype: torch.dtype) -> int:
@@ -165,11 +284,11 @@ def _tiles(d: int, block_m: int) -> int:
     return nb * (nb + 1) // 2
 
 
-def _block_ms(bits: int) -> List[int]:
-    """The BLOCK_M of every config the main pass may launch with."""
+def _block_ms(case: MMCase) -> List[int]:
+    """The BLOCK_M of every config the main pass may launch with for ``case``."""
     if INTERPRET:
         return [_INTERP_MM["BLOCK_M"]]
-    return sorted({c.kwargs["BLOCK_M"] for c in _syrk[bits].configs})
+    return sorted({c.kwargs["BLOCK_M"] for c in mm_configs(case)})
 
 
 def _row_config(d: int, n: int, sms: int, column_major: bool = False) -> dict:
@@ -200,7 +319,7 @@ def _row_config(d: int, n: int, sms: int, column_major: bool = False) -> dict:
 def _pass1(x: torch.Tensor, mask: Optional[torch.Tensor], normalize: bool,
            gate: Optional[torch.Tensor] = None, with_sum: bool = True):
     """Launch pass 1: ``scale`` (N,) fp32, ``status`` (N,) uint8, ``psum`` (P, D) float64 and
-    ``pcount`` (P, 2) int32, P programs."""
+    ``pcount`` (P, 3) int32 (valid rows, skipped rows, 1 when a tiny row), P programs."""
     _check_matrix(x, "x")
     n, d = x.shape
     if mask is not None and (mask.shape != (n,) or mask.dtype != torch.bool):
@@ -212,7 +331,7 @@ def _pass1(x: torch.Tensor, mask: Optional[torch.Tensor], normalize: bool,
     scale = torch.empty(n, dtype=torch.float32, device=x.device)
     status = torch.empty(n, dtype=torch.uint8, device=x.device)
     psum = torch.empty(p if with_sum else 1, d, dtype=torch.float64, device=x.device)
-    pcount = torch.empty(p, 2, dtype=torch.int32, device=x.device)
+    pcount = torch.empty(p, 3, dtype=torch.int32, device=x.device)
     # the interpreter cannot read a bool tensor through a pointer: pass uint8 (a view, with the
     # mask's own stride: a column of a 2-D mask or an expanded one is read where it lies)
     mask_arg = scale if mask is None else mask.view(torch.uint8)
@@ -232,7 +351,8 @@ def row_stats(x: torch.Tensor, mask: Optional[torch.Tensor], normalize: bool,
     x: (N, D) fp32/bf16/fp16, any strides; mask: (N,) bool or None, any stride (0 too);
     gate: (N,) fp32 or None
     (rows with gate == 0 do not count: they are skipped). Returns ``scale`` (N,) fp32 (0 for
-    rows that do not count), ``status`` (N,) uint8 (ROW_MASKED 0, ROW_SKIPPED 1, ROW_VALID 2
+    rows that do not count; negative, −2^-64/||x||, for a tiny row: kernels/row_stats.py),
+    ``status`` (N,) uint8 (ROW_MASKED 0, ROW_SKIPPED 1, ROW_VALID 2
     of :mod:`crh_kernels.backends.base`), ``psum`` (P, D) float64 (its rows sum to
     Σ_valid scale_i·x_i).
     """
@@ -242,16 +362,18 @@ def row_stats(x: torch.Tensor, mask: Optional[torch.Tensor], normalize: bool,
 
 def _totals(psum: torch.Tensor, pcount: torch.Tensor, d: int,
             zero: Optional[torch.Tensor] = None):
-    """Launch pass 1's totals: ``counts`` (2,) int64, ``mean`` (D,) float64, ``shift`` (D,) fp32;
-    ``zero`` (D, D) fp32 (the atomic main pass's accumulator) is zeroed on the way."""
+    """Launch pass 1's totals: ``counts`` (2,) int64, ``mean`` (D,) float64, ``shift`` (D,) fp32,
+    ``tiny`` (1,) int32 (nonzero when a row is tiny); ``zero`` (D, D) fp32 (the atomic main
+    pass's accumulator) is zeroed on the way."""
     dev = psum.device
     counts = torch.empty(2, dtype=torch.int64, device=dev)
     mean = torch.empty(d, dtype=torch.float64, device=dev)
     shift = torch.empty(d, dtype=torch.float32, device=dev)
+    tiny = torch.empty(1, dtype=torch.int32, device=dev)
     _batch_totals_kernel[(triton.cdiv(d, _TOTALS["BLOCK_D"]),)](
-        psum, pcount, mean, shift, counts, mean if zero is None else zero, pcount.shape[0], d,
+        psum, pcount, mean, shift, counts, tiny, mean if zero is None else zero, pcount.shape[0], d,
         WITH_SUM=True, ZERO=zero is not None, **_TOTALS)
-    return counts, mean, shift
+    return counts, mean, shift, tiny
 
 
 def _dot_args(dtype: torch.dtype, fp32_precision: str):
@@ -272,13 +394,19 @@ def _check_syrk_args(x, scale, shift):
 
 
 def _main(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, fp32_precision: str,
-          atomic: bool, acc: Optional[torch.Tensor] = None):
+          atomic: bool, acc: Optional[torch.Tensor] = None, tiny: Optional[torch.Tensor] = None):
     """Launch the main pass: ``(part, splits)``, the partial upper tiles (S, D, D) fp32 and a
     (1,) int32 that the kernel sets to the S it ran with (the autotuner picks BLOCK_M, and the
-    splits follow it); with ``atomic``, ``acc`` (1, D, D), zeroed, takes every split."""
+    splits follow it); with ``atomic``, ``acc`` (1, D, D), zeroed, takes every split. ``tiny``
+    (1,) int32: nonzero when a scale may be negative (a tiny row, kernels/syrk.py); None: found
+    from the scales (torch ops: not on the fused path, whose totals kernel writes it)."""
     n, d = x.shape
-    bits = _bits(x.dtype)
     sms = _sm_count(x.device)
+    dot = _dot_args(x.dtype, fp32_precision)
+    int64 = _int64_for(x)
+    case = _mm_case("syrk", (x,), fp32_precision, atomic, int64)
+    if tiny is None:
+        tiny = (scale < 0).any().to(torch.int32).reshape(1)
 
     def splits_for(block_m):
         return _num_splits(n, _tiles(d, block_m), d * d, sms, atomic)
@@ -286,7 +414,7 @@ def _main(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, fp32_precis
     if atomic:
         out = acc
     else:
-        out = torch.empty(max(splits_for(b) for b in _block_ms(bits)), d, d,
+        out = torch.empty(max(splits_for(b) for b in _block_ms(case)), d, d,
                           dtype=torch.float32, device=x.device)
     splits = torch.empty(1, dtype=torch.int32, device=x.device)
 
@@ -294,9 +422,8 @@ def _main(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, fp32_precis
         return (_tiles(d, meta["BLOCK_M"]), splits_for(meta["BLOCK_M"]))
 
     extra = dict(_INTERP_MM) if INTERPRET else {}
-    _syrk[bits][grid](x, scale, shift, out, splits, n, d, x.stride(0), x.stride(1),
-                      USE_ATOMIC=bool(atomic), INT64=_int64_for(x),
-                      **_dot_args(x.dtype, fp32_precision), **extra)
+    _tuner(case)[grid](x, scale, shift, tiny, out, splits, n, d, x.stride(0), x.stride(1),
+                       USE_ATOMIC=bool(atomic), INT64=int64, **dot, **extra)
     return out, splits
 
 
@@ -325,7 +452,8 @@ def _epilogue(part, splits, d: int, out_dtype: torch.dtype, unshift=None, state=
 
 def syrk_update(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
                 fp32_precision: str = "ieee", atomic: Optional[bool] = None) -> torch.Tensor:
-    """Upper triangle of ``Σ_i y_i y_iᵀ``, ``y_i = scale_i·x_i − shift`` on rows with scale ≠ 0.
+    """Upper triangle of ``Σ_i y_i y_iᵀ``, ``y_i = scale_i·x_i − shift`` on rows with scale ≠ 0
+    (a negative scale: a tiny row, ``y_i = (x_i·2^64)·|scale_i| − shift``).
 
     x: (N, D) fp32/bf16/fp16, any strides; scale: (N,) fp32; shift: (D,) fp32.
     Returns (D, D) fp32, exactly symmetric (upper triangle mirrored). fp32 accumulation;
@@ -341,10 +469,13 @@ def syrk_update(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
     return _epilogue(part, splits, d, torch.float32)
 
 
-def cross_update(g, h, scale_g, scale_h, shift_g, shift_h, fp32_precision: str = "ieee") -> torch.Tensor:
+def cross_update(g, h, scale_g, scale_h, shift_g, shift_h, fp32_precision: str = "ieee",
+                 tiny: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``Σ_i (s_g,i g_i − K_g)(s_h,i h_i − K_h)ᵀ`` over rows where both scales are nonzero.
 
-    g: (N, Dg), h: (N, Dh), same dtype; scales (N,) fp32; shifts fp32. Returns (Dg, Dh) fp32.
+    g: (N, Dg), h: (N, Dh), same dtype; scales (N,) fp32 (negative: a tiny row, as in
+    :func:`syrk_update`); shifts fp32; ``tiny`` (1,) int32, nonzero when a scale may be negative
+    (None: found from the scales). Returns (Dg, Dh) fp32.
     """
     _check_matrix(g, "g")
     _check_matrix(h, "h")
@@ -360,10 +491,14 @@ def cross_update(g, h, scale_g, scale_h, shift_g, shift_h, fp32_precision: str =
     def grid(meta):
         return (triton.cdiv(dg, meta["BLOCK_M"]) * triton.cdiv(dh, meta["BLOCK_M"]), splits)
 
+    if tiny is None:
+        tiny = ((scale_g < 0).any() | (scale_h < 0).any()).to(torch.int32).reshape(1)
     extra = dict(_INTERP_MM) if INTERPRET else {}
-    _cross[_bits(g.dtype)][grid](g, h, scale_g, scale_h, shift_g, shift_h, out, n, dg, dh,
-                 g.stride(0), g.stride(1), h.stride(0), h.stride(1), INT64=_int64_for(g, h),
-                 **_dot_args(g.dtype, fp32_precision), **extra)
+    dot = _dot_args(g.dtype, fp32_precision)
+    int64 = _int64_for(g, h)
+    case = _mm_case("cross", (g, h), fp32_precision, False, int64)
+    _tuner(case)[grid](g, h, scale_g, scale_h, shift_g, shift_h, tiny, out, n, dg, dh,
+                       g.stride(0), g.stride(1), h.stride(0), h.stride(1), INT64=int64, **dot, **extra)
     return out[0] if splits == 1 else out.sum(dim=0)
 
 
@@ -381,8 +516,8 @@ def _fused(x, mask, normalize: bool, fp32_precision: str, state, out_dtype):
     atomic = _env.triton_atomics()
     acc = torch.empty(1, d, d, dtype=torch.float32, device=x.device) if atomic else None
     scale, _, psum, pcount = _pass1(x, mask, normalize)
-    counts_b, mean_b, shift = _totals(psum, pcount, d, zero=acc)
-    part, splits = _main(x, scale, shift, fp32_precision, atomic, acc)
+    counts_b, mean_b, shift, tiny = _totals(psum, pcount, d, zero=acc)
+    part, splits = _main(x, scale, shift, fp32_precision, atomic, acc, tiny)
     return counts_b, mean_b, _epilogue(part, splits, d, out_dtype, (mean_b, shift, counts_b), state)
 
 
@@ -448,12 +583,14 @@ def cross_moments_op(g: torch.Tensor, h: torch.Tensor, mask: Optional[torch.Tens
     a row counts only when both its g and h rows are valid."""
     scale_h0, _, _ = row_stats(h, mask, normalize, with_sum=False)
     scale_g, _, psum_g, pcount_g = _pass1(g, mask, normalize, gate=scale_h0)
-    scale_h, _, psum_h = row_stats(h, mask, normalize, gate=scale_g)
-    counts = pcount_g.sum(dim=0, dtype=torch.int64)
+    scale_h, _, psum_h, pcount_h = _pass1(h, mask, normalize, gate=scale_g)
+    counts = pcount_g[:, :2].sum(dim=0, dtype=torch.int64)
+    # the main pass's tiny-row switch (kernels/syrk.py): some g or h row of the batch is tiny
+    tiny = torch.maximum(pcount_g[:, 2].amax(), pcount_h[:, 2].amax()).reshape(1)
     mean_g = _mean_from(psum_g, counts[0])
     mean_h = _mean_from(psum_h, counts[0])
     kg, kh = mean_g.to(torch.float32), mean_h.to(torch.float32)
-    c = cross_update(g, h, scale_g, scale_h, kg, kh, fp32_precision)
+    c = cross_update(g, h, scale_g, scale_h, kg, kh, fp32_precision, tiny)
     return counts, mean_g, mean_h, _unshift_(c, counts[0], mean_g, kg, mean_h, kh)
 
 

@@ -22,10 +22,15 @@ How a case is made, and why each step:
    calls), with stand-ins whose ``data_ptr`` is a 256-byte-aligned base plus the view's
    offset, as the CUDA caching allocator gives. The binder and ``ASTSource(fn, signature,
    constexprs, attrs)`` are the same in Triton 3.6 (the lent GPU machine's) and 3.9 (here).
-3. **Layouts.** ``aligned``: (8192, 1024) contiguous, everything divisible by 16. ``D1000``:
-   (8192, 1000), D and the row stride not divisible by 16. ``D1025``: (8191, 1025), a bias
-   column on an odd number of rows. A case that specializes identically under two layouts is
-   compiled once (``D1000`` and ``D1025`` differ only in N's divisibility).
+3. **Layouts.** ``aligned``: (8192, 1024) contiguous, everything divisible by 16. ``N8191``:
+   (8191, 1024), aligned D on an odd number of rows (N's divisibility changes the registers
+   too). ``D1000``: (8192, 1000), D and the row stride not divisible by 16. ``D1025``: (8191,
+   1025), a bias column on an odd number of rows. ``I64``, ``I64D1000``: aligned and unaligned
+   D with N·D > 2^31, so the launcher takes int64 offsets (the ``INT64`` constexpr). A case
+   that specializes identically under two layouts is compiled once. The matrix kernels'
+   autotune configs depend on the launch's class (``backends/triton.py`` ``mm_configs``:
+   target, alignment, atomics, int64): each call is recorded once per target, as the launcher
+   runs on it, so a case is a config that class can pick.
 4. **The report.** ``cuobjdump --dump-resource-usage`` of the cubin gives REG, STACK (spilled
    registers live on the stack frame: this is where spills show) and LOCAL; the PTX says
    whether the matrix loop uses ``wgmma`` or ``mma.sync``.
@@ -50,7 +55,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional
 
 #: (N, D) per layout name; see the module docstring
-LAYOUTS = {"aligned": (8192, 1024), "D1000": (8192, 1000), "D1025": (8191, 1025)}
+LAYOUTS = {"aligned": (8192, 1024), "N8191": (8191, 1024), "D1000": (8192, 1000), "D1025": (8191, 1025),
+           "I64": (2 ** 21 + 1, 1024), "I64D1000": (2 ** 21 + 2 ** 17, 1000)}
+#: the layouts the launcher classes as aligned (``MMCase.aligned``)
+ALIGNED_LAYOUTS = ("aligned", "N8191", "I64")
 CCS = (80, 90)
 #: operand types × fp32 precision of the matrix kernels; row_stats has no precision
 MM_OPERANDS = (("bf16", "ieee"), ("fp16", "ieee"), ("fp32", "tf32"), ("fp32", "ieee"))
@@ -119,6 +127,9 @@ class _Recorder:
 
     SM_COUNT = 132  # H200; only the grid (not compiled) depends on it
 
+    def __init__(self, cc: int = 90):
+        self.cc = cc  # the target the launcher believes it runs on (its configs depend on it)
+
     def __enter__(self):
         import torch
         from torch._subclasses.fake_tensor import FakeTensorMode
@@ -138,10 +149,12 @@ class _Recorder:
             multi_processor_count = self.SM_COUNT
 
         self._saved = [(Autotuner, "run", Autotuner.run), (JITFunction, "run", JITFunction.run),
-                       (torch.cuda, "get_device_properties", torch.cuda.get_device_properties)]
+                       (torch.cuda, "get_device_properties", torch.cuda.get_device_properties),
+                       (torch.cuda, "get_device_capability", torch.cuda.get_device_capability)]
         Autotuner.run = autotuned
         JITFunction.run = direct
         torch.cuda.get_device_properties = lambda *a, **k: _Props()
+        torch.cuda.get_device_capability = lambda *a, **k: divmod(self.cc, 10)
         self._mode = FakeTensorMode(allow_non_fake_inputs=True)
         self._mode.__enter__()
         return self
@@ -249,6 +262,13 @@ def _config_label(fn, cfg: dict, kwargs: dict) -> str:
     return label
 
 
+def mm_label(cfg) -> str:
+    """The label of a main-pass autotune config (``triton.Config``), as cases carry it."""
+    kw = cfg.kwargs
+    label = f"{kw['BLOCK_M']}x{kw['BLOCK_K']} w{cfg.num_warps} s{cfg.num_stages}"
+    return label + (f" r{cfg.maxnreg}" if getattr(cfg, "maxnreg", None) else "")
+
+
 def _short(fn) -> str:
     return _KERNEL_NAMES.get(fn.__name__, fn.__name__.strip("_").removesuffix("_kernel"))
 
@@ -266,8 +286,8 @@ def jobs():
     # launches besides its own (pass 1 and the main pass of the fused paths, the epilogue of
     # each operand type) is a case only where no earlier call launched it so
     compiled_as = set()
-    for kernel, dt, prec, variant, layout, call in _scenarios():
-        with _Recorder() as rec:
+    for cc, (kernel, dt, prec, variant, layout, call) in ((cc, sc) for cc in CCS for sc in _scenarios()):
+        with _Recorder(cc) as rec:
             try:
                 call()
                 stopped = ""
@@ -279,30 +299,29 @@ def jobs():
             fn = launch_.fn
             name = _short(fn)
             args = [_stand_in(a) for a in launch_.args]
+            backend = backends[cc]
+            binder = create_function_from_signature(fn.signature, fn.params, backend)
             for cfg in launch_.configs:
                 kwargs = dict(launch_.kwargs, **cfg)
-                for cc in CCS:
-                    backend = backends[cc]
-                    binder = create_function_from_signature(fn.signature, fn.params, backend)
-                    bound, spec, options = binder(*args, **kwargs)
-                    config = _config_label(fn, cfg, launch_.kwargs)
-                    # a kernel the call launches besides its own: named after the call
-                    var = variant if name == kernel else "+".join(x for x in (kernel, variant) if x)
-                    parts = [name, dt] + ([prec] if name != "row_stats" and dt == "fp32" else [])
-                    parts += [var, config.replace(" ", ""), layout, f"sm{cc}"]
-                    case = AotResult("-".join(x for x in parts if x), name, dt, prec, var, config, layout, cc)
-                    if case.id in seen:
-                        continue
-                    same = (layout, fn.__name__, cc, repr(spec), repr(sorted(options.items())))
-                    if name != kernel and same in compiled_as:
-                        continue
-                    seen.add(case.id)
-                    compiled_as.add(same)
-                    case.ints = {p.name: v for p, v in zip(fn.params, bound.values())
-                                 if not p.is_constexpr and type(v) is int}
-                    if stopped:
-                        case.notes.append(stopped)
-                    out.append((case, fn, list(bound.values()), spec, options, backend))
+                bound, spec, options = binder(*args, **kwargs)
+                config = _config_label(fn, cfg, launch_.kwargs)
+                # a kernel the call launches besides its own: named after the call
+                var = variant if name == kernel else "+".join(x for x in (kernel, variant) if x)
+                parts = [name, dt] + ([prec] if name != "row_stats" and dt == "fp32" else [])
+                parts += [var, config.replace(" ", ""), layout, f"sm{cc}"]
+                case = AotResult("-".join(x for x in parts if x), name, dt, prec, var, config, layout, cc)
+                if case.id in seen:
+                    continue
+                same = (layout, fn.__name__, cc, repr(spec), repr(sorted(options.items())))
+                if name != kernel and same in compiled_as:
+                    continue
+                seen.add(case.id)
+                compiled_as.add(same)
+                case.ints = {p.name: v for p, v in zip(fn.params, bound.values())
+                             if not p.is_constexpr and type(v) is int}
+                if stopped:
+                    case.notes.append(stopped)
+                out.append((case, fn, list(bound.values()), spec, options, backend))
     return out
 
 
@@ -436,9 +455,11 @@ def defined_kernels() -> List[str]:
     return sorted(names)
 
 
-def _subprocess(args, timeout: float):
+def _subprocess(args, timeout: float, triton_path: Optional[str] = None):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    if triton_path:  # another Triton, installed aside (pip install --target DIR): first on the path
+        env["PYTHONPATH"] = os.pathsep.join(x for x in (triton_path, env.get("PYTHONPATH", "")) if x)
     proc = subprocess.run([sys.executable, "-m", "crh_kernels.backends.triton_aot", *args],
                           capture_output=True, text=True, env=env, timeout=timeout)
     if proc.returncode != 0:
@@ -446,17 +467,19 @@ def _subprocess(args, timeout: float):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def list_cases(timeout: float = 600.0) -> dict:
-    """``{"kernels": [...defined...], "cases": [AotResult without resources, ...]}`` from a
-    fresh interpreter (no compiling)."""
-    got = _subprocess(["--list"], timeout)
-    return {"kernels": got["kernels"], "cases": [AotResult(**c) for c in got["cases"]]}
+def list_cases(timeout: float = 600.0, triton_path: Optional[str] = None) -> dict:
+    """``{"kernels": [...defined...], "cases": [AotResult without resources, ...], "triton":
+    version}`` from a fresh interpreter (no compiling); ``triton_path``: a directory holding
+    another Triton (``pip install --target``), put first on its path."""
+    got = _subprocess(["--list"], timeout, triton_path)
+    return {"kernels": got["kernels"], "cases": [AotResult(**c) for c in got["cases"]],
+            "triton": got["triton"]}
 
 
-def compile_cases(jobs: int = 0, timeout: float = 3600.0) -> List[AotResult]:
+def compile_cases(jobs: int = 0, timeout: float = 3600.0, triton_path: Optional[str] = None) -> List[AotResult]:
     """Compile every case in a fresh interpreter with ``jobs`` processes (0: one per CPU)."""
     jobs = jobs or (os.cpu_count() or 1)
-    return [AotResult(**r) for r in _subprocess(["--json", f"--jobs={jobs}"], timeout)]
+    return [AotResult(**r) for r in _subprocess(["--json", f"--jobs={jobs}"], timeout, triton_path)]
 
 
 # ----------------------------------------------------------------------------- report
@@ -498,10 +521,13 @@ def markdown(results: List[AotResult]) -> str:
         line = [kernel, label, variant or "—", config]
         line += [_cell(cells[(cc, lay)]) if (cc, lay) in cells else "—" for cc in CCS for lay in layouts]
         shared = [sorted({cells[k].shared for k in cells if k[0] == cc}) for cc in CCS]
-        line.append(" / ".join("–".join(map(str, (s[0], s[-1])) if len(s) > 1 else map(str, s)) for s in shared))
+        line.append(" / ".join("–".join(map(str, (s[0], s[-1])) if len(s) > 1 else map(str, s)) if s else "—"
+                               for s in shared))
 
         def instr(cc):
             rs = [cells[k] for k in cells if k[0] == cc]
+            if not rs:  # a config this target's classes never pick
+                return "—"
             return ("wgmma" if all(r.wgmma for r in rs) else "mma.sync" if all(r.mma_sync for r in rs)
                     else "—" if not any(r.wgmma or r.mma_sync for r in rs) else "mixed")
         line.append(" / ".join(instr(cc) for cc in CCS))
@@ -537,7 +563,10 @@ def main(argv=None) -> int:  # pragma: no cover - a report for NOTES.md, run as 
     if os.environ.get("TRITON_INTERPRET", "").strip() not in ("", "0"):
         p.error("unset TRITON_INTERPRET: ahead-of-time compilation needs the GPU launcher")
     if args.list:
-        print(json.dumps({"kernels": defined_kernels(), "cases": [asdict(c) for c in list_all()]}))
+        import triton
+
+        print(json.dumps({"kernels": defined_kernels(), "cases": [asdict(c) for c in list_all()],
+                          "triton": triton.__version__}))
         return 0
     results = run_all(args.jobs)
     if args.json:
