@@ -144,7 +144,7 @@ def _strongest_claim(runs, hidden, cfg, *, backward: str, claim: str, source: st
             means.setdefault(rel, []).append(v)
     verdict = C.all_of(parts)
     measured = (f"γ={', '.join(f'{g:g}' for g in sorted(gammas))}, medians over {fcnet.hidden_label(hidden)} "
-                f"(mean over {fcnet.seeds_text([s for s, _, _ in runs])}): "
+                f"(mean over {C.seeds_text(len(runs))}): "
                 + ", ".join(f"{_short(r)} {C.fmt(C.mean(v))}" for r, v in means.items())
                 + "; margins [95 % CI]: " + "; ".join(texts))
     if verdict == C.UNDETERMINED and len(runs) < 2:
@@ -167,7 +167,7 @@ def claims_over_seeds(runs: Sequence[Tuple[Any, Any, Dict[str, Any]]], cfg: Dict
     rep0 = runs[0][1]
     hidden = fcnet.hidden_representations(cfg, list(rep0.layers))
     label = fcnet.hidden_label(hidden)
-    seeds = fcnet.seeds_text([s for s, _, _ in runs])
+    seeds = C.seeds_text(len(runs))
     thr = float(cfg.get("high_alpha", 0.7))
     out: List[C.Claim] = []
     one_seed = " (no interval from one seed; --seeds 3 gives one)"

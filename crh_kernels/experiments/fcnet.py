@@ -232,10 +232,6 @@ def hidden_label(hids: Sequence[Dict[str, Any]]) -> str:
     return f"hidden layer {ks[0]}" if len(ks) == 1 else f"hidden layers {ks[0]}–{ks[-1]}"
 
 
-def seeds_text(seeds: Sequence[int]) -> str:
-    return "one seed" if len(seeds) == 1 else f"{len(seeds)} seeds"
-
-
 # ----------------------------------------------------------------------------- claims both share
 #: The paper's words behind the claims fc1 and fc2 share (verbatim; tests/test_claims.py checks
 #: them against the paper's text).
@@ -283,7 +279,7 @@ def rga_significance_claim(runs: Sequence[Tuple[int, Any, Dict[str, Any]]], hidd
     seeds = [s for s, _, _ in runs]
     n = len([v for v in verdicts if v != C.NA])
     measured = (f"sides of {hidden_label(hidden)} whose interval lies above their baseline: {n_every}/{n} "
-                f"({seeds_text(seeds)}); RGA − baseline, mean [95 % CI]: " + "; ".join(rows)
+                f"({C.seeds_text(len(seeds))}); RGA − baseline, mean [95 % CI]: " + "; ".join(rows)
                 ) if rows else "no hidden layer measured"
     if verdict == C.UNDETERMINED and len(runs) < 2:
         measured += " (no interval from one seed; --seeds 3 gives one)"
@@ -296,48 +292,15 @@ def rga_significance_claim(runs: Sequence[Tuple[int, Any, Dict[str, Any]]], hidd
 
 def exponent_claim(runs: Sequence[Tuple[int, Any, Dict[str, Any]]], hidden: Sequence[Dict[str, Any]], *,
                    source: str, eps: float = 0.1, min_fraction: float = 0.8) -> C.Claim:
-    """"Almost all positive exponents are within [1/3, 3]", with the paper's measure: the
-    sorted-spectrum slopes (:func:`~.claims.pairing_exponents`: H–G, H–Z, G–Z) of both sides of
-    every hidden layer. Per seed, the fraction of the exponents above ``eps`` (smaller ones are
-    flat, not positive) that lie in [1/3, 3]; holds when the t interval of that fraction over
-    seeds lies above ``min_fraction``."""
-    fracs, counts, outside, allv = [], [], [], []
-    for seed, rep, _ in runs:
-        floor = float(rep.meta.get("floor", 1e-6)) if hasattr(rep, "meta") else 1e-6
-        vals = []
-        for hid in hidden:
-            for side, letter in (("forward", "b"), ("backward", "a")):
-                name = hid[side]
-                e = rep.layers.get(name) if name else None
-                if not e:
-                    continue
-                for pair, k in C.pairing_exponents(e, letter, floor).items():
-                    vals.append((f"h{hid['k']} {'fwd' if side == 'forward' else 'bwd'} {pair}", k))
-        pos = [(w, k) for w, k in vals if k > eps]
-        inside = [(w, k) for w, k in pos if 1 / 3 <= k <= 3]
-        allv += [k for _, k in pos]
-        counts.append((len(inside), len(pos), len(vals)))
-        if pos:
-            fracs.append(len(inside) / len(pos))
-        outside += [("" if seed is None else f"seed {seed} ") + f"{w}={k:.2f}"
-                    for w, k in pos if not 1 / 3 <= k <= 3]
-    iv = C.mean_interval(fracs, bounds=(0.0, 1.0))
-    verdict = C.interval_verdict(iv, min_fraction)
-    claim = "positive spectral exponents lie within [1/3, 3] (sorted-eigenvalue slopes)"
-    rule = (f"of the exponents > {eps} (H–G, H–Z, G–Z, both sides of every hidden layer), the fraction "
-            f"in [1/3, 3]: 95 % interval > {min_fraction:.0%}")
-    if not fracs:
-        return C.make_claim(claim, source, "no positive exponent fitted", rule, C.NA, quote=QUOTE_EXPONENTS)
-    measured = (f"fraction in range {iv.text(2)} ({seeds_text([s for s, _, _ in runs])}; per seed "
-                + ", ".join(f"{a}/{b}" for a, b, _ in counts)
-                + f" of the positive; {counts[0][2]} fitted per seed); exponents: median "
-                  f"{C.fmt(C.median(allv))}, range {C.fmt(min(allv))}…{C.fmt(max(allv))}")
-    if outside:
-        measured += "; outside: " + ", ".join(outside[:4]) + (f" and {len(outside) - 4} more" if len(outside) > 4 else "")
-    if verdict == C.UNDETERMINED:
-        measured += C._why_undetermined(iv)
-    return C.make_claim(claim, source, measured, rule, verdict, quote=QUOTE_EXPONENTS, value=iv.estimate,
-                        details={"fraction": iv.to_dict(), "counts": counts})
+    """"Almost all positive exponents are within [1/3, 3]" (:func:`~.claims.pairing_exponent_claim`,
+    the paper's sorted-spectrum slopes) over both sides of every hidden layer."""
+    items = []
+    for hid in hidden:
+        for side, letter in (("forward", "b"), ("backward", "a")):
+            if hid[side]:
+                items.append((f"h{hid['k']} {'fwd' if side == 'forward' else 'bwd'}", hid[side], letter))
+    return C.pairing_exponent_claim(runs, items, source=source, quote=QUOTE_EXPONENTS, eps=eps,
+                                    min_fraction=min_fraction)
 
 
 def tag(value) -> str:
