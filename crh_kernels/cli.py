@@ -39,7 +39,7 @@ from .experiments import EXPERIMENTS
 
 #: How long `crh run fc1` takes: one measured figure, quoted verbatim in README.md and
 #: docs/experiments.md (tests/test_cli.py checks that the three agree).
-FC1_RUN_TIME = "92 s on a 2-core CPU shared with other jobs, measured 2026-11-30"
+FC1_RUN_TIME = "43 s on a quiet 2-core CPU (92 s while other jobs shared it), measured 2026-11-30"
 
 
 def _positive_int(text: str) -> int:
