@@ -200,14 +200,26 @@ def claims_over_seeds(runs: Sequence[Tuple[Any, Any, Dict[str, Any]]], cfg: Dict
     return out
 
 
-def _gamma_claim(runs, hidden, label) -> C.Claim:
+def _sweep_points(runs, sweep: str, y_of, key: Optional[str] = None):
+    """``(xs, ys, by)`` of a sweep over every seed: x = log10 of the swept setting ``key``
+    (default ``sweep``), y = ``y_of(run record)``, ``by``: setting -> its y values."""
+    key = key or sweep
     xs, ys, by = [], [], {}
     for _, _, ex in runs:
-        for r in ex["weight_decay"]:
-            y = C.mean(fcnet.hidden_rga(r["layers"], h) for h in hidden)
-            xs.append(math.log10(r["weight_decay"]))
+        for r in ex[sweep]:
+            y = y_of(r)
+            xs.append(math.log10(r[key]))
             ys.append(y)
-            by.setdefault(r["weight_decay"], []).append(y)
+            by.setdefault(r[key], []).append(y)
+    return xs, ys, by
+
+
+def _mean_rga(hidden):
+    return lambda r: C.mean(fcnet.hidden_rga(r["layers"], h) for h in hidden)
+
+
+def _gamma_claim(runs, hidden, label) -> C.Claim:
+    xs, ys, by = _sweep_points(runs, "weight_decay", _mean_rga(hidden))
     return C.trend_claim(
         "α rises with weight decay (larger γ always aligns better)", "§6 fc1 (c), Fig. 16", xs, ys,
         x_name="log10 γ", y_name=f"mean RGA over {label}", quote=QUOTE_GAMMA, by_x=by,
@@ -218,17 +230,10 @@ def _early_late_claims(runs, hidden, sweep: str, what: str, x: str, quote: str, 
                        key: Optional[str] = None) -> List[C.Claim]:
     """"Earlier layers align worse, later ones better, as ``x`` grows": the RGA of the first
     hidden layer against log10 x (slope < 0) and of the last one (slope > 0)."""
-    key = key or sweep
     out = []
     for hid, increasing, claim in ((hidden[0], False, f"earlier layers align worse as the {what} grows"),
                                    (hidden[-1], True, f"later layers align better as the {what} grows")):
-        xs, ys, by = [], [], {}
-        for _, _, ex in runs:
-            for r in ex[sweep]:
-                y = fcnet.hidden_rga(r["layers"], hid)
-                xs.append(math.log10(r[key]))
-                ys.append(y)
-                by.setdefault(r[key], []).append(y)
+        xs, ys, by = _sweep_points(runs, sweep, lambda r, hid=hid: fcnet.hidden_rga(r["layers"], hid), key)
         out.append(C.trend_claim(
             claim, source, xs, ys, x_name=f"log10 {x}", y_name=f"RGA of hidden layer {hid['k']}",
             increasing=increasing, quote=quote, by_x=by, x_label=lambda v, x=x: f"{x}={v:g}"))
@@ -241,13 +246,7 @@ def _similar_claim(runs, hidden, label: str, tol: float) -> C.Claim:
     when the whole interval lies within ±``tol`` (α per decade of width), FAILS when it lies
     wholly outside, undetermined otherwise (an equivalence test: "no trend" is not shown by an
     interval that merely contains 0)."""
-    xs, ys, by = [], [], {}
-    for _, _, ex in runs:
-        for r in ex["width"]:
-            y = C.mean(fcnet.hidden_rga(r["layers"], h) for h in hidden)
-            xs.append(math.log10(r["width"]))
-            ys.append(y)
-            by.setdefault(r["width"], []).append(y)
+    xs, ys, by = _sweep_points(runs, "width", _mean_rga(hidden))
     iv = C.slope_interval(xs, ys)
     if not math.isfinite(iv.estimate):
         verdict = C.NA
