@@ -45,9 +45,7 @@ def alpha_point(layers: Mapping[str, object]) -> Dict[str, Dict[str, Optional[fl
     (a constant matrix) are not repeated at every point: the final report keeps them."""
     out = {}
     for name, st in layers.items():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            vals = six_alignments(st, "cov")
+        vals = _six(st)
         out[name] = {r: (v if math.isfinite(v) else None) for r, v in vals.items()}
     return out
 
@@ -84,26 +82,20 @@ def alpha_point_se(layers: Mapping[str, object], point: Optional[Mapping[str, Ma
     point = alpha_point(layers) if point is None else point
     out, any_blocks = {}, False
     for name, st in layers.items():
-        fn = getattr(st, "leave_one_out", None)
-        views = fn() if fn is not None and getattr(st, "n_blocks", None) else None
-        if views is None:
+        if not getattr(st, "n_blocks", None):
             out[name] = {r: None for r in RELATIONS}
             continue
         any_blocks = True
+        # checked before the K merges are built: empty blocks give no se (and say why)
         why_not = empty_blocks(st.block_counts())
         if why_not is not None:
-            release = getattr(st, "release_leave_one_out", None)
-            if release is not None:
-                release()
             out[name] = {r: None for r in RELATIONS}
             continue
         try:
             grams = (st.Z_a(), st.Z_b())
-            loo = [_six(_Without(v, grams)) for v in views]
+            loo = [_six(_Without(v, grams)) for v in st.leave_one_out()]
         finally:
-            release = getattr(st, "release_leave_one_out", None)
-            if release is not None:
-                release()
+            st.release_leave_one_out()
         full = point.get(name, {})
         out[name] = {r: jackknife(full.get(r), [d[r] for d in loo]).se for r in RELATIONS}
     return out if any_blocks else None
